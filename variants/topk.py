@@ -1,0 +1,56 @@
+"""TopK SAE (Gao et al. 2024): keep the k largest pre-activations, plus the AuxK loss that
+revives dead latents.
+
+Cost per step: the linear SAE's matmuls plus a top-k over d_sae per token, and one extra
+(B x aux_k x d_in) decode for AuxK when latents are dead.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from variants import register
+from variants.base import LossOut, Variant, VariantConfig, mse_loss, param
+from variants.common import auxk_loss, tied_init, topk_relu
+
+
+@dataclass(kw_only=True)
+class TopKConfig(VariantConfig):
+    k: int = param(32, "latents kept per token")
+    aux_k: int = param(256, "dead latents used by the auxiliary loss")
+    aux_coeff: float = param(1 / 32, "weight of the AuxK loss")
+    dead_tokens: int = param(10_000_000, "a latent silent for this many tokens counts as dead for AuxK")
+
+
+@register("topk")
+class TopK(Variant):
+    Config = TopKConfig
+    description = "TopK SAE: k largest pre-activations per token, AuxK loss on dead latents"
+    architecture = "topk"
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        return topk_relu(self.pre_activations(x), self.cfg.k)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def loss(self, x, step=0, mask=None):
+        pre = self.pre_activations(x)
+        f = topk_relu(pre, self.cfg.k)
+        x_hat = self.decode(f)
+        dead = self.tokens_since_fired >= self.cfg.dead_tokens
+        terms = {
+            "mse": mse_loss(x_hat, x),
+            "auxk": self.cfg.aux_coeff * auxk_loss(x, x_hat, pre, self.W_dec, dead, self.cfg.aux_k),
+        }
+        return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
