@@ -10,11 +10,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def tied_init(d_in: int, d_sae: int, seed: int) -> tuple[nn.Parameter, nn.Parameter]:
-    """W_dec rows random unit vectors, W_enc = W_dec^T (the usual SAE initialisation)."""
+def tied_init(d_in: int, d_sae: int, seed: int, norm: float = 0.1) -> tuple[nn.Parameter, nn.Parameter]:
+    """W_dec rows random directions of norm `norm`, W_enc = W_dec^T (SAELens / Anthropic's
+    initialisation: small decoder rows keep the first reconstructions from exploding when half
+    of thousands of latents fire; variants that renormalise rows rescale them after step one)."""
     gen = torch.Generator().manual_seed(seed)
     w_dec = torch.randn(d_sae, d_in, generator=gen)
-    w_dec /= w_dec.norm(dim=-1, keepdim=True)
+    w_dec *= norm / w_dec.norm(dim=-1, keepdim=True)
     return nn.Parameter(w_dec.T.clone()), nn.Parameter(w_dec)
 
 

@@ -73,6 +73,9 @@ def log_and_register(sae_folder: Path, d_in: int, d_sae: int, name: str):
 
     from saeforge.pyfunc_model import SAEPyfunc
 
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(type hints|input_example).*", category=UserWarning)
     signature = infer_signature(np.zeros((1, d_in), np.float32), np.zeros((1, d_sae), np.float32))
     info = mlflow.pyfunc.log_model(
         name="sae_model", python_model=SAEPyfunc(), artifacts={"sae": str(sae_folder)},

@@ -212,6 +212,9 @@ def fit(plan: Plan, uri: str, run_id: str):
     gpus_per_producer, use_gpu = _gpu_shares(args.producers, args.workers)
     spec = ProducerSpec(plan.spec, (plan.hook,), tuple(plan.special_ids), plan.variant_cls.batch_layout,
                         threads=max(1, cores // args.producers))
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
     dataset = activation_dataset(plan.train_contexts, spec, producers=args.producers,
                                  gpus_per_producer=gpus_per_producer)
     resources = {"CPU": 1, **({"GPU": gpus_per_producer} if use_gpu and gpus_per_producer < 1 else {})}

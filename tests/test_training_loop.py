@@ -1,0 +1,84 @@
+"""The Ray-free training loop on planted sparse features, and the SAE file layout."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import variants
+from saeforge import sae_io
+from saeforge.training import LoopState, effective_warmup, estimate_act_scale, lr_factor, train_loop
+
+
+def planted_batches(n_batches, batch=256, d=16, n_features=48, scale=50.0, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d, generator=gen)
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    for _ in range(n_batches):
+        codes = torch.rand(batch, n_features, generator=gen) * (torch.rand(batch, n_features, generator=gen) < 0.06)
+        yield scale * codes @ dictionary, None
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_loop_lowers_the_loss_on_planted_features(name):
+    overrides = {"lr": "3e-3", "warmup_steps": "10"} | ({"k": "4"} if name == "topk" else {})
+    variant = variants.build(name, d_in=16, d_sae=64, overrides=overrides)
+    first = next(planted_batches(1))[0]
+    variant.act_scale.fill_(estimate_act_scale(first))
+    logs = []
+    state = train_loop(variant, planted_batches(300), 300, log_every=30, on_log=lambda s, m: logs.append(m))
+    assert state.step == 300 and state.tokens_seen == 300 * 256
+    assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
+    assert logs[-1]["explained_variance"] > 0.7
+    assert {"l0", "dead_fraction", "tokens_per_s", "loss/mse"} <= set(logs[-1])
+
+
+def test_act_scale_makes_mean_norm_sqrt_d():
+    x = torch.randn(1000, 64) * 37.0
+    scaled = x * estimate_act_scale(x)
+    assert scaled.norm(dim=-1).mean().item() == pytest.approx(8.0, rel=1e-4)
+
+
+def test_checkpoints_follow_the_cadence_and_resume_the_optimizer():
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    snaps = []
+    train_loop(variant, planted_batches(12), 12, checkpoint_every=5, on_checkpoint=snaps.append)
+    assert [s.step for s in snaps] == [5, 10, 12]
+    resumed = LoopState(snaps[1].step, snaps[1].tokens_seen, snaps[1].optimizer, snaps[1].scheduler)
+    final = train_loop(variant, planted_batches(12), 12, state=resumed)
+    assert final.step == 12 and final.tokens_seen == 12 * 256
+
+
+def test_nan_loss_stops_the_loop():
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    bad = [(torch.full((8, 16), float("nan")), None)]
+    with pytest.raises(FloatingPointError):
+        train_loop(variant, bad, 1)
+
+
+def test_lr_schedule_warmup_and_cosine():
+    assert lr_factor(0, 10, 100, "constant") == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, "constant") == 1.0
+    assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert effective_warmup(variants.build("relu", d_in=4, d_sae=8), 200) == 20
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_sae_folder_round_trip_in_saelens_layout(tmp_path, name):
+    variant = variants.build(name, d_in=16, d_sae=64, overrides={"seed": "3"})
+    variant.act_scale.fill_(0.25)
+    with torch.no_grad():
+        variant.b_enc.add_(0.1)
+    meta = {"model_name": "tiny", "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "context_size": 16,
+            "dataset_path": "wiki"}
+    folder = sae_io.save_sae(variant, tmp_path / "sae", meta)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert {"architecture", "d_in", "d_sae", "hook_name", "model_name", "normalize_activations"} <= set(cfg)
+    assert cfg["saeforge"]["act_scale"] == 0.25 and cfg["saeforge"]["variant"] == name
+    loaded, _ = sae_io.load_sae(folder)
+    x = torch.randn(10, 16) * 4
+    torch.testing.assert_close(loaded.encode_raw(x), variant.eval().encode_raw(x))
+    torch.testing.assert_close(loaded.reconstruct_raw(x), variant.reconstruct_raw(x))
+    assert not list(tmp_path.glob(".sae-*"))  # no staging folder left behind
