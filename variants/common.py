@@ -125,8 +125,8 @@ def kde_mutual_information(x: Tensor, y: Tensor, bandwidth: float, chunk_elems: 
     product-kernel density estimate, I = mean_t log p(x_t, y_t) / (p(x_t) p(y_t)) with the
     densities evaluated at the samples themselves: mi_ortho's dependence measure. Kernel
     normalising constants cancel in the ratio. Cost O(P n^2), done `chunk_elems` at a time."""
-    x = x.float()
-    y = y.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)  # never estimate in half precision
+    x, y = x.to(dtype), y.to(dtype)
     n = x.shape[-1]
     out = []
     step = max(1, chunk_elems // max(1, n * n))

@@ -53,9 +53,11 @@ def evaluate_core(model, variant: variants.Variant, hook: HookPoint, contexts: n
             clean_logits = model(input_ids=ids, use_cache=False).logits
         acts = captured[hook.name].float()
         x = acts.cpu() * scale
+        m = mask.cpu()
+        if variant.batch_layout == "contexts":  # as in training: BOS/padding never feed token-order maths
+            x = x * m.unsqueeze(-1)
         f = variant.encode(x)
         x_hat = variant.decode(f)
-        m = mask.cpu()
         xr, xh, fr = x[m], x_hat[m], f[m]
         sums["mse"] += (xr - xh).pow(2).sum().item()
         sums["l1"] += fr.abs().sum().item()

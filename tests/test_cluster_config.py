@@ -1,0 +1,34 @@
+"""cluster.yaml passes Ray's own cluster-launcher validation and installs the project."""
+
+import copy
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+
+def load():
+    return yaml.safe_load((REPO / "cluster.yaml").read_text())
+
+
+def validate(cfg):
+    from ray.autoscaler._private.commands import prepare_config
+    from ray.autoscaler._private.util import validate_config
+
+    validate_config(prepare_config(copy.deepcopy(cfg)))
+
+
+def test_cluster_yaml_is_valid_for_the_launcher():
+    cfg = load()
+    validate(cfg)
+    assert cfg["head_node_type"] in cfg["available_node_types"]
+    assert any("GPU" in str(t) or "g6" in str(t.get("node_config")) for t in cfg["available_node_types"].values())
+    assert any("pip install -e /home/ubuntu/saeforge" in c for c in cfg["setup_commands"])
+
+
+def test_validation_rejects_unknown_keys():
+    cfg = load()
+    cfg["not_a_ray_key"] = 1
+    with pytest.raises(Exception):
+        validate(cfg)

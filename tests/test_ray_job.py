@@ -1,0 +1,84 @@
+"""`ray job submit` against a real local Ray head: the same training runs as a Ray job."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with its own temp dir and ports; stopping it stops only it."""
+    gcs, dash, client, agent, agent_grpc, metrics, runtime_env, nm, om = free_ports(9)
+    base = 30000 + (os.getpid() % 200) * 100
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    temp = Path("/tmp") / f"rayhead{os.getpid()}"  # short: unix socket paths have a length limit
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
+         f"--min-worker-port={base}", f"--max-worker-port={base + 99}", f"--temp-dir={temp}", "--num-cpus=8"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            break
+        except OSError:
+            if head.poll() is not None:
+                pytest.fail("ray head exited: " + (tmp_path / "head.log").read_text()[-2000:])
+            time.sleep(1)
+    else:
+        pytest.fail("ray head dashboard did not come up")
+    yield url, env
+    os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+    subprocess.run(["rm", "-rf", str(temp)], check=False)
+
+
+def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    url, env = ray_head
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    runtime_env = ('{"env_vars": {"MLFLOW_TRACKING_URI": "%s", "RAY_AUTH_MODE": "disabled"}}' % store)
+    submit = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
+         "--runtime-env-json", runtime_env, "--submission-id", "saeforge-test-job", "--",
+         str(BIN / "saeforge"), "train", "--model", "tiny", "--layer", "2", "--tokens", "6000", "--d-sae", "128",
+         "--set", "batch_size=512", "--eval-contexts", "4", "--max-l0", "1000000", "--storage", str(tmp_path / "runs")],
+        env=env, capture_output=True, text=True, timeout=500)
+    status = JobSubmissionClient(url).get_job_status("saeforge-test-job")
+    assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "registered model" in submit.stdout
+    client = MlflowClient(store)
+    name = "tiny__blocks.2.hook_resid_post__relu"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"

@@ -1,0 +1,441 @@
+"""Each variant's defining maths on tiny tensors, against an independent (naive) computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+import variants
+from variants.common import (categorical_entropy, correlation_matrix, gram_matrix, info_nce_to_centroids,
+                             kde_bandwidth, kde_mutual_information, linear_ramp, mean_abs_correlation,
+                             membership_centroids)
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def pearson(a, b) -> float:
+    """Naive Pearson correlation; 0 when either side is constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.std() == 0 or b.std() == 0:
+        return 0.0
+    return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tensors here are tiny: extra threads only add contention on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# -- shared maths ---------------------------------------------------------------------------------
+def test_correlation_matrix_matches_numpy_with_subset_and_weights():
+    a = torch.randn(50, 6, generator=gen(1), dtype=torch.float64)
+    a[:, 4] = 2.0  # a constant column correlates 0 with everything
+    corr = correlation_matrix(a)
+    for i in range(6):
+        for j in range(6):
+            expected = 1.0 if i == j else pearson(a[:, i], a[:, j])
+            assert corr[i, j].item() == pytest.approx(expected, abs=1e-9)
+    index = torch.tensor([5, 0, 2])
+    assert torch.allclose(correlation_matrix(a, index=index), corr[index][:, index])
+    keep = torch.rand(50, generator=gen(2)) > 0.3
+    weighted = correlation_matrix(a, weights=keep)
+    assert torch.allclose(weighted, correlation_matrix(a[keep]))
+
+
+def test_mean_abs_correlation_independent_duplicated_and_silent():
+    g = gen(3)
+    independent = torch.relu(torch.randn(4000, 20, generator=g)) * (torch.rand(4000, 20, generator=g) < 0.3)
+    assert mean_abs_correlation(independent) < 0.05
+    column = independent[:, :1]
+    assert mean_abs_correlation(torch.cat([column, column, 2 * column], dim=1)) == pytest.approx(1.0, abs=1e-4)
+    silent = torch.zeros(4000, 5)  # latents that never fire are left out
+    assert mean_abs_correlation(torch.cat([column, column, silent], dim=1)) == pytest.approx(1.0, abs=1e-4)
+    # Half the pairs duplicated, half independent: the mean of |corr| over the 4 x 3 ordered pairs.
+    pair = torch.cat([column, column, independent[:, 1:2], independent[:, 1:2]], dim=1)
+    expected = (4 * 1.0 + 8 * abs(pearson(column[:, 0], independent[:, 1]))) / 12
+    assert mean_abs_correlation(pair) == pytest.approx(expected, abs=1e-5)
+    # The chunked path gives the same answer.
+    assert mean_abs_correlation(pair, chunk=1) == pytest.approx(mean_abs_correlation(pair), abs=1e-6)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.8, 0.9])
+def test_kde_mutual_information_of_correlated_gaussians(rho):
+    """I(X; Y) = -0.5 log(1 - rho^2) for a Gaussian pair. The data have std 0.14, where mi_ortho's
+    bandwidth rule 0.15 n^(-1/5) is Silverman's rule of thumb; KDE estimates are biased, hence the
+    loose tolerance."""
+    n, reps = 400, 4
+    z = torch.randn(reps, 2, n, generator=gen(4))
+    x = 0.14 * z[:, 0]
+    y = 0.14 * (rho * z[:, 0] + math.sqrt(1 - rho**2) * z[:, 1])
+    estimate = kde_mutual_information(x, y, kde_bandwidth(n, 0.15)).mean().item()
+    assert estimate == pytest.approx(-0.5 * math.log(1 - rho**2), abs=0.12)
+
+
+def test_kde_mutual_information_matches_naive_double_loop_and_chunks():
+    x = torch.rand(3, 12, generator=gen(5), dtype=torch.float64)
+    y = torch.rand(3, 12, generator=gen(6), dtype=torch.float64)
+    h = 0.2
+    fast = kde_mutual_information(x, y, h)
+    chunked = kde_mutual_information(x, y, h, chunk_elems=1)
+    k = lambda u: math.exp(-u * u / (2 * h * h))  # noqa: E731
+    for p in range(3):
+        xs, ys = x[p].tolist(), y[p].tolist()
+        total = 0.0
+        for t in range(12):
+            joint = sum(k(xs[t] - xs[s]) * k(ys[t] - ys[s]) for s in range(12)) / 12
+            px = sum(k(xs[t] - xs[s]) for s in range(12)) / 12
+            py = sum(k(ys[t] - ys[s]) for s in range(12)) / 12
+            total += math.log(joint / (px * py))
+        assert fast[p].item() == pytest.approx(total / 12, rel=1e-4)
+    assert torch.allclose(fast, chunked)
+
+
+def test_linear_ramp_gram_entropy_and_info_nce():
+    assert [linear_ramp(s, 100, end=2.0) for s in (0, 50, 100, 500)] == [0.0, 1.0, 2.0, 2.0]
+    assert linear_ramp(3, 0, end=0.5) == 0.5
+    rows = torch.randn(5, 3, generator=gen(7))
+    naive = torch.tensor([[float(rows[a] @ rows[b]) for b in range(5)] for a in range(5)])
+    assert torch.allclose(gram_matrix(rows), naive)
+    p = torch.tensor([0.5, 0.25, 0.25])
+    assert categorical_entropy(p).item() == pytest.approx(-(0.5 * math.log(0.5) + 0.5 * math.log(0.25)))
+    directions = torch.randn(6, 4, generator=gen(8))
+    membership = torch.softmax(torch.randn(6, 3, generator=gen(9)), dim=-1)
+    centroids = membership_centroids(directions, membership)
+    assert torch.allclose(centroids[1], (membership[:, 1:2] * directions).sum(0) / membership[:, 1].sum())
+    positive = torch.tensor([0, 1, 2, 0, 1, 2])
+    loss = 0.0
+    for i in range(6):
+        cos = [F.cosine_similarity(directions[i], centroids[g], dim=0) / 0.1 for g in range(3)]
+        loss += -(cos[positive[i]] - torch.logsumexp(torch.stack(cos), 0))
+    got = info_nce_to_centroids(directions, centroids, positive, 0.1).item()
+    assert got == pytest.approx(loss.item() / 6, rel=1e-5)
+
+
+# -- batchtopk --------------------------------------------------------------------------------------
+def test_batchtopk_training_keeps_k_times_batch_and_tracks_threshold():
+    model = variants.build("batchtopk", d_in=8, d_sae=32, overrides={"k": "4", "threshold_beta": "0.5"})
+    x = torch.randn(10, 8, generator=gen(10))
+    f = model.encode(x)
+    pre = model.pre_activations(x).detach()
+    assert int((f > 0).sum()) == 40  # k * B over the whole batch, not k per token
+    assert (f > 0).sum(-1).unique().numel() > 1
+    kept_min = f[f > 0].min()
+    assert torch.all(pre[pre.relu() > kept_min] == f[pre.relu() > kept_min])
+    model.loss(x, 0)
+    assert torch.allclose(model.threshold, kept_min.expand(32))  # the first batch sets it
+    x2 = 2 * torch.randn(10, 8, generator=gen(11))
+    kept_min2 = model.encode(x2).detach()
+    kept_min2 = kept_min2[kept_min2 > 0].min()
+    model.loss(x2, 1)
+    assert torch.allclose(model.threshold, (0.5 * kept_min + 0.5 * kept_min2).expand(32))
+
+
+def test_batchtopk_inference_uses_the_threshold():
+    model = variants.build("batchtopk", d_in=8, d_sae=32).eval()
+    model.threshold.fill_(0.3)
+    x = torch.randn(50, 8, generator=gen(12))
+    pre = model.pre_activations(x).detach()
+    f = model.encode(x).detach()
+    assert torch.equal(f, torch.where(pre > 0.3, pre, torch.zeros_like(pre)))
+    assert ((pre > 0) & (pre <= 0.3)).any() and torch.all(f[pre <= 0.3] == 0)
+    # Per-token independence: a token's latents do not depend on the rest of the batch.
+    assert torch.equal(model.encode(x[:1]), f[:1])
+    assert torch.equal(model.jumprelu_threshold(), torch.full((32,), 0.3))
+
+
+# -- jumprelu ---------------------------------------------------------------------------------------
+def test_jumprelu_ste_gradient_only_inside_the_bandwidth():
+    from variants.jumprelu import jumprelu, step_fn
+
+    eps, theta0 = 0.01, 0.5
+    # Columns: z inside the band (|z - theta| < eps / 2) for latents 0 and 1, outside for 2 and 3.
+    z = torch.tensor([[theta0 + 0.002, theta0 - 0.004, theta0 + 0.2, theta0 - 0.02],
+                      [theta0 - 0.001, theta0 + 0.3, theta0 - 0.3, theta0 + 0.006]], requires_grad=True)
+    theta = torch.full((4,), theta0, requires_grad=True)
+    jumprelu(z, theta, eps).sum().backward()
+    assert torch.allclose(theta.grad, torch.tensor([-2 * theta0 / eps, -theta0 / eps, 0.0, 0.0]))
+    assert torch.equal(z.grad, (z > theta0).float())
+    theta.grad = None
+    z.grad = None
+    step_fn(z, theta, eps).sum().backward()
+    assert torch.allclose(theta.grad, torch.tensor([-2 / eps, -1 / eps, 0.0, 0.0]))
+    assert torch.all(z.grad == 0)
+    assert torch.equal(jumprelu(z, theta, eps), z * (z > theta0))
+
+
+def test_jumprelu_l0_gradient_reaches_only_thresholds_near_preactivations():
+    model = variants.build("jumprelu", d_in=8, d_sae=16, overrides={"bandwidth": "0.01", "l0_warmup_steps": "0"})
+    x = torch.randn(64, 8, generator=gen(13))
+    pre = model.pre_activations(x).detach()
+    with torch.no_grad():  # latents 0-7: a threshold at one of their pre-activations; 8-15: far above all
+        model.log_threshold[:8] = pre[:, :8].max(0).values.log()
+        model.log_threshold[8:] = math.log(50.0)
+    out = model.loss(x, 0)
+    out.terms["l0"].backward()
+    theta = model.jumprelu_threshold().detach()
+    near = ((pre - theta).abs() < 0.005).any(0)
+    assert near[:8].all() and not near[8:].any()
+    grad = model.log_threshold.grad
+    assert torch.all(grad[8:] == 0) and torch.all(grad[:8] < 0)
+    assert model.W_enc.grad is None or torch.all(model.W_enc.grad == 0)  # the L0 STE passes nothing to z
+
+
+# -- mi_ortho ---------------------------------------------------------------------------------------
+def test_mi_ortho_refresh_finds_the_planted_dependent_pair_and_penalises_it():
+    model = variants.build("mi_ortho", d_in=8, d_sae=8, overrides={"n_candidates": "28", "kde_tokens": "300"})
+    g = gen(14)
+    f = torch.relu(torch.randn(300, 8, generator=g)) * 0.15
+    f[:, 6] = f[:, 2] * 1.5 + 0.01 * torch.rand(300, generator=g)  # latent 6 follows latent 2
+    model.refresh_pairs(f)
+    pairs, mi = model.active_pairs()
+    assert 1 <= pairs.shape[0] <= 3  # above the 90th percentile of 28 candidates
+    assert sorted(pairs[mi.argmax()].tolist()) == [2, 6]
+    expected = sum(0.5 * math.exp(2.0 * float(mi[p])) * float((f[:, i] * f[:, j]).mean()) ** 2
+                   for p, (i, j) in enumerate(pairs.tolist()))
+    assert model.pair_penalty(f).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mi_ortho_refresh_happens_every_interval_and_only_in_training():
+    model = variants.build("mi_ortho", d_in=8, d_sae=32, overrides={"refresh_interval": "5", "n_candidates": "50"})
+    x = torch.randn(128, 8, generator=gen(15))
+    model.loss(x, 3)
+    assert int(model.pair_count) == 0
+    model.loss(x, 5)
+    assert int(model.pair_count) > 0
+    model.pair_count.zero_()
+    model.eval()
+    model.loss(x, 10)
+    assert int(model.pair_count) == 0
+
+
+# -- cubic_ortho ------------------------------------------------------------------------------------
+def test_cubic_omega_matches_a_hand_loop():
+    from variants.cubic_ortho import omega
+
+    g = gen(16)
+    f = torch.relu(torch.randn(40, 7, generator=g, dtype=torch.float64))
+    f[:, 5] = 0.0  # silent latent: c = 0, so restricting to active latents changes nothing
+    w = F.normalize(torch.randn(7, 5, generator=g, dtype=torch.float64), dim=-1)
+    eps0, beta, power = 0.1, 1.5, 3.0
+    mean = f.mean(0).tolist()
+    total = 0.0
+    for i in range(7):
+        for j in range(7):
+            if i == j:
+                continue
+            c = abs(pearson(f[:, i], f[:, j]))
+            eps = eps0 * math.exp(-beta * math.log(1 + mean[i] * mean[j]))
+            total += c**power * max(0.0, abs(float(w[i] @ w[j])) - eps)
+    assert omega(f, w, power, eps0, beta).item() == pytest.approx(total, rel=1e-9)
+    plain = sum(abs(pearson(f[:, i], f[:, j])) ** 2 * abs(float(w[i] @ w[j]))
+                for i in range(7) for j in range(7) if i != j)
+    assert omega(f, w, 2.0, 0.0, beta).item() == pytest.approx(plain, rel=1e-9)
+
+
+def test_cubic_gamma_ramps_with_the_warmup_and_enters_the_loss():
+    model = variants.build("cubic_ortho", d_in=8, d_sae=16, overrides={"warmup_steps": "100", "ortho_alpha": "0.5"})
+    assert [model.gamma(s) for s in (0, 50, 100, 1000)] == [0.0, 0.25, 0.5, 0.5]
+    x = torch.randn(64, 8, generator=gen(17))
+    out = model.loss(x, 50)
+    assert out.terms["ortho"].item() == pytest.approx(0.25 * model.omega(out.latents).item(), rel=1e-6)
+    assert model.diagnostics(x)["gamma"] == 0.25
+
+
+# -- contrastive_hier -------------------------------------------------------------------------------
+def test_hierarchical_ortho_matches_a_naive_loop():
+    from variants.contrastive_hier import hierarchical_ortho
+
+    n_coarse, n_fine, d_sae, batch = 3, 2, 14, 9
+    g = gen(18)
+    f = torch.relu(torch.randn(batch, d_sae, generator=g, dtype=torch.float64))
+    f[:, 3] = 0.0
+    fine_id = torch.randint(0, n_coarse * n_fine, (d_sae,), generator=g)
+    fine_id[:2] = 5  # make sure some group has several members
+
+    def norm(cols_a, cols_b):
+        if not cols_a or not cols_b:
+            return 0.0
+        return float(torch.linalg.matrix_norm(f[:, cols_a].T @ f[:, cols_b]))
+
+    coarse_of = (fine_id // n_fine).tolist()
+    fine_of = fine_id.tolist()
+    coarse = sum(norm([k for k in range(d_sae) if coarse_of[k] == i], [k for k in range(d_sae) if coarse_of[k] == j])
+                 for i in range(n_coarse) for j in range(n_coarse) if i != j)
+    fine = sum(norm([k for k in range(d_sae) if fine_of[k] == c * n_fine + a],
+                    [k for k in range(d_sae) if fine_of[k] == c * n_fine + b])
+               for c in range(n_coarse) for a in range(n_fine) for b in range(n_fine) if a != b)
+    got_coarse, got_fine = hierarchical_ortho(f, fine_id, n_coarse, n_fine)
+    assert got_coarse.item() == pytest.approx(coarse / batch, rel=1e-9)
+    assert got_fine.item() == pytest.approx(fine / batch, rel=1e-9)
+
+
+def test_contrastive_hier_assignment_is_hierarchical_and_refreshed_on_interval():
+    model = variants.build("contrastive_hier", d_in=8, d_sae=64, overrides={"refresh_interval": "7"})
+    coarse, fine = model.membership()
+    assert torch.allclose(coarse.sum(-1), torch.ones(64)) and torch.allclose(fine.sum(-1), torch.ones(64))
+    assert torch.allclose(fine.view(64, 8, 8).sum(-1), coarse)  # fine groups nest in coarse groups
+    c = coarse.argmax(-1)
+    assert torch.equal(model.assignment // 8, c)
+    with torch.no_grad():
+        model.q_coarse.mul_(-1.0)
+    before = model.assignment.clone()
+    x = torch.randn(32, 8, generator=gen(19))
+    model.loss(x, 3)
+    assert torch.equal(model.assignment, before)  # not a refresh step
+    model.loss(x, 7)
+    assert torch.equal(model.assignment // 8, model.membership()[0].argmax(-1))
+    assert not torch.equal(model.assignment, before)
+
+
+# -- group_ib ---------------------------------------------------------------------------------------
+def test_group_ib_group_signals_match_a_naive_loop():
+    model = variants.build("group_ib", d_in=8, d_sae=64)
+    with torch.no_grad():
+        model.membership_logits.copy_(torch.randn(64, 2, generator=gen(20)))
+    f = torch.relu(torch.randn(3, 5, 64, generator=gen(21)))
+    s = model.group_signals(f)
+    m = torch.softmax(model.membership_logits.detach() / 0.1, dim=-1)
+    for b in range(3):
+        for t in range(5):
+            for g_ in range(2):
+                expected = sum(float(m[i, g_]) * float(f[b, t, i]) for i in range(64))
+                assert s[b, t, g_].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_group_ib_window_correlations_and_mi_term_match_a_naive_loop():
+    from variants.group_ib import window_correlations
+
+    window, stride, eps = 6, 4, 1e-6
+    g = gen(22)
+    s = torch.rand(2, 15, 3, generator=g, dtype=torch.float64)
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    mask[0, 0] = False
+    mask[1, 10:] = False
+    corr, valid = window_correlations(s, mask, window, stride)
+    losses = []
+    for b in range(2):
+        for w, start in enumerate(range(0, 15, stride)):
+            if start > 0 and start + window - stride >= 15:
+                break  # the previous window already reached the end
+            tokens = [t for t in range(start, min(start + window, 15)) if mask[b, t]]
+            assert bool(valid[b, w]) == (len(tokens) >= 2)
+            if len(tokens) < 2:
+                continue
+            for i in range(3):
+                for j in range(3):
+                    expected = 1.0 if i == j else pearson(s[b, tokens, i], s[b, tokens, j])
+                    assert corr[b, w, i, j].item() == pytest.approx(expected, abs=1e-9)
+                    if i != j:
+                        losses.append(-math.log(1 - abs(expected) + eps))
+    assert corr.shape[1] == 4  # windows at 0, 4, 8, 12 (the last padded with masked-out tokens)
+    # The model's L_MI on latents whose group signals are s.
+    sizes = {"window": str(window), "window_stride": str(stride)}
+    model = variants.build("group_ib", d_in=4, d_sae=3 * 32, overrides=sizes)
+    with torch.no_grad():
+        model.membership_logits.copy_(F.one_hot(torch.arange(96) // 32, 3).double() * 1000.0)  # hard blocks
+    f = torch.zeros(2, 15, 96, dtype=torch.float64)
+    f[..., ::32] = s  # one latent per group carries the signal
+    model.double()
+    assert model.independence(f, mask).item() == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+
+
+# -- hsae -------------------------------------------------------------------------------------------
+def test_hsae_decoder_path_matches_the_formula():
+    model = variants.build("hsae", d_in=5, d_sae=8).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen(24), dtype=torch.float64))
+    x = torch.randn(5, dtype=torch.float64, generator=gen(25))
+    # Column-vector form of the paper: z1 = ReLU(W1 x + b1), z2 = ReLU(W2 z1 + b2),
+    # x_hat = Wd1 (Wd2 z2 + bd2) + Ws z1 + bd1 (our row-per-latent matrices are the transposes).
+    W1, W2, Wd1, Wd2, Ws = model.W1.T, model.W2.T, model.Wd1.T, model.Wd2.T, model.Ws.T
+    z1 = torch.relu(W1 @ x + model.b1)
+    z2 = torch.relu(W2 @ z1 + model.b2)
+    expected = Wd1 @ (Wd2 @ z2 + model.bd2) + Ws @ z1 + model.bd1
+    f = model.encode(x)
+    assert torch.allclose(f, torch.cat([z1, z2]))
+    assert torch.allclose(model.decode(f), expected)
+    # decoder_directions are exact per-latent directions: x_hat = f @ directions + constant.
+    constant = model.bd2 @ model.Wd1 + model.bd1
+    assert torch.allclose(f @ model.decoder_directions() + constant, expected)
+
+
+def test_hsae_gram_penalty_matches_a_naive_loop_and_renormalises_both_decoders():
+    model = variants.build("hsae", d_in=6, d_sae=8)
+    x = torch.randn(7, 6, generator=gen(26))
+    with torch.no_grad():
+        z1, z2 = model.levels(x)
+    naive = sum(float(z1[a] @ z1[b]) ** 2 * float(z2[a] @ z2[b]) ** 2 for a in range(7) for b in range(7)) / 49
+    assert model.gram_penalty(z1, z2).item() == pytest.approx(naive, rel=1e-5)
+    out = model.loss(x)
+    assert out.terms["gram"].item() == pytest.approx(0.02 * naive, rel=1e-5)
+    assert out.terms["l1_level2"].item() == pytest.approx(0.05 * float(z2.sum(-1).mean()), rel=1e-6)
+    with torch.no_grad():
+        model.Wd1.mul_(3.0)
+        model.Wd2.mul_(0.5)
+        model.Ws.mul_(2.0)
+    model.after_step(0)
+    assert torch.allclose(model.Wd1.norm(dim=-1), torch.ones(4))
+    assert torch.allclose(model.Wd2.norm(dim=-1), torch.ones(4))
+    assert not torch.allclose(model.Ws.norm(dim=-1), torch.ones(4))
+    zero = model.diagnostics(x)
+    assert zero["zero_fraction_level1"] == pytest.approx(float((z1 == 0).float().mean()))
+
+
+# -- temporal ---------------------------------------------------------------------------------------
+def test_temporal_encoder_input_matches_a_naive_loop_and_is_causal():
+    model = variants.build("temporal", d_in=3, d_sae=8, overrides={"dilations": "1,2,4", "kernel_size": "2"})
+    with torch.no_grad():
+        model.taps.copy_(torch.randn(model.taps.shape, generator=gen(27)))
+    x = torch.randn(2, 10, 3, generator=gen(28))
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[:, 0] = False
+    u = model.encoder_input(x, mask)
+    offsets = [k * d for d in (1, 2, 4) for k in (1, 2)]
+    assert model.offsets == offsets
+    for b in range(2):
+        for t in range(10):
+            expected = x[b, t].clone()
+            for tap, off in zip(model.taps, offsets):
+                if t - off >= 0 and mask[b, t - off]:
+                    expected += tap * x[b, t - off]
+            assert torch.allclose(u[b, t], expected, atol=1e-6)
+    later = x.clone()
+    later[:, 6:] += 5.0
+    f, g = model.encode(x, mask), model.encode(later, mask)
+    assert torch.equal(f[:, :6], g[:, :6]) and not torch.equal(f[:, 6:], g[:, 6:])
+
+
+def test_temporal_full_convolution_matches_a_naive_loop():
+    full = {"dilations": "2", "kernel_size": "1", "depthwise": "false"}
+    model = variants.build("temporal", d_in=3, d_sae=8, overrides=full)
+    with torch.no_grad():
+        model.taps.copy_(torch.randn(model.taps.shape, generator=gen(29)))
+    x = torch.randn(1, 5, 3, generator=gen(30))
+    u = model.encoder_input(x)
+    for t in range(5):
+        expected = x[0, t] + (x[0, t - 2] @ model.taps[0] if t >= 2 else 0.0)
+        assert torch.allclose(u[0, t], expected, atol=1e-6)
+    assert torch.allclose(model.encode(x[0]), model.encode(x)[0])  # a single (T, d_in) context
+
+
+# -- adaptive_mask ----------------------------------------------------------------------------------
+def test_adaptive_mask_gates_latents_and_penalises_the_gates():
+    model = variants.build("adaptive_mask", d_in=6, d_sae=10, overrides={"mask_l1_coeff": "0.3"})
+    with torch.no_grad():
+        model.mask_logit.copy_(torch.linspace(-3, 3, 10))
+    x = torch.randn(20, 6, generator=gen(31))
+    gates = torch.sigmoid(torch.linspace(-3, 3, 10))
+    plain = torch.relu((x - model.b_dec) @ model.W_enc + model.b_enc)
+    assert torch.allclose(model.encode(x), plain * gates)
+    out = model.loss(x)
+    assert out.terms["mask_l1"].item() == pytest.approx(0.3 * float(gates.sum()), rel=1e-6)
+    assert model.diagnostics(x)["mask_mean"] == pytest.approx(float(gates.mean()), rel=1e-6)

@@ -1,0 +1,114 @@
+"""BatchTopK SAE (Bussmann et al. 2024): in training keep the k x B largest activations of the
+whole batch rather than k per token; at inference a single learnt threshold replaces the batch
+top-k, so the SAE is exactly a JumpReLU SAE (saved as architecture "jumprelu").
+
+The threshold is Bussmann et al.'s estimate E[smallest kept activation], tracked during training
+as an exponential moving average (`threshold_beta`) so it follows the encoder as it trains; the
+first update sets it directly. It lives in a (d_sae,) buffer named `threshold`, one equal value per
+latent, so checkpoints carry it and the saved weights are exactly a JumpReLU SAE's.
+
+Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls, one top-(k*B) over B*d_sae
+values, and AuxK's extra (B x aux_k x d_in) decode when latents are dead.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from variants import register
+from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
+from variants.common import auxk_loss, tied_init
+
+
+@dataclass(kw_only=True)
+class BatchTopKConfig(VariantConfig):
+    k: int = param(32, "mean latents kept per token: the top k*B activations of a batch of B tokens")
+    aux_k: int = param(512, "dead latents used by the auxiliary loss (Bussmann et al.'s top_k_aux)")
+    aux_coeff: float = param(1 / 32, "weight of the AuxK loss")
+    dead_tokens: int = param(10_000_000, "a latent silent for this many tokens counts as dead for AuxK")
+    threshold_beta: float = param(0.999, "EMA factor of the inference threshold (mean smallest kept activation)")
+    batch_size: int = param(4096, "activation tokens per optimiser step")
+
+    def __post_init__(self):
+        if not 0 < self.k <= self.d_sae:
+            raise ConfigError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        if not 0.0 <= self.threshold_beta < 1.0:
+            raise ConfigError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}")
+
+
+def batch_topk_relu(pre: Tensor, k: int) -> Tensor:
+    """ReLU, then keep the k * n_tokens largest values over all tokens (any leading shape)."""
+    acts = pre.relu()
+    flat = acts.reshape(-1)
+    n_tokens = flat.numel() // pre.shape[-1]
+    values, indices = flat.topk(min(k * n_tokens, flat.numel()))
+    return torch.zeros_like(flat).scatter_(0, indices, values).reshape(pre.shape)
+
+
+@register("batchtopk")
+class BatchTopK(Variant):
+    Config = BatchTopKConfig
+    description = "BatchTopK SAE: top k*B activations per batch in training, a learnt threshold at inference"
+    architecture = "jumprelu"
+
+    def __init__(self, cfg: BatchTopKConfig):
+        super().__init__(cfg)
+        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        # Inference threshold, one (equal) value per latent: exactly a JumpReLU SAE's `threshold`.
+        # threshold_updates counts the batches that have updated it (0: not estimated yet).
+        self.register_buffer("threshold", torch.zeros(cfg.d_sae))
+        self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_activations(x)
+        if self.training:
+            return batch_topk_relu(pre, self.cfg.k)
+        return self.threshold_activation(pre)
+
+    def threshold_activation(self, pre: Tensor) -> Tensor:
+        """JumpReLU with the learnt threshold: what a jumprelu loader computes from the saved SAE."""
+        return pre * (pre > self.jumprelu_threshold())
+
+    def jumprelu_threshold(self) -> Tensor:
+        """(d_sae,) per-latent thresholds in the jumprelu format (the same value for every latent)."""
+        return self.threshold.clamp_min(0.0)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def update_threshold(self, f: Tensor) -> None:
+        kept = f[f > 0]
+        if kept.numel() == 0:
+            return
+        smallest = kept.min()
+        if int(self.threshold_updates) == 0:
+            self.threshold.fill_(smallest)
+        else:
+            beta = self.cfg.threshold_beta
+            self.threshold.mul_(beta).add_((1 - beta) * smallest)
+        self.threshold_updates += 1
+
+    def loss(self, x, step=0, mask=None):
+        pre = self.pre_activations(x)
+        if self.training:
+            f = batch_topk_relu(pre, self.cfg.k)
+            self.update_threshold(f)
+        else:
+            f = self.threshold_activation(pre)
+        x_hat = self.decode(f)
+        dead = self.tokens_since_fired >= self.cfg.dead_tokens
+        terms = {
+            "mse": mse_loss(x_hat, x),
+            "auxk": self.cfg.aux_coeff * auxk_loss(x, x_hat, pre, self.W_dec, dead, self.cfg.aux_k),
+        }
+        return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+
+    def diagnostics(self, x, mask=None):
+        return {"threshold": float(self.threshold[0]), "threshold_updates": float(self.threshold_updates)}

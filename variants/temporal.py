@@ -1,0 +1,111 @@
+"""Multi-scale temporal SAE (the HSAE paper's comparison variant). It reads whole contexts
+(B, T, d_in) with a mask (B, T) of real tokens. The encoder input of token t is the token plus
+dilated causal convolutions over the preceding tokens of the same context:
+
+  u_t = x_t + sum over dilations d, taps k = 1..kernel_size of W_{d,k} x_{t - k d},
+  f_t = ReLU((u_t - b_dec) W_enc + b_enc),   x_hat_t = f_t W_dec + b_dec   (reconstructs x_t),
+  loss = MSE + l1_coeff * ||f||_1 over masked-in tokens.
+
+W_{d,k} is a per-channel scale (depthwise, `depthwise`) or a full d_in x d_in map; the taps start
+at zero, so training starts from a plain ReLU SAE. Masked-out positions (BOS, padding) are
+zeroed before the convolutions so they never leak into later tokens; `encode(x, mask)` takes the
+same mask (without one, every position counts as real). Positions before the context start read
+zeros. `encode` and `decode` accept (B, T, d_in) or a single context (T, d_in).
+
+Cost per step: the linear SAE's two (B*T x d_in x d_sae) matmuls plus the convolutions:
+len(dilations) * kernel_size * B*T*d_in (depthwise) or * B*T*d_in^2 (full).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from variants import register
+from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
+from variants.common import tied_init
+
+
+def parse_dilations(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"dilations must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ConfigError(f"dilations must be positive integers, got {text!r}")
+    return values
+
+
+@dataclass(kw_only=True)
+class TemporalConfig(VariantConfig):
+    dilations: str = param("1,2,4", "comma-separated dilations of the causal convolutions ('1' is single-scale)")
+    kernel_size: int = param(2, "taps per convolution, each reaching k * dilation tokens back (k = 1..kernel_size)")
+    depthwise: bool = param(True, "per-channel convolution taps; false: a full d_in x d_in map per tap")
+    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (the papers' baseline penalty)")
+    optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
+    weight_decay: float = param(0.01, "AdamW weight decay")
+    lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
+    batch_size: int = param(2048, "activation tokens per optimiser step (whole contexts)")
+    seed: int = param(42, "seed for the initial weights")
+
+    def __post_init__(self):
+        parse_dilations(self.dilations)
+        if self.kernel_size < 1:
+            raise ConfigError(f"kernel_size must be >= 1, got {self.kernel_size}")
+
+
+def shift_back(x: Tensor, offset: int) -> Tensor:
+    """x_{t - offset} along the token axis (-2), zeros before the context start."""
+    if offset >= x.shape[-2]:
+        return torch.zeros_like(x)
+    return F.pad(x, (0, 0, offset, 0))[..., : x.shape[-2], :]
+
+
+@register("temporal")
+class Temporal(Variant):
+    Config = TemporalConfig
+    description = "Multi-scale temporal SAE: encoder reads the token plus dilated causal convolutions (1, 2, 4)"
+    architecture = "temporal"
+    batch_layout = "contexts"
+
+    def __init__(self, cfg: TemporalConfig):
+        super().__init__(cfg)
+        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+        self.offsets = [k * d for d in parse_dilations(cfg.dilations) for k in range(1, cfg.kernel_size + 1)]
+        shape = (len(self.offsets), cfg.d_in) if cfg.depthwise else (len(self.offsets), cfg.d_in, cfg.d_in)
+        self.taps = nn.Parameter(torch.zeros(shape))
+
+    def encoder_input(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """u = x + the dilated causal convolutions of the (masked) preceding tokens."""
+        src = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
+        u = x
+        for tap, offset in zip(self.taps, self.offsets):
+            past = shift_back(src, offset)
+            u = u + (past * tap if self.cfg.depthwise else past @ tap)
+        return u
+
+    def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return torch.relu((self.encoder_input(x, mask) - self.b_dec) @ self.W_enc + self.b_enc)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def loss(self, x, step=0, mask=None):
+        if mask is None:
+            mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        f = self.encode(x, mask)
+        x_hat = self.decode(f)
+        terms = {"mse": mse_loss(x_hat[mask], x[mask]), "l1": self.cfg.l1_coeff * f[mask].sum(-1).mean()}
+        return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+
+    @torch.no_grad()
+    def diagnostics(self, x, mask=None):
+        if mask is None:
+            mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        u = self.encoder_input(x, mask)
+        temporal = (u - x)[mask].norm(dim=-1) / x[mask].norm(dim=-1).clamp_min(1e-8)
+        return {"temporal_input_ratio": float(temporal.mean()),
+                "zero_fraction": float((self.encode(x, mask)[mask] == 0).float().mean())}
