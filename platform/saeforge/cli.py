@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_variants_parser(sub)
     add_bench_parser(sub)
+    from saeforge.eval_job import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 

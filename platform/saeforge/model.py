@@ -42,7 +42,7 @@ class ModelSpec:
         return Path(self.name.rstrip("/")).name or self.name
 
 
-def resolve_model(name: str, prepare: bool = True) -> ModelSpec:
+def resolve_model(name: str) -> ModelSpec:
     """Turn `--model` into a ModelSpec, preparing the packaged Gemma the first time.
 
     Raises UserError for a local path that does not exist or holds no model.
@@ -50,7 +50,7 @@ def resolve_model(name: str, prepare: bool = True) -> ModelSpec:
     if name in TINY_MODELS:
         return ModelSpec(name, name)
     if name == DEFAULT_MODEL:
-        return ModelSpec(name, str(prepare_packaged_gemma() if prepare else packaged_gemma_dir()))
+        return ModelSpec(name, str(prepare_packaged_gemma()))
     path = Path(name).expanduser()
     looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
     if looks_local:

@@ -41,7 +41,7 @@ class TrainArgs:
     context_size: int = 128
     producers: int = 1
     workers: int = 1
-    eval_contexts: int = 32
+    eval_contexts: int = 16
     max_l0: float = 0.0  # 0: d_in / 2
     checkpoint_every: int = 100
     log_every: int = 10
@@ -114,7 +114,7 @@ def plan_run(args: TrainArgs) -> Plan:
     if variant_cls is None:
         raise UserError(str(variants.UnknownVariant(args.variant)))
     hook = args.hook_point()
-    spec = resolve_model(args.model, prepare=False)
+    spec = resolve_model(args.model)  # prepares (de-quantises) the packaged Gemma the first time
     config = load_config(spec)
     hook.check(config.num_hidden_layers, args.model)
     d_in = config.hidden_size
@@ -127,7 +127,6 @@ def plan_run(args: TrainArgs) -> Plan:
     if args.max_l0 <= 0:
         args.max_l0 = d_in / 2
 
-    spec = resolve_model(args.model)  # now prepare (de-quantise) the packaged model if needed
     tokenizer = load_tokenizer(spec)
     special = corpus.special_ids(tokenizer)
     per_context = args.context_size - 1
@@ -203,7 +202,8 @@ def sae_meta(plan: Plan) -> dict:
 
 
 def fit(plan: Plan, uri: str, run_id: str):
-    """Producers -> object store -> TorchTrainer workers. Returns the final checkpoint folder."""
+    """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result (its
+    checkpoint is the final one; its metrics carry steps, tokens and training seconds)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -233,7 +233,7 @@ def fit(plan: Plan, uri: str, run_id: str):
     result = trainer.fit()
     if result.error:
         raise result.error
-    return Path(result.checkpoint.path)
+    return result
 
 
 def run_train(args: TrainArgs, progress=print) -> dict:
@@ -260,7 +260,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
             mlflow.log_params({**{k: v for k, v in asdict(args).items() if k != "overrides"},
                                **{f"sae.{k}": v for k, v in plan.variant_cfg.to_dict().items()},
                                "total_steps": plan.total_steps})
-        checkpoint = fit(plan, uri, run.info.run_id)
+        checkpoint = Path(fit(plan, uri, run.info.run_id).checkpoint.path)
         train_seconds = time.time() - started
 
         from saeforge.evaluation import evaluate_core

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -97,7 +98,7 @@ def worker_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(variant) if world > 1 else variant.to(ray.train.torch.get_device())
 
     curves = MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
-    total_steps, started = config["total_steps"], time.perf_counter()
+    total_steps, started = config["total_steps"], time.perf_counter()  # the first batch is already here
 
     def on_log(step: int, values: dict[str, float]) -> None:
         if rank != 0:
@@ -108,7 +109,8 @@ def worker_loop(config: dict) -> None:
         print(f"[saeforge] step {step}/{total_steps} ({100 * step // total_steps}%) "
               f"tokens {values['tokens_seen']:,.0f} | {values['tokens_per_s']:,.0f} tok/s | "
               f"loss {values['loss']:.4g} | L0 {values['l0']:.1f} | expl.var {values['explained_variance']:.3f} | "
-              f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s", flush=True)
+              f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s", file=sys.__stdout__, flush=True)
+        # sys.__stdout__: Ray Train patches print() and would otherwise emit each line twice
 
     def on_checkpoint(snapshot: LoopState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,7 +118,9 @@ def worker_loop(config: dict) -> None:
                 save_checkpoint(Path(tmp), variant, snapshot, config["sae_meta"])
                 info = {**config["run_info"], "step": snapshot.step, "tokens_seen": snapshot.tokens_seen}
                 (Path(tmp) / RUN_INFO_FILE).write_text(json.dumps(info))
-            ray.train.report({"step": snapshot.step, "tokens_seen": snapshot.tokens_seen},
+            metrics = {"step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
+                       "train_seconds": time.perf_counter() - started}  # from the first batch on
+            ray.train.report(metrics,
                              checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     start_step = state.step

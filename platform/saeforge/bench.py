@@ -1,0 +1,131 @@
+"""`saeforge bench`: throughput of each stage, measured side by side in one run.
+
+1. plain single-process forward of the model slice vs the Ray Data producer actors;
+2. SAE training alone (the pure loop on activations already in memory);
+3. a plain single-process loop (slice forward + SAE step) vs the whole Ray pipeline
+   (producers -> object store -> Ray Train worker), both counted from their first batch, and the
+   Ray pipeline's wall time including its start-up.
+Figures are tokens (real activation rows) per second; ratios compare figures from this run only.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import torch
+
+import variants
+from saeforge.activations import ActivationProducer, ProducerSpec, activation_dataset
+from saeforge.hooks import HookPoint
+from saeforge.train_job import TrainArgs, connect_ray, fit, plan_run
+from saeforge.training import estimate_act_scale, train_loop
+
+BATCH_CONTEXTS = 16
+
+
+def _say(text: str) -> None:
+    print(f"[bench] {text}", flush=True)
+
+
+def _plain_forward(producer: ActivationProducer, contexts: np.ndarray) -> tuple[float, list[np.ndarray]]:
+    """Tokens/s of the slice forward in this process, and the activations it produced."""
+    column = producer.spec.hooks[0].name
+    producer({"input_ids": contexts[:2]})  # warm-up (allocations, first-call overheads)
+    rows, out = 0, []
+    start = time.perf_counter()
+    for i in range(0, len(contexts), BATCH_CONTEXTS):
+        acts = producer({"input_ids": contexts[i:i + BATCH_CONTEXTS]})[column]
+        rows += len(acts)
+        out.append(acts)
+    return rows / (time.perf_counter() - start), out
+
+
+def _ray_producers(spec: ProducerSpec, contexts: np.ndarray, producers: int) -> tuple[float, float]:
+    """Tokens/s through Ray Data actors: from the first batch on, and including actor start-up."""
+    start = time.perf_counter()
+    ds = activation_dataset(contexts, spec, producers=producers, batch_contexts=BATCH_CONTEXTS)
+    steady_rows, all_rows, first = 0, 0, None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n = len(batch[spec.hooks[0].name])
+        all_rows += n
+        if first is None:
+            first = time.perf_counter()
+        else:
+            steady_rows += n
+    end = time.perf_counter()
+    return steady_rows / max(end - first, 1e-9), all_rows / max(end - start, 1e-9)
+
+
+def _batches(acts: np.ndarray, batch_rows: int):
+    for i in range(0, len(acts) - batch_rows + 1, batch_rows):
+        yield torch.from_numpy(acts[i:i + batch_rows]), None
+
+
+def run_bench(model: str = "gemma-3-270m", layer: int = 6, tokens: int = 60_000, d_sae: int = 0,
+              variant: str = "relu", producers: int = 1) -> dict:
+    torch.set_num_threads(os.cpu_count() or 1)
+    args = TrainArgs(model=model, hook=str(layer), variant=variant, tokens=tokens, d_sae=d_sae, producers=producers,
+                     eval_contexts=1, log_every=10_000, checkpoint_every=10_000, storage="/tmp/saeforge_bench",
+                     run_name=f"bench-{int(time.time())}")
+    plan = plan_run(args)
+    batch_rows = plan.variant_cfg.batch_size
+    hook = HookPoint.parse(str(layer))
+    spec = ProducerSpec(plan.spec, (hook,), tuple(plan.special_ids), threads=os.cpu_count() or 1)
+    figures: dict = {"model": model, "hook": hook.name, "variant": variant, "d_sae": plan.d_sae,
+                     "batch_tokens": batch_rows, "tokens": tokens, "cpu_cores": os.cpu_count(),
+                     "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+    _say("1/4 plain single-process forward of the slice")
+    producer = ActivationProducer(spec)
+    figures["plain_forward_tok_s"], chunks = _plain_forward(producer, plan.train_contexts)
+    acts = np.concatenate(chunks)
+
+    _say("2/4 SAE training alone on activations in memory")
+    sae = variants.build(variant, d_in=plan.d_in, d_sae=plan.d_sae, overrides=args.overrides)
+    sae.act_scale.fill_(estimate_act_scale(torch.from_numpy(acts[:batch_rows])))
+    steps = len(acts) // batch_rows
+    start = time.perf_counter()
+    train_loop(sae, _batches(acts, batch_rows), steps, log_every=10**9)
+    figures["sae_train_tok_s"] = steps * batch_rows / (time.perf_counter() - start)
+
+    _say("3/4 plain single-process loop: slice forward + SAE step")
+    sae = variants.build(variant, d_in=plan.d_in, d_sae=plan.d_sae, overrides=args.overrides)
+    sae.act_scale.fill_(estimate_act_scale(torch.from_numpy(acts[:batch_rows])))
+    start = time.perf_counter()
+    seen = train_loop(sae, _plain_stream(producer, plan.train_contexts, batch_rows), steps, log_every=10**9)
+    figures["plain_loop_tok_s"] = seen.tokens_seen / (time.perf_counter() - start)
+    del producer
+
+    _say("4/4 Ray: producer actors alone, then the whole pipeline into a Ray Train worker")
+    connect_ray()
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    figures["ray_producer_tok_s"], figures["ray_producer_with_startup_tok_s"] = _ray_producers(
+        spec, plan.train_contexts, producers)
+    start = time.perf_counter()
+    result = fit(plan, uri="", run_id="")
+    wall = time.perf_counter() - start
+    figures["ray_end_to_end_tok_s"] = result.metrics["tokens_seen"] / result.metrics["train_seconds"]
+    figures["ray_end_to_end_with_startup_tok_s"] = result.metrics["tokens_seen"] / wall
+    figures["ratio_ray_producer_vs_plain_forward"] = figures["ray_producer_tok_s"] / figures["plain_forward_tok_s"]
+    figures["ratio_end_to_end_vs_plain_loop"] = figures["ray_end_to_end_tok_s"] / figures["plain_loop_tok_s"]
+    figures["ratio_end_to_end_with_startup_vs_plain_loop"] = (
+        figures["ray_end_to_end_with_startup_tok_s"] / figures["plain_loop_tok_s"])
+    width = max(map(len, figures))
+    for key, value in figures.items():
+        _say(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    return figures
+
+
+def _plain_stream(producer: ActivationProducer, contexts: np.ndarray, batch_rows: int):
+    """Forward contexts and cut the activations into SAE batches, in one process."""
+    column = producer.spec.hooks[0].name
+    buffer = np.empty((0, producer.model.config.hidden_size), np.float32)
+    for i in range(0, len(contexts), BATCH_CONTEXTS):
+        buffer = np.concatenate([buffer, producer({"input_ids": contexts[i:i + BATCH_CONTEXTS]})[column]])
+        while len(buffer) >= batch_rows:
+            yield torch.from_numpy(buffer[:batch_rows].copy()), None
+            buffer = buffer[batch_rows:]
