@@ -61,9 +61,20 @@ class RunningMeans:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
-def mean_abs_correlation(latents: Tensor) -> float:
+def mean_abs_correlation(latents: Tensor, max_latents: int = 4096) -> float:
     """Mean |Pearson correlation| between the activations of latents that fire (shared maths
     lives in variants.common, which the correlation-penalising variants use too)."""
     from variants.common import mean_abs_correlation as compute
 
-    return compute(latents)
+    return compute(latents, max_latents=max_latents)
+
+
+@torch.no_grad()
+def periodic_metrics(variant, x: Tensor, latents: Tensor, mask: Tensor | None, max_latents: int = 1024) -> dict:
+    """The costlier shared statistics and the variant's own diagnostics, on one batch, for the
+    training curves (on a subset of latents so a log step stays cheap)."""
+    values = {"mean_abs_corr": mean_abs_correlation(rows(latents, mask), max_latents=max_latents)}
+    values.update(decoder_cosine_stats(variant.decoder_directions().detach(), max_rows=max_latents))
+    diagnostics = variant.diagnostics(x, mask) if mask is not None else variant.diagnostics(x)
+    values.update({f"diag/{k}": float(v) for k, v in diagnostics.items()})
+    return values

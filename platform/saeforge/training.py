@@ -114,6 +114,7 @@ def train_loop(
         if on_log and (state.step % log_every == 0 or state.step == total_steps):
             elapsed = time.perf_counter() - window_start
             logged = window.means()
+            logged.update(metrics.periodic_metrics(variant, x, out.latents, mask))
             logged.update(
                 tokens_seen=state.tokens_seen, lr=scheduler.get_last_lr()[0],
                 tokens_per_s=window_tokens / max(elapsed, 1e-9),
