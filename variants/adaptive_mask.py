@@ -16,8 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import Variant, VariantConfig, param
-from variants.common import tied_init
+from variants.base import LinearSAE, VariantConfig, param
 
 
 @dataclass(kw_only=True)
@@ -33,16 +32,13 @@ class AdaptiveMaskConfig(VariantConfig):
 
 
 @register("adaptive_mask")
-class AdaptiveMask(Variant):
+class AdaptiveMask(LinearSAE):
     Config = AdaptiveMaskConfig
     description = "ReLU SAE with a learnt per-latent sigmoid importance gate and an L1 on the gates"
     architecture = "adaptive_mask"
 
     def __init__(self, cfg: AdaptiveMaskConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.mask_logit = nn.Parameter(torch.full((cfg.d_sae,), cfg.mask_init_logit))
 
     def gates(self) -> Tensor:
@@ -50,9 +46,6 @@ class AdaptiveMask(Variant):
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc) * self.gates()
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     def penalties(self, x, f, x_hat, step):
         return {"l1": self.cfg.l1_coeff * f.sum(-1).mean(), "mask_l1": self.cfg.mask_l1_coeff * self.gates().sum()}

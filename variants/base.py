@@ -180,3 +180,26 @@ class Variant(nn.Module):
     def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
         """Reconstruction of raw activations, in raw units (what gets spliced into the model)."""
         return self.decode(self.encode(x_raw * self.act_scale)) / self.act_scale
+
+
+class LinearSAE(Variant):
+    """A variant with the standard linear encoder and decoder: W_enc (d_in x d_sae), b_enc,
+    W_dec (d_sae x d_in), b_dec, tied initialisation, ReLU encoder by default. Most variants
+    differ only in their activation and penalties, so they subclass this."""
+
+    def __init__(self, cfg: VariantConfig):
+        super().__init__(cfg)
+        from variants.common import tied_init
+
+        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    def pre_activations(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_activations(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec

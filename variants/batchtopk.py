@@ -14,11 +14,11 @@ values, and AuxK's extra (B x aux_k x d_in) decode when latents are dead.
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import auxk_loss, tied_init
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
+from variants.common import auxk_loss
 
 
 @dataclass(kw_only=True)
@@ -47,23 +47,17 @@ def batch_topk_relu(pre: Tensor, k: int) -> Tensor:
 
 
 @register("batchtopk")
-class BatchTopK(Variant):
+class BatchTopK(LinearSAE):
     Config = BatchTopKConfig
     description = "BatchTopK SAE: top k*B activations per batch in training, a learnt threshold at inference"
     architecture = "jumprelu"
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         # Inference threshold, one (equal) value per latent: exactly a JumpReLU SAE's `threshold`.
         # threshold_updates counts the batches that have updated it (0: not estimated yet).
         self.register_buffer("threshold", torch.zeros(cfg.d_sae))
         self.register_buffer("threshold_updates", torch.tensor(0, dtype=torch.long))
-
-    def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def encode(self, x: Tensor) -> Tensor:
         pre = self.pre_activations(x)
@@ -78,9 +72,6 @@ class BatchTopK(Variant):
     def jumprelu_threshold(self) -> Tensor:
         """(d_sae,) per-latent thresholds in the jumprelu format (the same value for every latent)."""
         return self.threshold.clamp_min(0.0)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     @torch.no_grad()
     def update_threshold(self, f: Tensor) -> None:

@@ -30,9 +30,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
 from variants.common import (categorical_entropy, info_nce_to_centroids, mean_abs_correlation,
-                             mean_offdiag_cosine, membership_centroids, tied_init)
+                             mean_offdiag_cosine, membership_centroids)
 
 
 @dataclass(kw_only=True)
@@ -94,16 +94,13 @@ def hierarchical_ortho(f: Tensor, fine_id: Tensor, n_coarse: int, n_fine: int) -
 
 
 @register("contrastive_hier")
-class ContrastiveHier(Variant):
+class ContrastiveHier(LinearSAE):
     Config = ContrastiveHierConfig
     description = "ReLU SAE with 8x8 learnt latent groups: hierarchical co-activation orthogonality + InfoNCE"
     architecture = "contrastive_hier"
 
     def __init__(self, cfg: ContrastiveHierConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.input_norm = nn.LayerNorm(cfg.d_in) if cfg.input_layernorm else nn.Identity()
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.W_key = nn.Parameter(torch.randn(cfg.d_in, cfg.key_dim, generator=gen) / math.sqrt(cfg.d_in))
@@ -120,9 +117,6 @@ class ContrastiveHier(Variant):
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.input_norm(x) @ self.W_enc + self.b_enc)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     # -- assignment ----------------------------------------------------------------------------
     def membership(self) -> tuple[Tensor, Tensor]:

@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
 from variants.common import (categorical_entropy, correlation_matrix, info_nce_to_centroids,
-                             mean_abs_correlation, mean_offdiag_cosine, membership_centroids, tied_init)
+                             mean_abs_correlation, mean_offdiag_cosine, membership_centroids)
 
 
 @dataclass(kw_only=True)
@@ -75,7 +75,7 @@ def window_correlations(s: Tensor, mask: Tensor, window: int, stride: int) -> tu
 
 
 @register("group_ib")
-class GroupIB(Variant):
+class GroupIB(LinearSAE):
     Config = GroupIBConfig
     description = "Group-wise information bottleneck: 32-latent groups, window MI independence, InfoNCE"
     architecture = "group_ib"
@@ -83,9 +83,6 @@ class GroupIB(Variant):
 
     def __init__(self, cfg: GroupIBConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         g, size = self.n_groups, cfg.group_size
         # Membership logits start at the contiguous blocks (1 on the own block, 0 elsewhere).
         self.membership_logits = nn.Parameter(F.one_hot(torch.arange(cfg.d_sae) // size, g).float())
@@ -97,9 +94,6 @@ class GroupIB(Variant):
     @property
     def n_groups(self) -> int:
         return self.cfg.d_sae // self.cfg.group_size
-
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
     def transform(self, f: Tensor) -> Tensor:
         """f' = Dropout(f) + Linear_g(f_g) per group, then LayerNorm per group."""

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import linear_ramp, tied_init
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
+from variants.common import linear_ramp
 
 
 @dataclass(kw_only=True)
@@ -82,20 +82,14 @@ def step_fn(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 @register("jumprelu")
-class JumpReLU(Variant):
+class JumpReLU(LinearSAE):
     Config = JumpReLUConfig
     description = "JumpReLU SAE: learnt thresholds via straight-through estimators, L0 penalty"
     architecture = "jumprelu"
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.threshold_init)))
-
-    def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
 
     def jumprelu_threshold(self) -> Tensor:
         """(d_sae,) thresholds theta, as saved in the jumprelu format."""
@@ -103,9 +97,6 @@ class JumpReLU(Variant):
 
     def encode(self, x: Tensor) -> Tensor:
         return jumprelu(self.pre_activations(x), self.jumprelu_threshold(), self.cfg.bandwidth)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import correlation_matrix, kde_bandwidth, kde_mutual_information, tied_init
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
+from variants.common import correlation_matrix, kde_bandwidth, kde_mutual_information
 
 
 @dataclass(kw_only=True)
@@ -52,16 +52,13 @@ class MIOrthoConfig(VariantConfig):
 
 
 @register("mi_ortho")
-class MIOrtho(Variant):
+class MIOrtho(LinearSAE):
     Config = MIOrthoConfig
     description = "ReLU SAE + MI-scaled co-activation penalty on the KDE-most-dependent latent pairs"
     architecture = "mi_ortho"
 
     def __init__(self, cfg: MIOrthoConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.input_norm = nn.BatchNorm1d(cfg.d_in) if cfg.input_batchnorm else nn.Identity()
         self.register_buffer("pairs", torch.zeros(cfg.n_candidates, 2, dtype=torch.long))
         self.register_buffer("pair_mi", torch.zeros(cfg.n_candidates))
@@ -71,9 +68,6 @@ class MIOrtho(Variant):
         flat = x.reshape(-1, x.shape[-1])
         pre = self.input_norm(flat) @ self.W_enc + self.b_enc
         return torch.relu(pre).reshape(*x.shape[:-1], -1)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     # -- the pair set ------------------------------------------------------------------------
     def active_pairs(self) -> tuple[Tensor, Tensor]:

@@ -23,8 +23,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import tied_init
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
 
 
 def parse_dilations(text: str) -> list[int]:
@@ -63,7 +62,7 @@ def shift_back(x: Tensor, offset: int) -> Tensor:
 
 
 @register("temporal")
-class Temporal(Variant):
+class Temporal(LinearSAE):
     Config = TemporalConfig
     description = "Multi-scale temporal SAE: encoder reads the token plus dilated causal convolutions (1, 2, 4)"
     architecture = "temporal"
@@ -71,9 +70,6 @@ class Temporal(Variant):
 
     def __init__(self, cfg: TemporalConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
         self.offsets = [k * d for d in parse_dilations(cfg.dilations) for k in range(1, cfg.kernel_size + 1)]
         shape = (len(self.offsets), cfg.d_in) if cfg.depthwise else (len(self.offsets), cfg.d_in, cfg.d_in)
         self.taps = nn.Parameter(torch.zeros(shape))
@@ -89,9 +85,6 @@ class Temporal(Variant):
 
     def encode(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         return torch.relu((self.encoder_input(x, mask) - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     def loss(self, x, step=0, mask=None):
         if mask is None:

@@ -7,12 +7,11 @@ Cost per step: the linear SAE's matmuls plus a top-k over d_sae per token, and o
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from variants import register
-from variants.base import LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import auxk_loss, tied_init, topk_relu
+from variants.base import LinearSAE, LossOut, VariantConfig, mse_loss, param
+from variants.common import auxk_loss, topk_relu
 
 
 @dataclass(kw_only=True)
@@ -24,25 +23,13 @@ class TopKConfig(VariantConfig):
 
 
 @register("topk")
-class TopK(Variant):
+class TopK(LinearSAE):
     Config = TopKConfig
     description = "TopK SAE: k largest pre-activations per token, AuxK loss on dead latents"
     architecture = "topk"
 
-    def __init__(self, cfg: TopKConfig):
-        super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
-
-    def pre_activations(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
-
     def encode(self, x: Tensor) -> Tensor:
         return topk_relu(self.pre_activations(x), self.cfg.k)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
 
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)

@@ -129,3 +129,27 @@ def _plain_stream(producer: ActivationProducer, contexts: np.ndarray, batch_rows
         while len(buffer) >= batch_rows:
             yield torch.from_numpy(buffer[:batch_rows].copy()), None
             buffer = buffer[batch_rows:]
+
+
+def run_variant_table(model: str, layer: int, tokens: int, d_sae: int, names: list[str],
+                      eval_contexts: int = 16) -> list[dict]:
+    """One full `saeforge train` per variant (same tokens, same d_sae, real pipeline, registered
+    in MLflow) and a table of the figures the variants are compared on."""
+    from saeforge.train_job import run_train
+
+    rows = []
+    for name in names:
+        _say(f"variant {name}")
+        summary = run_train(TrainArgs(model=model, hook=str(layer), variant=name, tokens=tokens, d_sae=d_sae,
+                                      eval_contexts=eval_contexts, run_name=f"table-{name}-{int(time.time())}"))
+        m = summary["metrics"]
+        rows.append({"variant": name, "l0": m["l0"], "explained_variance": m["explained_variance"],
+                     "ce_loss_recovered": m["ce_loss_recovered"], "mean_abs_corr": m["mean_abs_corr"],
+                     "train_tok_s": summary["train_tokens_per_s"],
+                     "diagnostics": {k[5:]: round(v, 4) for k, v in m.items() if k.startswith("diag/")}})
+    print("| variant | L0 | explained var. | CE loss recovered | mean abs corr | train tok/s | variant diagnostics |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['l0']:.1f} | {r['explained_variance']:.3f} | {r['ce_loss_recovered']:.3f} | "
+              f"{r['mean_abs_corr']:.3f} | {r['train_tok_s']:,.0f} | {r['diagnostics']} |")
+    return rows

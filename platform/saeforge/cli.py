@@ -121,13 +121,23 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--d-sae", type=int, default=0, help="SAE width (default 8 x d_in)")
     p.add_argument("--variant", default="relu", help="variant (default %(default)s)")
     p.add_argument("--producers", type=int, default=1, help="producer actors (default %(default)s)")
+    p.add_argument("--variants", default="", metavar="all|A,B",
+                   help="instead: one full training run per variant and a comparison table")
+    p.add_argument("--eval-contexts", type=int, default=16, help="held-out contexts per variant run (--variants)")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from saeforge.bench import run_bench
+    from saeforge.bench import run_bench, run_variant_table
 
+    if ns.variants:
+        names = variants.names() if ns.variants == "all" else [n.strip() for n in ns.variants.split(",")]
+        for name in names:
+            variants.get(name)  # unknown names fail before anything runs
+        rows = run_variant_table(ns.model, ns.layer, ns.tokens, ns.d_sae, names, ns.eval_contexts)
+        print(json.dumps(rows, indent=2) if ns.json else "")
+        return 0
     figures = run_bench(model=ns.model, layer=ns.layer, tokens=ns.tokens, d_sae=ns.d_sae, variant=ns.variant,
                         producers=ns.producers)
     print(json.dumps(figures, indent=2) if ns.json else "")

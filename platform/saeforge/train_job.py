@@ -260,7 +260,9 @@ def run_train(args: TrainArgs, progress=print) -> dict:
             mlflow.log_params({**{k: v for k, v in asdict(args).items() if k != "overrides"},
                                **{f"sae.{k}": v for k, v in plan.variant_cfg.to_dict().items()},
                                "total_steps": plan.total_steps})
-        checkpoint = Path(fit(plan, uri, run.info.run_id).checkpoint.path)
+        result = fit(plan, uri, run.info.run_id)
+        checkpoint = Path(result.checkpoint.path)
+        train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
         train_seconds = time.time() - started
 
         from saeforge.evaluation import evaluate_core
@@ -272,7 +274,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         results = evaluate_core(model, variant, plan.hook, plan.eval_contexts, plan.special_ids,
                                 progress=lambda done, total: progress(f"  eval {done}/{total} contexts"))
         mlflow.log_metrics({f"eval/{k}": v for k, v in results.items() if math.isfinite(v)})
-        mlflow.log_metric("train_seconds", train_seconds)
+        mlflow.log_metrics({"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s})
         sae_dir = Path(checkpoint) / "final_sae"
         save_sae(variant, sae_dir, sae_meta(plan))
         mlflow.log_artifacts(str(sae_dir), artifact_path="sae")
@@ -284,5 +286,6 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri,
         "registered_model": name, "version": int(version), "champion": moved, "champion_reason": reason,
         "checkpoint": str(checkpoint), "metrics": results, "seconds": time.time() - started,
+        "train_tokens_per_s": train_tokens_per_s,
     }
     return summary
