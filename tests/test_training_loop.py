@@ -82,3 +82,17 @@ def test_sae_folder_round_trip_in_saelens_layout(tmp_path, name):
     torch.testing.assert_close(loaded.encode_raw(x), variant.eval().encode_raw(x))
     torch.testing.assert_close(loaded.reconstruct_raw(x), variant.reconstruct_raw(x))
     assert not list(tmp_path.glob(".sae-*"))  # no staging folder left behind
+
+
+def test_jumprelu_style_variants_save_saelens_threshold(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in variants.names():
+        variant = variants.build(name, d_in=16, d_sae=128)
+        if variant.architecture != "jumprelu":
+            continue
+        folder = sae_io.save_sae(variant, tmp_path / name, {})
+        tensors = load_file(str(folder / "sae_weights.safetensors"))
+        assert {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} <= set(tensors)
+        assert tensors["threshold"].shape == (128,)
+        sae_io.load_sae(folder)  # extras do not disturb our own loader

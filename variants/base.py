@@ -153,6 +153,11 @@ class Variant(nn.Module):
         as `loss`). Shared measures (L0, mean |corr|, decoder cosines) are the platform's."""
         return {}
 
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """Extra tensors SAELens needs under its own names (e.g. JumpReLU's `threshold`), saved
+        beside the state dict so SAELens can load the file; our loader ignores them."""
+        return {}
+
     def decoder_directions(self) -> Tensor:
         """(d_sae, d_in): one decoder direction per latent (used for shared cosine statistics)."""
         return self.W_dec

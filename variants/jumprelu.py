@@ -91,6 +91,9 @@ class JumpReLU(LinearSAE):
         super().__init__(cfg)
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.threshold_init)))
 
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        return {"threshold": self.jumprelu_threshold().detach()}
+
     def jumprelu_threshold(self) -> Tensor:
         """(d_sae,) thresholds theta, as saved in the jumprelu format."""
         return self.log_threshold.exp()

@@ -51,7 +51,9 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: dict) -> Path:
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    tensors = {k: v.detach().cpu().contiguous() for k, v in variant.state_dict().items()}
+    state = variant.state_dict()
+    extras = {k: v for k, v in variant.saelens_tensors().items() if k not in state}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in {**state, **extras}.items()}
     save_file(tensors, str(staging / WEIGHTS_FILE))
     (staging / CFG_FILE).write_text(json.dumps(sae_cfg(variant, meta), indent=2))
     if folder.exists():
@@ -75,7 +77,11 @@ def load_sae(folder: str | Path, device: str = "cpu") -> tuple[variants.Variant,
     cfg = read_cfg(folder)
     own = cfg["saeforge"]
     variant = variants.from_config_dict(own["variant"], own["config"])
-    variant.load_state_dict(load_file(str(Path(folder) / WEIGHTS_FILE)))
+    tensors = load_file(str(Path(folder) / WEIGHTS_FILE))
+    missing = [k for k in variant.state_dict() if k not in tensors]
+    if missing:
+        raise UserError(f"'{folder}' is missing weights: {', '.join(missing)}")
+    variant.load_state_dict({k: tensors[k] for k in variant.state_dict()})  # SAELens-only extras ignored
     return variant.to(device).eval(), cfg
 
 
