@@ -122,3 +122,20 @@ def test_help_on_every_verb(tmp_path):
     import variants
 
     assert all(name in listing for name in variants.names())
+
+
+def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
+    """Data parallelism: two producer actors feed two DDP workers (gloo), which stay in sync."""
+    from saeforge.sae_io import load_sae
+    from saeforge.train_job import fit, plan_run
+    from saeforge.train_workers import RUN_INFO_FILE, SAE_DIR
+
+    plan = plan_run(tiny_args(session_dir, producers=2, workers=2, tokens=8000, run_name="ddp",
+                              checkpoint_every=1000))
+    result = fit(plan, uri="", run_id="")
+    checkpoint = Path(result.checkpoint.path)
+    info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    assert info["step"] == plan.total_steps
+    assert info["tokens_seen"] == plan.total_steps * 512  # global count: each rank saw half of every batch
+    sae, _ = load_sae(checkpoint / SAE_DIR)
+    assert torch.isfinite(sae.W_dec).all()

@@ -81,15 +81,15 @@ def activation_dataset(contexts: np.ndarray, spec: ProducerSpec, *, producers: i
     )
 
 
-def iterate_batches(shard, spec: ProducerSpec, column: str, batch_rows: int, shuffle_rows: int):
-    """(activations, mask) torch batches from a Ray Data shard (mask is None for token rows).
-
-    Token rows are shuffled locally (buffer of `shuffle_rows`); contexts keep their order.
+def iterate_batches(shard, spec: ProducerSpec, column: str, batch_rows: int, shuffle_rows: int,
+                    device: str | torch.device = "cpu"):
+    """(activations, mask) torch batches on `device` from a Ray Data shard (mask is None for
+    token rows). Token rows are shuffled locally (buffer of `shuffle_rows`); contexts keep their
+    order.
     """
     contexts = spec.layout == "contexts"
     for batch in shard.iter_torch_batches(
-        batch_size=batch_rows, drop_last=True,
+        batch_size=batch_rows, drop_last=True, device=device,
         local_shuffle_buffer_size=None if contexts else shuffle_rows,
-        dtypes=None,
     ):
         yield batch[column], (batch[MASK_COLUMN].bool() if contexts else None)

@@ -35,7 +35,7 @@ def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, m
 
 def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState, dict]:
     variant, cfg = sae_io.load_sae(Path(folder) / SAE_DIR)
-    raw = torch.load(Path(folder) / LOOP_STATE_FILE, weights_only=True)
+    raw = torch.load(Path(folder) / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
     return variant, LoopState(raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"]), cfg
 
 
@@ -89,18 +89,24 @@ def worker_loop(config: dict) -> None:
                                  overrides=config["overrides"])
         state = LoopState()
     rows_per_worker = config["batch_rows"] // world
+    device = ray.train.torch.get_device()
+    variant.to(device)
     batches = iterate_batches(ray.train.get_dataset_shard("train"), spec, config["column"],
-                              rows_per_worker, shuffle_rows=rows_per_worker * 8)
+                              rows_per_worker, shuffle_rows=rows_per_worker * 8, device=device)
     if not resume_dir:
         first = next(batches)
         variant.act_scale.fill_(_average_over_workers(estimate_act_scale(*first)))
         batches = itertools.chain([first], batches)
-    model = ray.train.torch.prepare_model(variant) if world > 1 else variant.to(ray.train.torch.get_device())
+    model = ray.train.torch.prepare_model(variant) if world > 1 else variant
 
     curves = MlflowCurves(config.get("tracking_uri"), config.get("run_id")) if rank == 0 else None
     total_steps, started = config["total_steps"], time.perf_counter()  # the first batch is already here
 
+    report_every = config.get("report_every", 0)  # a multiple of log_every; 0: no intermediate reports
+
     def on_log(step: int, values: dict[str, float]) -> None:
+        if report_every and step % report_every == 0:  # a barrier: every rank reports at the same steps
+            ray.train.report({"step": step, **{k: float(v) for k, v in values.items()}})
         if rank != 0:
             return
         curves.log(step, values)
@@ -125,4 +131,5 @@ def worker_loop(config: dict) -> None:
 
     start_step = state.step
     train_loop(model, batches, total_steps, state=state, log_every=config["log_every"],
-               checkpoint_every=config["checkpoint_every"], on_log=on_log, on_checkpoint=on_checkpoint)
+               checkpoint_every=config["checkpoint_every"], on_log=on_log, on_checkpoint=on_checkpoint,
+               world_size=world)

@@ -71,13 +71,15 @@ def train_loop(
     checkpoint_every: int = 0,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[LoopState], None] | None = None,
+    world_size: int = 1,
 ) -> LoopState:
     """Train `model` (a Variant, or a DDP wrapper around one) on (activations, mask) batches.
 
     Activations are raw; they are multiplied by the variant's act_scale (set beforehand). Stops
     when the batches run out or `total_steps` is reached. `on_log` gets averaged loss terms and
     shared metrics every `log_every` steps; `on_checkpoint` the loop state every
-    `checkpoint_every` steps and once at the end.
+    `checkpoint_every` steps and once at the end. Token counts are global: each of the
+    `world_size` data-parallel ranks sees an equal share of every batch.
     """
     variant: Variant = getattr(model, "module", model)
     state = state or LoopState()
@@ -105,7 +107,7 @@ def train_loop(
         optimizer.step()
         scheduler.step()
         variant.after_step(state.step)
-        n_tokens = int(mask.sum()) if mask is not None else acts.shape[0]
+        n_tokens = (int(mask.sum()) if mask is not None else acts.shape[0]) * world_size
         state.step += 1
         state.tokens_seen += n_tokens
         window_tokens += n_tokens
