@@ -86,7 +86,10 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
         name, alias, number = match["name"], match["alias"], match["version"]
         client = MlflowClient()
         try:
-            version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+            if alias:
+                version = client.get_model_version_by_alias(name, alias)
+            else:
+                version = client.get_model_version(name, number)
         except MlflowException as err:
             raise _mlflow_error(uri, err) from None
         sae, cfg = _load_downloaded(uri, f"models:/{name}/{version.version}")
@@ -254,7 +257,8 @@ def format_report(results: dict[str, SuiteResult]) -> str:
         for title, table in result.tables.items():
             if table:
                 header = list(table[0])
-                parts.append(f"\n{suite}: {title}\n" + _table([header] + [[_fmt(r.get(k)) for k in header] for r in table]))
+                body = [[_fmt(r.get(k)) for k in header] for r in table]
+                parts.append(f"\n{suite}: {title}\n" + _table([header] + body))
     return "\n".join(parts)
 
 
@@ -308,6 +312,15 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
     if args.batch_contexts < 1:
         raise UserError("--batch-contexts must be at least 1")
     resolved = resolve_sae(args.uri, args.run_id)
+    if args.log and args.run_id:  # check the run now, not after a long evaluation
+        _check_store(args.uri)
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient().get_run(args.run_id)
+        except MlflowException as err:
+            raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
     if progress:
         progress(f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "
                  f"{resolved.cfg['d_sae']}, {resolved.cfg['hook_name']} of {args.model or resolved.cfg['model_name']}) "
@@ -327,7 +340,13 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
     report["report_file"] = str(out.resolve())
     report["logged"] = bool(args.log and resolved.run_id)
     if report["logged"]:
-        log_to_run(resolved.run_id, results, report)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            log_to_run(resolved.run_id, results, report)
+        except MlflowException as err:
+            raise UserError(f"report written to {out}, but logging to MLflow run {resolved.run_id} failed: "
+                            f"{str(err).splitlines()[0]}") from None
     report["table"] = format_report(results)
     return report
 
@@ -373,7 +392,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--no-log", dest="log", action="store_false", help="do not log to MLflow")
     p.add_argument("--model", default="", help="model to run (default: model_name in the SAE's cfg.json)")
     p.add_argument("--dataset", default="",
-                   help="text source of held-out contexts for core/disentanglement (default: the SAE's training source)")
+                   help="text source of the held-out contexts of core and disentanglement "
+                        "(default: the SAE's training source)")
     p.add_argument("--set", dest="options", action="append", type=_option_pair, default=[],
                    metavar="SUITE.OPTION=VALUE", help="a suite option (repeatable; options listed below)")
     p.add_argument("--batch-contexts", type=int, default=8, help="sequences per activation forward pass")

@@ -59,7 +59,10 @@ def first_letter_words(tokenizer, max_words: int, min_single_token: int = 200,
     words = corpus_words()
     spelled = [(w, tokenizer.encode(" " + w, add_special_tokens=False)) for w in words]
     single = [(w, ids) for w, ids in spelled if len(ids) == 1]
-    chosen = single if len(single) >= min_single_token else [(w, ids) for w, ids in spelled if len(w) <= byte_word_chars]
+    if len(single) >= min_single_token:
+        chosen = single
+    else:
+        chosen = [(w, ids) for w, ids in spelled if len(w) <= byte_word_chars]
     chosen = chosen[:max_words]
     return [w for w, _ in chosen], [ids for _, ids in chosen]
 
@@ -168,7 +171,8 @@ def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: in
             total = contribution[contribution > 0].sum()
             others = np.ones_like(f, dtype=bool)
             others[mains] = False
-            absorbers = others & (f > 0) & (cos >= absorber_cos) & (contribution >= absorber_share * total) & (total > 0)
+            carries = (cos >= absorber_cos) & (contribution >= absorber_share * total) & (total > 0)
+            absorbers = others & (f > 0) & carries
             absorbed += bool(absorbers.any())
         n = len(words_l)
         totals["correct"] += n

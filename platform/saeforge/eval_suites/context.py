@@ -13,7 +13,6 @@ everywhere (they never reach an SAE in training either).
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -69,15 +68,6 @@ class EvalContext:
     def say(self, message: str) -> None:
         if self.progress:
             self.progress(message)
-
-
-class Timer:
-    def __enter__(self):
-        self.start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.start
 
 
 # -- token batches -------------------------------------------------------------------------------

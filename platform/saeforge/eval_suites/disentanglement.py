@@ -106,7 +106,8 @@ def disentanglement(ctx: EvalContext, contexts: int = 32, n_pairs: int = 32, kde
         if kept < max_tokens:
             rows.append(f[mask][:max_tokens - kept].cpu())
             kept += len(rows[-1])
-        diagnostics = ctx.sae.diagnostics(x, mask) if ctx.sae.batch_layout == "contexts" else ctx.sae.diagnostics(x[mask])
+        contexts_layout = ctx.sae.batch_layout == "contexts"
+        diagnostics = ctx.sae.diagnostics(x, mask) if contexts_layout else ctx.sae.diagnostics(x[mask])
         for key, value in diagnostics.items():
             if key in GROUP_DIAGNOSTICS:
                 diag_sums[key] = diag_sums.get(key, 0.0) + float(value)

@@ -2,10 +2,11 @@
 
 Forget set: articles of one topic (default "Biology and health sciences", the analogue of
 WMDP-bio); retain set: the articles of every other topic. Latents are chosen on the *train*
-documents: those that fire on at most `retain_threshold` of retain tokens, ranked by how often
-they fire on forget tokens. For each setting (n latents, m) of the grid, the chosen latents are
-clamped to -m wherever they fire, and the whole model runs with the edit spliced in at the hook;
-next-token accuracy and CE loss are measured on *held-out* forget and retain documents.
+documents: those that fire on at most `retain_threshold` of retain tokens and more often on forget
+than on retain tokens, ranked by how often they fire on forget tokens. For each setting
+(n latents, m) of the grid, the chosen latents are clamped to -m wherever they fire, and the whole
+model runs with the edit spliced in at the hook; next-token accuracy and CE loss are measured on
+*held-out* forget and retain documents.
 
 The edit keeps the SAE's error term: the hook's output becomes x + decode(f') - decode(f), i.e.
 decode(f') + (x - decode(f)), so with nothing clamped the model is exactly the original model and
@@ -50,9 +51,9 @@ def topic_texts(topic: str, language: str = "en-us") -> dict[str, list[str]]:
 
 def select_latents(forget_freq: torch.Tensor, retain_freq: torch.Tensor, n: int,
                    retain_threshold: float) -> torch.Tensor:
-    """Up to n latents that fire on at most retain_threshold of retain tokens, most frequent on
-    the forget set first (latents that never fire on the forget set are never chosen)."""
-    eligible = (retain_freq <= retain_threshold) & (forget_freq > 0)
+    """Up to n latents that fire on at most retain_threshold of retain tokens and more often on
+    forget than on retain tokens, most frequent on the forget set first."""
+    eligible = (retain_freq <= retain_threshold) & (forget_freq > retain_freq)
     score = torch.where(eligible, forget_freq, torch.full_like(forget_freq, -1.0))
     order = torch.argsort(score, descending=True, stable=True)
     return order[:min(n, int(eligible.sum()))]
@@ -99,7 +100,8 @@ def next_token_scores(ctx: EvalContext, contexts: np.ndarray, latents: torch.Ten
     return {"acc": correct / max(targets, 1), "ce": loss / max(targets, 1)}
 
 
-def unlearning_score(grid: list[dict], forget_before: float, retain_before: float, retain_keep: float) -> tuple[float, dict | None]:
+def unlearning_score(grid: list[dict], forget_before: float, retain_before: float,
+                     retain_keep: float) -> tuple[float, dict | None]:
     """(score, best setting): 1 - forget_acc / forget_before at the qualifying setting that lowers
     forget accuracy most; 0 and None when no setting keeps retain accuracy >= retain_keep x before."""
     qualifying = [g for g in grid if g["retain_acc"] >= retain_keep * retain_before]
@@ -125,10 +127,15 @@ def unlearn_texts(ctx: EvalContext, texts: dict[str, list[str]], *, n_latents: t
     before = {side: next_token_scores(ctx, packed[f"{side}_test"], batch_contexts=batch_contexts)
               for side in ("forget", "retain")}
     grid = []
+    measured: dict[tuple, dict] = {}  # fewer eligible latents than n: settings repeat, measure once
     for n, m in itertools.product(n_latents, multipliers):
         chosen = select_latents(forget_freq, retain_freq, n, retain_threshold)
-        after = {side: next_token_scores(ctx, packed[f"{side}_test"], chosen, m, batch_contexts)
-                 for side in ("forget", "retain")}
+        key = (tuple(chosen.tolist()), m)
+        if key not in measured:
+            measured[key] = before if not len(chosen) else {
+                side: next_token_scores(ctx, packed[f"{side}_test"], chosen, m, batch_contexts)
+                for side in ("forget", "retain")}
+        after = measured[key]
         grid.append({"n_latents": n, "multiplier": m, "latents_used": int(len(chosen)),
                      "forget_acc": after["forget"]["acc"], "retain_acc": after["retain"]["acc"],
                      "forget_ce": after["forget"]["ce"], "retain_ce": after["retain"]["ce"],
@@ -141,7 +148,8 @@ def unlearn_texts(ctx: EvalContext, texts: dict[str, list[str]], *, n_latents: t
                "retain_acc_before": before["retain"]["acc"], "forget_ce_before": before["forget"]["ce"],
                "retain_ce_before": before["retain"]["ce"], "settings_qualifying": float(sum(
                    g["retain_acc"] >= retain_keep * before["retain"]["acc"] for g in grid)),
-               "candidate_latents": float(((retain_freq <= retain_threshold) & (forget_freq > 0)).sum())}
+               "candidate_latents": float(len(select_latents(forget_freq, retain_freq, len(forget_freq),
+                                                             retain_threshold)))}
     if best is not None:
         metrics.update({f"best/{k}": float(v) for k, v in best.items()})
     for g in grid:
