@@ -57,4 +57,5 @@ def tiny_run(ray_session, mlflow_store, session_dir):
     """One real end-to-end run on the tiny Gemma: Ray Data producers -> Ray Train -> MLflow."""
     from saeforge.train_job import run_train
 
-    return run_train(tiny_args(session_dir, run_name="tiny-e2e"), progress=lambda *_: None)
+    return run_train(tiny_args(session_dir, run_name="tiny-e2e", eval_suites="disentanglement"),
+                     progress=lambda *_: None)

@@ -29,6 +29,7 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     curve = client.get_metric_history(tiny_run["run_id"], "loss/mse")
     assert len(curve) >= 3 and [p.step for p in curve] == sorted(p.step for p in curve)
     assert "eval/ce_loss_recovered" in run.data.metrics
+    assert any(k.startswith("eval/disentanglement/") for k in run.data.metrics)  # --eval disentanglement
     files = {a.path for a in client.list_artifacts(tiny_run["run_id"], "sae")}
     assert files == {"sae/cfg.json", "sae/sae_weights.safetensors"}
     assert tiny_run["champion"], tiny_run["champion_reason"]

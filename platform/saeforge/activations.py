@@ -63,15 +63,17 @@ class ActivationProducer:
 
 
 def activation_dataset(contexts: np.ndarray, spec: ProducerSpec, *, producers: int, batch_contexts: int = 16,
-                       gpus_per_producer: float = 0.0, cpus_per_producer: float = 1.0):
-    """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids)."""
+                       gpus_per_producer: float = 0.0, cpus_per_producer: float = 1.0,
+                       producer: type | None = None):
+    """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids).
+    `producer`: an ActivationProducer subclass to use instead (e.g. one that counts batches)."""
     import ray
 
     n_blocks = max(producers * 4, len(contexts) // (batch_contexts * 8), 1)
     blocks = [b for b in np.array_split(contexts, min(n_blocks, len(contexts))) if len(b)]
     ds = ray.data.from_numpy(blocks).rename_columns({"data": "input_ids"})
     return ds.map_batches(
-        ActivationProducer,
+        producer or ActivationProducer,
         fn_constructor_kwargs={"spec": spec},
         batch_size=batch_contexts,
         batch_format="numpy",

@@ -52,6 +52,9 @@ def add_train_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="data-parallel SAE workers (default %(default)s)")
     p.add_argument("--eval-contexts", type=int, default=d.eval_contexts,
                    help="held-out contexts for evaluation (default %(default)s)")
+    p.add_argument("--eval", dest="eval_suites", default="", metavar="SUITES",
+                   help="more evaluation suites after the core one, e.g. probing,unlearning or all "
+                        "(see `saeforge eval --help`)")
     p.add_argument("--max-l0", type=float, default=d.max_l0,
                    help="highest L0 a champion may have (default d_in / 2)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
@@ -153,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     from saeforge.eval_job import add_eval_parser
 
     add_eval_parser(sub)
+    from saeforge.compare import add_compare_parser
+    from saeforge.tuning import add_tune_parser
+
+    add_tune_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

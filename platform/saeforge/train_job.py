@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 import variants
-from saeforge import corpus, tracking
+from saeforge import corpus, eval_suites, tracking
 from saeforge.activations import ProducerSpec, activation_dataset
 from saeforge.errors import UserError
 from saeforge.hooks import HookPoint
@@ -42,6 +42,7 @@ class TrainArgs:
     producers: int = 1
     workers: int = 1
     eval_contexts: int = 16
+    eval_suites: str = ""  # extra suites after the core evaluation, e.g. "probing,unlearning" or "all"
     max_l0: float = 0.0  # 0: d_in / 2
     checkpoint_every: int = 100
     log_every: int = 10
@@ -124,6 +125,8 @@ def plan_run(args: TrainArgs) -> Plan:
         variant_cls(variant_cfg)  # sizes a variant cannot take (e.g. groups) fail here, not in a worker
     except (variants.ConfigError, ValueError) as err:
         raise UserError(str(err)) from None
+    if args.eval_suites:
+        eval_suites.parse_suites(args.eval_suites)  # unknown suite names fail here, before any work
     if args.max_l0 <= 0:
         args.max_l0 = d_in / 2
 
@@ -159,9 +162,13 @@ def _skip_trained(contexts: np.ndarray, special: list[int], tokens_seen: int) ->
 
 # -- the run -------------------------------------------------------------------------------------
 
-def connect_ray(address: str = "") -> None:
+def connect_ray(address: str = "", dashboard: bool = False) -> None:
     """Attach to a cluster (--address / RAY_ADDRESS, as inside `ray job submit`), else start a
-    private local Ray with generously declared logical CPUs (see NOTES-APIS.md)."""
+    private local Ray with generously declared logical CPUs (see NOTES-APIS.md).
+
+    `dashboard=True` (Tune searches) also starts the local dashboard and points
+    RAY_API_SERVER_ADDRESS at it: Ray Train cleans up the placement group of a trial stopped
+    early through the state API, and without it the next trial waits forever."""
     import ray
 
     if ray.is_initialized():
@@ -169,8 +176,17 @@ def connect_ray(address: str = "") -> None:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address)
-    else:
-        ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=False)
+        return
+    extra: dict = {}
+    if dashboard:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before init: Ray's processes inherit it
+        extra = {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+    ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=dashboard, **extra)
 
 
 def _gpu_shares(producers: int, workers: int) -> tuple[float, bool]:
@@ -279,6 +295,16 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         save_sae(variant, sae_dir, sae_meta(plan))
         mlflow.log_artifacts(str(sae_dir), artifact_path="sae")
         mlflow.log_dict(results, "eval/core.json")
+        extra = [n for n in eval_suites.parse_suites(args.eval_suites) if n != "core"] if args.eval_suites else []
+        if extra:
+            from saeforge.eval_job import run_suites
+            from saeforge.sae_io import sae_cfg
+
+            suites = run_suites(variant, sae_cfg(variant, sae_meta(plan)), extra, model=model,
+                                model_name=args.model, dataset=args.dataset, progress=progress)
+            for suite, outcome in suites.items():
+                mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in outcome.metrics.items() if math.isfinite(v)})
+                mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
         name = tracking.registered_model_name(plan.spec.short_name, plan.hook.name, args.variant)
         version = tracking.log_and_register(sae_dir, plan.d_in, plan.d_sae, name)
         moved, reason = tracking.promote_if_better(name, version, results, args.max_l0)
