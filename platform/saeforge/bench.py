@@ -153,3 +153,40 @@ def run_variant_table(model: str, layer: int, tokens: int, d_sae: int, names: li
         print(f"| {r['variant']} | {r['l0']:.1f} | {r['explained_variance']:.3f} | {r['ce_loss_recovered']:.3f} | "
               f"{r['mean_abs_corr']:.3f} | {r['train_tok_s']:,.0f} | {r['diagnostics']} |")
     return rows
+
+
+def run_step_costs(model: str, layer: int, d_sae: int, batch_tokens: int = 1024, context: int = 128) -> dict:
+    """Milliseconds per optimiser step of every variant on the same real activations (same batch
+    and d_sae; context-layout variants get the batch as whole contexts), relative to relu."""
+    from saeforge.training import make_optimizer
+
+    torch.set_num_threads(1)  # one core each, as a Ray Train worker beside a producer gets
+    plan = plan_run(TrainArgs(model=model, hook=str(layer), tokens=batch_tokens * 2, eval_contexts=1,
+                              context_size=context))
+    spec = ProducerSpec(plan.spec, (plan.hook,), tuple(plan.special_ids), threads=os.cpu_count() or 1)
+    _, chunks = _plain_forward(ActivationProducer(spec), plan.train_contexts)
+    acts = torch.from_numpy(np.concatenate(chunks)[:batch_tokens])
+    acts = acts * estimate_act_scale(acts)
+    d_sae = d_sae or plan.d_sae
+    ms = {}
+    for _ in range(2):  # two rounds, best of each: less noise from whatever else runs
+        for name in variants.names():
+            sae = variants.build(name, d_in=plan.d_in, d_sae=d_sae)
+            optimizer = make_optimizer(sae)
+            x, mask = acts, None
+            if sae.batch_layout == "contexts":
+                x = acts[: batch_tokens // context * context].reshape(-1, context, plan.d_in)
+                mask = torch.ones(x.shape[:2], dtype=torch.bool)
+            times = []
+            for step in range(6):
+                start = time.perf_counter()
+                out = sae(x, step, mask)
+                optimizer.zero_grad()
+                out.total.backward()
+                optimizer.step()
+                sae.after_step(step)
+                times.append(time.perf_counter() - start)
+            ms[name] = min(ms.get(name, float("inf")), 1000 * min(times[1:]))
+    for name, value in ms.items():
+        _say(f"{name:<18} {value:8.1f} ms/step  {value / ms['relu']:5.2f}x relu")
+    return ms

@@ -127,6 +127,8 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--variants", default="", metavar="all|A,B",
                    help="instead: one full training run per variant and a comparison table")
     p.add_argument("--eval-contexts", type=int, default=16, help="held-out contexts per variant run (--variants)")
+    p.add_argument("--step-cost", action="store_true",
+                   help="instead: milliseconds per optimiser step of every variant on the same activations")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -134,6 +136,12 @@ def add_bench_parser(sub) -> None:
 def cmd_bench(ns: argparse.Namespace) -> int:
     from saeforge.bench import run_bench, run_variant_table
 
+    if ns.step_cost:
+        from saeforge.bench import run_step_costs
+
+        costs = run_step_costs(ns.model, ns.layer, ns.d_sae)
+        print(json.dumps(costs, indent=2) if ns.json else "")
+        return 0
     if ns.variants:
         names = variants.names() if ns.variants == "all" else [n.strip() for n in ns.variants.split(",")]
         for name in names:
