@@ -2,9 +2,10 @@
 trial, a NaN trial reported as failed while the search goes on, parent/child MLflow runs, the best
 SAE registered; then `saeforge compare` on what the search left.
 
-Three trials, two at a time, in a fixed order (a grid): 0 trains well; 1 (lr 1e30) goes NaN at
-its first step and fails at once, which frees its slot for 2 (lr 1e-7, barely learns). Trial 2
-reaches ASHA's first rung (step 8) well after trial 0 did, and is stopped there.
+Three trials, one at a time, in a fixed order (a grid): 0 trains well; 1 (lr 1e30) goes NaN at
+its first step and fails at once; 2 (lr 1e-7, barely learns) reaches ASHA's first rung (step 8)
+after trial 0 has recorded a far better value there, and is stopped. One at a time makes that
+order certain (with two at a time, trial 2 could reach the rung before trial 0 and be kept).
 """
 
 import json
@@ -48,7 +49,7 @@ def tune_ray():
 def search_args(tmp, **changes):
     from saeforge.tuning import TuneArgs
 
-    base = dict(variant="relu", space=str(tmp / "space.yaml"), samples=1, max_concurrent=2, scheduler="asha",
+    base = dict(variant="relu", space=str(tmp / "space.yaml"), samples=1, max_concurrent=1, scheduler="asha",
                 search_alg="random", tokens_per_trial=6000, activations=str(tmp / "acts"), model="tiny", hook=HOOK,
                 d_sae=128, context_size=32, eval_contexts=4, report_every=4, storage=str(tmp / "runs"))
     base.update(changes)

@@ -294,59 +294,56 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
     client = MlflowClient(ctx.uri)
     run_id = client.create_run(ctx.experiment_id, run_name=f"{space.variant}-{trial_id}", tags={
         "mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id, "saeforge.variant": space.variant}).info.run_id
-    try:
-        overrides = {**space.fixed, **config}
-        cfg = plan.variant_cls.Config.build(d_in=plan.d_in, d_sae=plan.d_sae, overrides=overrides)
-        total_steps, batch_rows = trial_budget(ctx, cfg)
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in
-                                         {**{f"sae.{k}": v for k, v in cfg.to_dict().items()},
-                                          "variant": space.variant, "total_steps": total_steps}.items()])
-        args = dataclasses.replace(plan.args, overrides=overrides, log_every=ctx.report_every, checkpoint_every=0,
-                                   run_name=trial_id)
-        trial_plan = dataclasses.replace(plan, args=args, variant_cfg=cfg, total_steps=total_steps,
-                                         batch_rows=batch_rows)
-        spec = ProducerSpec(plan.spec, (plan.hook,), tuple(plan.special_ids), plan.variant_cls.batch_layout)
-        loop_config = {**worker_config(trial_plan, spec, ctx.uri, run_id, threads=ctx.threads),
-                       "report_every": ctx.report_every}
-        resources = {"CPU": 1, **({"GPU": ctx.gpu_per_worker} if 0 < ctx.gpu_per_worker < 1 else {})}
-        trainer = TorchTrainer(
-            train_loop_per_worker=worker_loop, train_loop_config=loop_config,
-            scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=ctx.gpu_per_worker > 0,
-                                                   resources_per_worker=resources),
-            datasets={"train": ctx.dataset},
-            run_config=ray.train.RunConfig(
-                name=trial_id, storage_path=ctx.storage,
-                callbacks=[_early_stop_callback(space.early_stopping, ctx.l0_max)],
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-                failure_config=ray.train.FailureConfig(max_failures=0)))
-        started = time.time()
-        result = trainer.fit()
-        if result.error:
-            raise result.error
-        train_seconds = time.time() - started
-        checkpoint = Path(result.checkpoint.path)
-        torch.set_num_threads(ctx.threads)
-        sae, _ = load_sae(checkpoint / SAE_DIR)
-        metrics = evaluate_core(_eval_model(plan.spec), sae, plan.hook, plan.eval_contexts, plan.special_ids)
-        eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
-        final = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
-        objective = space.score(metrics) if not space.multi_objective else math.nan
-        now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
-                         + [Metric("train_seconds", train_seconds, now, total_steps),
-                            Metric("eval_seconds", eval_seconds, now, total_steps)]
-                         + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []))
-        client.set_tag(run_id, "saeforge.checkpoint", str(checkpoint))
-        client.set_tag(run_id, STATUS_TAG, "completed")
-        client.set_terminated(run_id, "FINISHED")
-        tune.report({**final, "objective": objective, "feasible": int(space.feasible(metrics)),
-                     "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                     "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id, "step": total_steps, "trial_done": 1})
-    except Exception as err:
-        client.set_tag(run_id, STATUS_TAG, "failed")
-        client.set_tag(run_id, "saeforge.error", _one_line(err)[:4000])
-        client.set_terminated(run_id, "FAILED")
-        raise
+    # No terminal status is written on failure here: a trial that ASHA stops also raises, and its
+    # actor can still run after tuner.fit() returns. The driver closes every unfinished child run
+    # from Tune's own view of the trial (trial_rows).
+    overrides = {**space.fixed, **config}
+    cfg = plan.variant_cls.Config.build(d_in=plan.d_in, d_sae=plan.d_sae, overrides=overrides)
+    total_steps, batch_rows = trial_budget(ctx, cfg)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in
+                                     {**{f"sae.{k}": v for k, v in cfg.to_dict().items()},
+                                      "variant": space.variant, "total_steps": total_steps}.items()])
+    args = dataclasses.replace(plan.args, overrides=overrides, log_every=ctx.report_every, checkpoint_every=0,
+                               run_name=trial_id)
+    trial_plan = dataclasses.replace(plan, args=args, variant_cfg=cfg, total_steps=total_steps,
+                                     batch_rows=batch_rows)
+    spec = ProducerSpec(plan.spec, (plan.hook,), tuple(plan.special_ids), plan.variant_cls.batch_layout)
+    loop_config = {**worker_config(trial_plan, spec, ctx.uri, run_id, threads=ctx.threads),
+                   "report_every": ctx.report_every}
+    resources = {"CPU": 1, **({"GPU": ctx.gpu_per_worker} if 0 < ctx.gpu_per_worker < 1 else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker=worker_loop, train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=args.workers, use_gpu=ctx.gpu_per_worker > 0,
+                                               resources_per_worker=resources),
+        datasets={"train": ctx.dataset},
+        run_config=ray.train.RunConfig(
+            name=trial_id, storage_path=ctx.storage,
+            callbacks=[_early_stop_callback(space.early_stopping, ctx.l0_max)],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            failure_config=ray.train.FailureConfig(max_failures=0)))
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    train_seconds = time.time() - started
+    checkpoint = Path(result.checkpoint.path)
+    torch.set_num_threads(ctx.threads)
+    sae, _ = load_sae(checkpoint / SAE_DIR)
+    metrics = evaluate_core(_eval_model(plan.spec), sae, plan.hook, plan.eval_contexts, plan.special_ids)
+    eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
+    final = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    objective = space.score(metrics) if not space.multi_objective else math.nan
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
+                     + [Metric("train_seconds", train_seconds, now, total_steps),
+                        Metric("eval_seconds", eval_seconds, now, total_steps)]
+                     + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []))
+    client.set_tag(run_id, "saeforge.checkpoint", str(checkpoint))
+    client.set_tag(run_id, STATUS_TAG, "completed")
+    client.set_terminated(run_id, "FINISHED")
+    tune.report({**final, "objective": objective, "feasible": int(space.feasible(metrics)),
+                 "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                 "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id, "step": total_steps, "trial_done": 1})
 
 
 def _one_line(err: BaseException | str) -> str:
@@ -519,7 +516,7 @@ def trial_rows(grid, space: tune_space.TuneSpace, ctx: TrialContext) -> list[dic
         row["checkpoint_dir"] = m.get("checkpoint_dir", "")
         row["error"] = _one_line(result.error) if result.error else ""
         rows.append(row)
-        if run is not None and run.info.status == "RUNNING":  # the trial never closed its own run
+        if run is not None and status != "completed":  # failed and stopped trials are closed here
             client.set_tag(run.info.run_id, STATUS_TAG, status)
             if status == "early_stopped":
                 client.set_tag(run.info.run_id, "saeforge.stopped_at_step", str(row["step"]))
