@@ -87,7 +87,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print(f"  registered model  {summary['registered_model']} version {summary['version']}")
     verdict = "is the new champion" if summary["champion"] else "did not become champion"
     print(f"  champion          version {summary['version']} {verdict}: {summary['champion_reason']}")
-    print(f"  load it with      mlflow.pyfunc.load_model('models:/{summary['registered_model']}@champion')")
+    ref = "@champion" if summary["champion"] else f"/{summary['version']}"
+    print(f"  load it with      mlflow.pyfunc.load_model('models:/{summary['registered_model']}{ref}')")
     print(f"  checkpoint        {summary['checkpoint']}")
     print(f"  browse with       mlflow ui --backend-store-uri {summary['tracking_uri']}")
     return 0
