@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import auxk_loss
+from variants.base import ConfigError, LinearSAE, VariantConfig, param
+from variants.common import mse_plus_auxk
 
 
 @dataclass(kw_only=True)
@@ -93,13 +93,7 @@ class BatchTopK(LinearSAE):
             self.update_threshold(f)
         else:
             f = self.threshold_activation(pre)
-        x_hat = self.decode(f)
-        dead = self.tokens_since_fired >= self.cfg.dead_tokens
-        terms = {
-            "mse": mse_loss(x_hat, x),
-            "auxk": self.cfg.aux_coeff * auxk_loss(x, x_hat, pre, self.W_dec, dead, self.cfg.aux_k),
-        }
-        return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+        return mse_plus_auxk(self, x, pre, f)
 
     def diagnostics(self, x, mask=None):
         return {"threshold": float(self.threshold[0]), "threshold_updates": float(self.threshold_updates)}

@@ -166,3 +166,17 @@ def mean_offdiag_cosine(vectors: Tensor) -> float:
         return 0.0
     cos = gram_matrix(F.normalize(vectors.detach().float(), dim=-1))
     return float((cos.sum() - cos.diagonal().sum()) / (k * (k - 1)))
+
+
+def mse_plus_auxk(sae, x: Tensor, pre: Tensor, f: Tensor):
+    """The top-k family's loss (topk, batchtopk): MSE plus `aux_coeff` x AuxK on the latents
+    silent for `dead_tokens` tokens. `pre` are the pre-activations, `f` the kept latents."""
+    from variants.base import LossOut, mse_loss
+
+    x_hat = sae.decode(f)
+    dead = sae.tokens_since_fired >= sae.cfg.dead_tokens
+    terms = {
+        "mse": mse_loss(x_hat, x),
+        "auxk": sae.cfg.aux_coeff * auxk_loss(x, x_hat, pre, sae.W_dec, dead, sae.cfg.aux_k),
+    }
+    return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)

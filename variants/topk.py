@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from variants import register
-from variants.base import LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import auxk_loss, topk_relu
+from variants.base import LinearSAE, VariantConfig, param
+from variants.common import mse_plus_auxk, topk_relu
 
 
 @dataclass(kw_only=True)
@@ -34,10 +34,4 @@ class TopK(LinearSAE):
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)
         f = topk_relu(pre, self.cfg.k)
-        x_hat = self.decode(f)
-        dead = self.tokens_since_fired >= self.cfg.dead_tokens
-        terms = {
-            "mse": mse_loss(x_hat, x),
-            "auxk": self.cfg.aux_coeff * auxk_loss(x, x_hat, pre, self.W_dec, dead, self.cfg.aux_k),
-        }
-        return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+        return mse_plus_auxk(self, x, pre, f)
