@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from saeforge.cli import main
 
@@ -18,12 +17,7 @@ FAST = ["--suite", "core,disentanglement", "--set", "core.contexts=2", "--set", 
         "--set", "disentanglement.kde_tokens=64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def test_eval_a_registered_version_logs_to_its_run(tiny_run, tmp_path, capsys):

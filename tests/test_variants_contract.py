@@ -21,13 +21,7 @@ FAST = {"kde_tokens": "64", "n_candidates": "128"}
 STEP0 = 1_000_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra threads only add contention on a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def build(name: str, **overrides) -> variants.Variant:

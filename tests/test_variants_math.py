@@ -25,13 +25,7 @@ def pearson(a, b) -> float:
     return float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: extra threads only add contention on a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # -- shared maths ---------------------------------------------------------------------------------
