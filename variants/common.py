@@ -87,7 +87,8 @@ def mean_abs_correlation(latents: Tensor, max_latents: int | None = 4096, chunk:
     batch (mi_ortho's headline measure; the platform logs it for every variant). `latents` is
     (..., d_sae); above `max_latents` firing latents an evenly spaced subset is used, and the
     k x k matrix is built `chunk` rows at a time so memory stays O(chunk * k)."""
-    a = latents.detach().reshape(-1, latents.shape[-1]).float()
+    a = latents.detach().reshape(-1, latents.shape[-1])
+    a = a.to(torch.promote_types(a.dtype, torch.float32))  # float64 stays float64 (exact references)
     fired = torch.nonzero((a > 0).any(0)).squeeze(-1)
     if max_latents is not None and fired.numel() > max_latents:
         fired = fired[torch.linspace(0, fired.numel() - 1, max_latents).round().long()]
