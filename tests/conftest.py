@@ -9,6 +9,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Small sizes of every evaluation suite: each runs on the tiny model in seconds.
+SMALL_SUITES = {
+    "core": {"contexts": 4},
+    "disentanglement": {"contexts": 4, "n_pairs": 8, "kde_tokens": 128},
+    "probing": {"tasks": "person_vs_not,language_es", "train_size": 40, "test_size": 20, "ks": (1, 2)},
+    "unlearning": {"train_contexts": 4, "eval_contexts": 2, "n_latents": (2, 5), "multipliers": (10.0,)},
+    "absorption": {"max_words": 400, "min_words_per_letter": 5},
+}
 
 
 @pytest.fixture
@@ -29,12 +37,15 @@ def session_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """A private local Ray (logical CPUs over-declared: 2 cores host producers and workers)."""
+    """One private local Ray for the session, started as saeforge starts it (logical CPUs
+    over-declared: 2 cores host producers and workers; the dashboard on localhost for the state
+    API that Ray Train's clean-up needs)."""
     import ray
 
+    from saeforge.jobs.ray_cluster import connect_ray
+
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True)
+    connect_ray("")
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -55,9 +66,9 @@ def mlflow_store(session_dir):
 
 
 def tiny_args(tmp: Path, **changes):
-    from saeforge.train_job import TrainArgs
+    from saeforge.jobs.arguments import TrainArgs
 
-    base = dict(model="tiny", hook="resid_post:3", tokens=12_000, d_sae=128, eval_contexts=8, max_l0=1e9,
+    base = dict(model="tiny", layer="3", tokens=12_000, d_sae=128, eval_contexts=8, max_l0=1e9,
                 checkpoint_every=5, log_every=5, storage=str(tmp / "runs"), overrides={"batch_size": "512"})
     base.update(changes)
     return TrainArgs(**base)
@@ -66,7 +77,7 @@ def tiny_args(tmp: Path, **changes):
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, mlflow_store, session_dir):
     """One real end-to-end run on the tiny Gemma: Ray Data producers -> Ray Train -> MLflow."""
-    from saeforge.train_job import run_train
+    from saeforge.jobs.train import run_train
 
     return run_train(tiny_args(session_dir, run_name="tiny-e2e", eval_suites="disentanglement"),
                      progress=lambda *_: None)

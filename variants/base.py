@@ -143,6 +143,15 @@ class Variant(nn.Module):
         terms = {"mse": mse_loss(x_hat, x), **self.penalties(x, f, x_hat, step)}
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
+    def begin_run(self, total_steps: int) -> None:  # TEMP until the variants work lands
+        pass
+
+    def init_from_data(self, x: Tensor) -> None:  # TEMP until the variants work lands
+        pass
+
+    def saelens_fields(self) -> dict:  # TEMP
+        return {"activation_fn_kwargs": {"k": self.cfg.k}} if hasattr(self.cfg, "k") else {}
+
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (decoder renormalisation by default)."""
         if self.cfg.normalize_decoder:

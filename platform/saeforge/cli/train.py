@@ -1,0 +1,48 @@
+"""`saeforge train`: train one SAE, evaluate it, register it, print where to find it."""
+
+from __future__ import annotations
+
+import argparse
+
+from saeforge.cli.flags import parse_into, verb_parser
+from saeforge.cli.output import print_json, progress, variant_list
+from saeforge.jobs.arguments import TrainArgs
+
+NAME = "train"
+
+
+def add_parser(sub) -> None:
+    verb_parser(
+        sub,
+        NAME,
+        TrainArgs,
+        run,
+        help="train one SAE: Gemma slice actors -> Ray Train workers -> MLflow registry",
+        description="Train one SAE on a model's activations, evaluate it on held-out text, log it to "
+        "MLflow, register it and move the 'champion' alias if it beats the current one.",
+        epilog="variants:\n" + variant_list(),
+    )
+
+
+def run(ns: argparse.Namespace) -> int:
+    from saeforge.jobs.train import run_train
+
+    summary = run_train(parse_into(TrainArgs, ns), progress=progress)
+    if ns.json:
+        print_json(summary)
+        return 0
+    m = summary["metrics"]
+    print(f"\nsaeforge: done in {summary['seconds']:.0f}s")
+    print(
+        f"  CE loss recovered {m['ce_loss_recovered']:.4f} | L0 {m['l0']:.1f} | explained variance "
+        f"{m['explained_variance']:.3f} | KL {m['kl_div_sae']:.4f} | dead {m['dead_fraction']:.3f}"
+    )
+    print(f"  MLflow run        {summary['run_id']} (experiment {summary['experiment_id']})")
+    print(f"  registered model  {summary['registered_model']} version {summary['version']}")
+    verdict = "is the new champion" if summary["champion"] else "did not become champion"
+    print(f"  champion          version {summary['version']} {verdict}: {summary['champion_reason']}")
+    ref = "@champion" if summary["champion"] else f"/{summary['version']}"
+    print(f"  load it with      mlflow.pyfunc.load_model('models:/{summary['registered_model']}{ref}')")
+    print(f"  checkpoint        {summary['checkpoint']}")
+    print(f"  browse with       mlflow ui --backend-store-uri {summary['tracking_uri']}")
+    return 0

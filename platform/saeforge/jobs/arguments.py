@@ -1,0 +1,173 @@
+"""The one argument model: what every verb accepts, as dataclasses whose fields carry their help.
+
+The drivers take these dataclasses; the command line generates each verb's flags and help from
+the same fields (`saeforge.cli.flags`), so no flag is declared twice and train, tune and bench
+share the groups they have in common. A field's metadata: `help`; optionally `flag` (default
+--field-name), `choices`, `metavar`, `minimum` (checked by `check_ranges`), `pairs` (a repeatable
+NAME=VALUE flag), `positional`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from saeforge.core.corpus import BUILTIN
+from saeforge.core.hooks import SITES
+from saeforge.core.model import DEFAULT_MODEL
+from saeforge.errors import UserError
+
+
+def opt(default: Any, help: str, **meta) -> Any:
+    """A field of the argument model: its default, its help text and how the flag looks."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **meta})
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class SourceArgs:
+    """Where the activations come from: the model, the hook point and the text."""
+
+    model: str = opt(DEFAULT_MODEL, "'gemma-3-270m' (packaged, default), 'tiny' / 'tiny-gemma2' (random, for tests), "
+                                    "a Hugging Face id (e.g. google/gemma-2-2b) or a local model folder")
+    layer: str = opt("6", "layer whose output is hooked (default %(default)s)", metavar="LAYER")
+    site: str = opt("resid_post", "what to read at that layer (default %(default)s)", choices=tuple(SITES))
+    dataset: str = opt(BUILTIN, "'wiki' (built-in Wikipedia summaries), a datasets Hub id, "
+                                "or local .txt/.jsonl/.parquet files (default %(default)s)")
+    text_column: str = opt("text", "text column of a dataset (default %(default)s)")
+    context_size: int = opt(128, "tokens per context, BOS included (default %(default)s)", minimum=2)
+
+
+@dataclass
+class ClusterArgs:
+    """Where and how wide the run goes on Ray."""
+
+    producers: int = opt(1, "model-slice actors (default %(default)s)", minimum=1)
+    workers: int = opt(1, "data-parallel SAE workers per run or trial (default %(default)s)", minimum=1)
+    storage: str = opt("saeforge_runs", "folder for Ray Train / Tune runs and checkpoints (default %(default)s)")
+    address: str = opt("", "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+
+
+@dataclass
+class SaeSizeArgs:
+    d_sae: int = opt(0, "number of latents (default 8 x d_in)", minimum=0)
+    eval_contexts: int = opt(16, "held-out contexts for the core evaluation (default %(default)s)", minimum=1)
+    max_l0: float = opt(0.0, "highest L0 a champion may have (default d_in / 2)", minimum=0)
+
+
+@dataclass
+class TrainArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
+    """Everything `saeforge train` accepts."""
+
+    variant: str = opt("relu", "SAE variant (default %(default)s; `saeforge variants` lists them)")
+    overrides: list = opt([], "set a variant config field (repeatable; `saeforge variants NAME` lists them)",
+                          flag="--set", metavar="NAME=VALUE", pairs=True)
+    tokens: int = opt(250_000, "activation tokens to train on (default %(default)s)", minimum=1)
+    eval_suites: str = opt("", "more evaluation suites after the core one, e.g. probing,unlearning or all "
+                               "(see `saeforge eval --help`)", flag="--eval", metavar="SUITES")
+    checkpoint_every: int = opt(100, "steps between checkpoints (default %(default)s)", minimum=1)
+    log_every: int = opt(10, "steps between progress lines and logged metrics (default %(default)s)", minimum=1)
+    run_name: str = opt("", "name of the run (default: variant-hook-time)")
+    resume: str = opt("", "resume from a checkpoint folder or a run folder under --storage", metavar="PATH")
+
+
+@dataclass
+class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
+    """Everything `saeforge tune` accepts."""
+
+    variant: str = opt("relu", "variant, comma-separated variants, or 'all' (default %(default)s)")
+    space: str = opt("", "tune-space YAML (default tune_spaces/VARIANT.yaml)", metavar="FILE")
+    samples: int = opt(8, "trials per variant (default %(default)s)", minimum=1)
+    max_concurrent: int = opt(0, "trials at once (default: from the resources)", minimum=0)
+    scheduler: str = opt("asha", "asha stops bad trials early (default); fifo runs every trial to the end",
+                         choices=("asha", "fifo"))
+    search_alg: str = opt("optuna", "search algorithm (default %(default)s)", choices=("optuna", "random"))
+    objective: str = opt("space", "space: as the space file says (default); single: CE loss recovered under the "
+                                  "constraints; pareto: (L0 min, CE loss recovered max)",
+                         choices=("space", "single", "pareto"))
+    tokens_per_trial: int = opt(100_000, "activation tokens each trial trains on (default %(default)s)", minimum=1)
+    activations: str = opt("", "activation cache folder: reused if it holds one, else written "
+                               "(default: object store only)", metavar="PATH")
+    report_every: int = opt(0, "steps between intermediate reports (default: ~10 per trial)", minimum=0)
+    grace_period: int = opt(0, "steps before ASHA may stop a trial (default: the space's, else a quarter of a "
+                               "trial)", minimum=0)
+    seed: int = opt(0, "seed of the search algorithm (default %(default)s)")
+    name: str = opt("", "prefix of the search names (default 'tune')")
+
+
+@dataclass
+class EvalArgs:
+    """Everything `saeforge eval` accepts."""
+
+    uri: str = opt("", "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
+                   positional=True, metavar="MODEL_URI")
+    suites: str = opt("all", "comma-separated suites, or 'all' (default)", flag="--suite")
+    out: str = opt("", "JSON report file (default ./eval_<name>.json)")
+    run_id: str = opt("", "MLflow run to log to (required to log a bare SAE folder)")
+    log: bool = opt(True, "log the metrics to MLflow (--no-log: do not)")
+    model: str = opt("", "model to run (default: model_name in the SAE's cfg.json)")
+    dataset: str = opt("", "text source of the held-out contexts of core and disentanglement "
+                           "(default: the SAE's training source)")
+    options: list = opt([], "a suite option (repeatable; options listed below)", flag="--set",
+                        metavar="SUITE.OPTION=VALUE", pairs=True)
+    batch_contexts: int = opt(8, "sequences per activation forward pass (default %(default)s)", minimum=1)
+    use_ray: bool = opt(False, "run each suite as its own Ray task", flag="--ray")
+    address: str = opt("", "Ray cluster address with --ray (default: RAY_ADDRESS, else local)")
+
+
+@dataclass
+class CompareArgs:
+    """Everything `saeforge compare` accepts."""
+
+    model: str = opt("", "only this model's registered SAEs (e.g. gemma-3-270m)")
+    hook: str = opt("", "only this hook point (e.g. blocks.6.hook_resid_post)")
+    search: str = opt("", "also list and plot this search's trials (the parent run id `saeforge tune` prints)",
+                      metavar="RUN_ID")
+    out: str = opt("l0_vs_ce_loss_recovered.png", "plot file (default %(default)s)")
+    log: bool = opt(True, "log the plot to MLflow (--no-log: do not)")
+
+
+@dataclass
+class BenchArgs:
+    """Everything `saeforge bench` accepts."""
+
+    model: str = opt(DEFAULT_MODEL, "model (default %(default)s)")
+    layer: str = opt("6", "hooked layer (default %(default)s)")
+    tokens: int = opt(60_000, "tokens per measurement (default %(default)s)", minimum=1)
+    d_sae: int = opt(0, "SAE width (default 8 x d_in)", minimum=0)
+    variant: str = opt("relu", "variant (default %(default)s)")
+    producers: int = opt(1, "producer actors (default %(default)s)", minimum=1)
+    variants: str = opt("", "instead: one full training run per variant and a comparison table", metavar="all|A,B")
+    eval_contexts: int = opt(16, "held-out contexts per variant run (--variants)", minimum=1)
+    step_cost: bool = opt(False, "instead: milliseconds per optimiser step of every variant on the same activations")
+
+
+def check_ranges(args) -> None:
+    """Every field with a `minimum` meets it, or one line naming the flag (before anything runs)."""
+    for f in fields(args):
+        low = f.metadata.get("minimum")
+        if low is not None and getattr(args, f.name) < low:
+            raise UserError(f"{flag_name(f)} must be at least {low:g}, got {getattr(args, f.name)}")
+
+
+def flag_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def pairs_dict(pairs, what: str = "NAME=VALUE") -> dict[str, Any]:
+    """{name: value}, [(name, value), ...] or ['name=value', ...] -> {name: value}."""
+    if isinstance(pairs, dict):
+        return dict(pairs)
+    out = {}
+    for item in pairs:
+        name, value = item if isinstance(item, tuple) else split_pair(item, what)
+        out[name] = value
+    return out
+
+
+def split_pair(text: str, what: str = "NAME=VALUE") -> tuple[str, str]:
+    if "=" not in text:
+        raise UserError(f"expected {what}, got '{text}'")
+    name, value = text.split("=", 1)
+    return name.strip(), value.strip()

@@ -1,0 +1,88 @@
+"""The typed plan of a run: what validation produced, built once in the driver and shipped whole
+to every Ray Train worker and Tune trial (frozen and picklable; nothing in it is re-parsed).
+
+A Tune trial derives its own plan with `dataclasses.replace(plan, variant=..., loop=...)` from
+the sampled values, once. The token contexts themselves are not in the plan: the driver turns
+them into the activation dataset, which Ray ships to the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+import variants
+from saeforge.core.hooks import HookPoint
+from saeforge.core.model import ModelSpec
+from saeforge.core.sae_files import SaeMeta
+from saeforge.core.training import LoopSettings
+from saeforge.jobs.arguments import TrainArgs
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """The activation stream: what a producer actor computes and how a step's batch is cut.
+    A row of the stream is one whole context: its id, its activations at every hook, its mask."""
+
+    model: ModelSpec
+    hooks: tuple[HookPoint, ...]
+    special_ids: tuple[int, ...]
+    context_size: int
+    contexts_per_step: int  # global, over every data-parallel worker
+    workers: int
+
+    @property
+    def contexts_per_worker(self) -> int:
+        return self.contexts_per_step // self.workers
+
+
+@dataclass(frozen=True)
+class Resources:
+    """How the run uses the cluster: GPUs per actor and worker, torch threads in each."""
+
+    gpus_per_producer: float = 0.0
+    gpus_per_worker: float = 0.0
+    producer_threads: int = 1
+    worker_threads: int = 1
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where the run is recorded: the MLflow store, its experiment and run, the registered model."""
+
+    uri: str = ""
+    experiment_id: str = ""
+    run_id: str = ""
+    registered_model: str = ""
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    args: TrainArgs  # as validated; checkpoints keep them so --resume rebuilds the same plan
+    variant_name: str
+    variant: variants.VariantConfig
+    stream: StreamSpec
+    loop: LoopSettings
+    sae_meta: SaeMeta
+    eval_suites: tuple[str, ...]  # extra suites after the core evaluation, already checked
+    max_l0: float
+    resources: Resources = Resources()
+    tracking: TrackingTarget = TrackingTarget()
+    resume_from: str = ""  # a checkpoint folder
+
+    @property
+    def hook(self) -> HookPoint:
+        return self.stream.hooks[0]
+
+    def build_variant(self) -> variants.Variant:
+        return variants.get(self.variant_name)(self.variant)
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """The token contexts a run reads (driver side only): (n, context_size) int32 each; `train`
+    holds only what is left to train (a resumed run starts after its checkpoint's step)."""
+
+    train: np.ndarray
+    eval: np.ndarray

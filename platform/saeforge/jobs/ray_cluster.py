@@ -1,0 +1,49 @@
+"""Connecting to Ray, and sharing its resources between producers and trainers.
+
+A cluster is attached through --address or RAY_ADDRESS (as inside `ray job submit`); otherwise a
+private local Ray starts with generously declared logical CPUs (on 2 cores, default requests hang:
+NOTES-APIS.md) and its dashboard on localhost: Ray Train's placement-group cleaner and the
+clean-up of a Tune trial stopped early go through the state API, which needs it. Without it, a
+run prints "Failed to query Ray Train Controller actor state" hundreds of times and a stopped
+trial's placement group leaks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from saeforge.jobs.plan import Resources
+
+
+def connect_ray(address: str = "") -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, logging_level="WARNING")
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before init: Ray's processes inherit it
+    ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
+
+
+def cores() -> int:
+    """Physical cores this machine offers the run (a local Ray declares more logical CPUs)."""
+    return os.cpu_count() or 1
+
+
+def share_resources(producers: int, workers: int) -> Resources:
+    """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
+    enough, else every actor shares them equally; each process gets its share of the cores."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    each = 0.0 if gpus <= 0 else (1.0 if gpus >= producers + workers else gpus / (producers + workers))
+    return Resources(gpus_per_producer=each, gpus_per_worker=each,
+                     producer_threads=max(1, cores() // producers), worker_threads=max(1, cores() // workers))

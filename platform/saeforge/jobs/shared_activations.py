@@ -1,0 +1,111 @@
+"""One model pass for a whole search: the activations are produced once (materialised in the
+object store) or read from an activation cache on disk, and every trial reads them.
+
+The cache is a folder: the stream's rows as parquet under `contexts/` and `manifest.json`,
+written last, which marks it complete and names what it holds (model, hook, context size,
+dataset, contexts); a search asking for anything else is refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from saeforge.errors import UserError
+from saeforge.jobs.activation_stream import COUNTER_NAME, MASK_COLUMN, activation_dataset
+from saeforge.jobs.plan import Contexts, RunPlan
+
+CACHE_MANIFEST = "manifest.json"
+CACHE_ROWS = "contexts"
+
+
+@dataclass
+class SharedActivations:
+    """The materialised activations every trial reads, and what making them cost."""
+
+    dataset: Any  # a materialised Ray Dataset, one row per context (see activation_stream)
+    tokens: int  # real tokens
+    contexts: int
+    source: str  # "model" or "cache:PATH"
+    producer_batches: int  # model forwards in this search (0 when read from a cache)
+    contexts_forwarded: int
+    seconds: float
+
+    def log_dict(self) -> dict[str, float]:
+        return {f"activations/{k}": v for k, v in asdict(self).items() if isinstance(v, (int, float))}
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "dataset"}
+
+
+def cache_identity(plan: RunPlan) -> dict:
+    args = plan.args
+    return {"model": args.model, "hook": plan.hook.name, "context_size": args.context_size, "dataset": args.dataset}
+
+
+def check_cache(path: str, plan: RunPlan) -> dict | None:
+    """The manifest of a usable activation cache at `path`, None when there is none yet;
+    UserError when it holds something else."""
+    folder = Path(path).expanduser()
+    manifest = folder / CACHE_MANIFEST
+    if not manifest.is_file():
+        if folder.exists() and any(folder.iterdir()):
+            raise UserError(f"--activations {path}: the folder exists but holds no complete activation cache "
+                            f"(no {CACHE_MANIFEST}); delete it or choose another path")
+        return None
+    try:
+        info = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--activations {path}: {CACHE_MANIFEST} is not readable JSON") from None
+    for key, value in cache_identity(plan).items():
+        if info.get(key) != value:
+            raise UserError(f"--activations {path}: the cache holds {key} {info.get(key)!r}, this search needs "
+                            f"{value!r}; choose another path")
+    return info
+
+
+def _count_tokens(dataset) -> int:
+    return int(sum(int(b[MASK_COLUMN].sum()) for b in dataset.iter_batches(batch_size=256, batch_format="numpy")))
+
+
+def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progress=print) -> SharedActivations:
+    """Produce the activations once (producers -> materialize() in the object store), or read the
+    activation cache; with a cache path and no cache there yet, write one."""
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    started = time.time()
+    cached = check_cache(cache, plan) if cache else None
+    batches = forwarded = 0
+    if cached is not None:
+        progress(f"saeforge: reading the activation cache {cache} ({cached['tokens']:,} tokens); the model does not run")
+        produced = ray.data.read_parquet(str(Path(cache).expanduser().resolve() / CACHE_ROWS)).materialize()
+        n_contexts, tokens, source = int(cached["contexts"]), int(cached["tokens"]), f"cache:{cache}"
+    else:
+        progress(f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
+                 f"({plan.args.producers} producer(s))...")
+        res = plan.resources
+        dataset = activation_dataset(contexts.train, plan.stream, producers=plan.args.producers,
+                                     threads=res.producer_threads, gpus_per_producer=res.gpus_per_producer,
+                                     count=True)
+        counter = ray.get_actor(COUNTER_NAME)
+        before = ray.get(counter.read.remote())
+        produced = dataset.materialize()
+        after = ray.get(counter.read.remote())
+        batches, forwarded = after[0] - before[0], after[1] - before[1]
+        n_contexts, tokens, source = len(contexts.train), _count_tokens(produced), "model"
+        if cache:
+            folder = Path(cache).expanduser().resolve()
+            produced.write_parquet(str(folder / CACHE_ROWS))
+            info = {**cache_identity(plan), "tokens": tokens, "contexts": n_contexts,
+                    "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+            (folder / CACHE_MANIFEST).write_text(json.dumps(info, indent=2))  # last: marks the cache complete
+            progress(f"saeforge: activation cache written to {folder}")
+    seconds = time.time() - started
+    progress(f"saeforge: {tokens:,} activation tokens ready in {seconds:.0f}s "
+             f"({batches} producer batches, {forwarded} contexts forwarded)")
+    return SharedActivations(produced, tokens, n_contexts, source, batches, forwarded, seconds)

@@ -1,0 +1,201 @@
+"""MLflow: where runs go, how they are named, how SAEs are registered, and when `champion` moves.
+
+Without MLFLOW_TRACKING_URI the store is SQLite in the working directory with artifacts in
+./mlartifacts (never inside Ray's temporary session folders, which are deleted). One experiment
+per model + hook; one registered model per model + hook + variant. Every registered version
+carries its `ce_loss_recovered` and `l0` as tags, which the champion rule and `saeforge compare`
+read. This module owns those names, the tags and the store check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from saeforge.errors import UserError
+
+CHAMPION = "champion"
+CHAMPION_METRIC = "ce_loss_recovered"
+L0_TAG = "l0"
+TRIAL_TAG = "saeforge.trial_id"
+STATUS_TAG = "saeforge.status"
+VARIANT_TAG = "saeforge.variant"
+MODEL_NAME = "sae_model"  # the logged pyfunc model's name in a run
+
+
+def tracking_uri(workdir: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI if set, else a SQLite store in the working directory."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri or f"sqlite:///{(workdir or Path.cwd()).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str, workdir: Path | None = None) -> str | None:
+    """Where a new experiment's artifacts go: next to a SQLite/file store; the server's choice
+    for an http(s) tracking server."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return ((workdir or Path.cwd()).resolve() / "mlartifacts").as_uri()
+
+
+def clean_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def experiment_name(model_name: str, hook_name: str) -> str:
+    return f"saeforge/{clean_name(model_name)}/{hook_name}"
+
+
+def registered_model_name(model_name: str, hook_name: str, variant: str) -> str:
+    return f"{clean_name(model_name)}__{hook_name}__{variant}"
+
+
+def parse_registered_name(name: str) -> tuple[str, str, str] | None:
+    """(model, hook, variant) of a name saeforge registered, else None."""
+    parts = name.split("__")
+    return (parts[0], parts[1], parts[2]) if len(parts) == 3 else None
+
+
+def use_store(workdir: Path | None = None) -> str:
+    import mlflow
+
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def require_store(what: str) -> str:
+    """The store, refusing (instead of creating an empty SQLite file) when none is there."""
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
+        raise UserError(f"cannot read '{what}': no MLflow store at {store} (set MLFLOW_TRACKING_URI or run where "
+                        "the SAE was trained)")
+    return use_store()
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location if needed."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    root = artifact_root(uri)
+    location = f"{root}/{clean_name(name)}" if root else None
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+class RunCurves:
+    """Logs training curves into a run from a Ray Train worker (rank 0)."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = None
+        if uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client, self.run_id = MlflowClient(uri), run_id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+
+def finite(values: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+
+
+def log_and_register(sae_folder: Path, name: str, run_id: str | None = None) -> int:
+    """Log the SAE as a pyfunc model (its folder is the model's one artifact: the SAE is logged
+    once) in the active run, or in `run_id`, and register a new version of `name`."""
+    import warnings
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from saeforge.core.sae_files import read_cfg
+    from saeforge.jobs.registered_model import SAEPyfunc
+
+    cfg = read_cfg(sae_folder)
+    warnings.filterwarnings("ignore", message=".*(type hints|input_example).*", category=UserWarning)
+    signature = infer_signature(np.zeros((1, cfg["d_in"]), np.float32), np.zeros((1, cfg["d_sae"]), np.float32))
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) if run_id else contextlib.nullcontext():
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=SAEPyfunc(), artifacts={"sae": str(sae_folder)},
+            signature=signature, registered_model_name=name,
+            pip_requirements=["saeforge", "torch", "safetensors", "numpy"],  # skips slow inference
+        )
+    return int(info.registered_model_version)
+
+
+def champion_version(client, name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def tag_version(name: str, version: int | str, metrics: dict[str, float]) -> None:
+    """The tags every registered version carries (the champion rule and compare read them)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    client.set_model_version_tag(name, str(version), CHAMPION_METRIC, f"{metrics[CHAMPION_METRIC]:.6f}")
+    client.set_model_version_tag(name, str(version), L0_TAG, f"{metrics['l0']:.3f}")
+
+
+def promote_if_better(name: str, version: int | str, metrics: dict[str, float], max_l0: float) -> tuple[bool, str]:
+    """Tag the version, and move `champion` to it when it beats the current champion on CE loss
+    recovered at a sane L0 (1 <= L0 <= max_l0). Returns (moved, reason)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tag_version(name, version, metrics)
+    score, l0 = metrics[CHAMPION_METRIC], metrics["l0"]
+    if not (math.isfinite(score) and 1 <= l0 <= max_l0):
+        return False, f"L0 {l0:.1f} is outside the sane range [1, {max_l0:g}] (or the score is not finite)"
+    current = champion_version(client, name)
+    if current is not None:
+        best = float(current.tags.get(CHAMPION_METRIC, "-inf"))
+        if score <= best:
+            return False, f"{CHAMPION_METRIC} {score:.4f} does not beat champion v{current.version} ({best:.4f})"
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    previous = f" (was v{current.version})" if current is not None else ""
+    return True, f"{CHAMPION_METRIC} {score:.4f} at L0 {l0:.1f}{previous}"
+
+
+def start_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str, tags: dict) -> str:
+    """A child run of a search's parent run (one per trial); returns its id."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).create_run(experiment_id, run_name=name,
+                                        tags={"mlflow.parentRunId": parent_run_id, **tags}).info.run_id
+
+
+def close_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
+    """Tag a run and end it: FINISHED, KILLED or FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
+    client.set_terminated(run_id, status)
+
+
+def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri).search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                         max_results=10_000)

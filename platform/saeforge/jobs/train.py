@@ -1,0 +1,112 @@
+"""The driver of one training run: validate, stream activations into Ray Train, evaluate, track.
+
+Validation (`validate.plan_train`) runs before Ray starts or MLflow records anything. Then: an
+MLflow run, the activation dataset (producer actors over the contexts still to train), one
+TorchTrainer from the shared factory, the core evaluation (and any extra suites) of the final
+checkpoint's SAE on held-out text with the whole model, and the registry: the final SAE is logged
+once, as the registered pyfunc model, and becomes `champion` if it beats the current one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from saeforge.core import sae_files
+from saeforge.core.eval_suites.runner import build_context, run_local
+from saeforge.core.evaluation import evaluate_core
+from saeforge.core.model import compute_device, load_model
+from saeforge.core.sae_files import SAE_DIR
+from saeforge.jobs import tracking
+from saeforge.jobs.activation_stream import activation_dataset
+from saeforge.jobs.arguments import TrainArgs
+from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
+from saeforge.jobs.ray_cluster import connect_ray, share_resources
+from saeforge.jobs.trainer import fit, make_trainer
+from saeforge.jobs.validate import plan_train
+
+
+def run_name(plan: RunPlan) -> str:
+    args = plan.args
+    if args.resume:
+        return f"{Path(args.resume).parent.name}-resumed-{time.strftime('%H%M%S')}"
+    return args.run_name or f"{args.variant}-{plan.hook.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_on_ray(plan: RunPlan, contexts: Contexts, name: str):
+    """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
+    res = plan.resources
+    first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
+    dataset = activation_dataset(contexts.train, plan.stream, producers=plan.args.producers,
+                                 threads=res.producer_threads, gpus_per_producer=res.gpus_per_producer,
+                                 first_id=first_id)
+    return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+
+
+def log_params(plan: RunPlan) -> None:
+    import mlflow
+
+    mlflow.log_params({**{k: v for k, v in asdict(plan.args).items() if k != "overrides"},
+                       **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+                       "total_steps": plan.loop.total_steps, "contexts_per_step": plan.stream.contexts_per_step})
+
+
+def run_train(args: TrainArgs, progress=print) -> dict:
+    """The whole `saeforge train`: returns a summary dict (also printed by the CLI)."""
+    import mlflow
+
+    started = time.time()
+    plan, contexts = plan_train(args, progress)
+    args = plan.args
+    name = run_name(plan)
+    progress(f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
+             f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
+             f"({len(contexts.train)} contexts to train), {args.producers} producer(s), {args.workers} worker(s)")
+    uri = tracking.use_store()
+    experiment_id = tracking.ensure_experiment(tracking.experiment_name(plan.stream.model.short_name,
+                                                                        plan.hook.name), uri)
+    connect_ray(args.address)
+    resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
+    with mlflow.start_run(run_id=resumed_run, experiment_id=None if resumed_run else experiment_id,
+                          run_name=None if resumed_run else name) as run:
+        registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
+        plan = dataclasses.replace(
+            plan, resources=share_resources(args.producers, args.workers),
+            tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered))
+        if not resumed_run:
+            log_params(plan)
+        result = train_on_ray(plan, contexts, name)
+        checkpoint = Path(result.checkpoint.path)
+        train_seconds = time.time() - started
+        train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
+
+        sae_folder = checkpoint / SAE_DIR
+        variant, cfg = sae_files.load_sae(sae_folder)
+        progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
+        device, dtype = compute_device()
+        model = load_model(plan.stream.model, dtype=dtype, device=device)
+        results = evaluate_core(model, variant, plan.hook, contexts.eval, list(plan.stream.special_ids),
+                                progress=lambda done, total: progress(f"  eval {done}/{total} contexts"))
+        mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
+        mlflow.log_metrics({"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s})
+        mlflow.log_dict(results, "eval/core.json")
+        if plan.eval_suites:
+            ctx = build_context(variant, cfg, model, dataset=args.dataset)
+            for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {},
+                                            progress).items():
+                mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
+                mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
+        version = tracking.log_and_register(sae_folder, registered)
+        moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
+    return {
+        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri,
+        "registered_model": registered, "version": version, "champion": moved, "champion_reason": reason,
+        "checkpoint": str(checkpoint), "metrics": results, "seconds": time.time() - started,
+        "train_tokens_per_s": train_tokens_per_s,
+    }
+

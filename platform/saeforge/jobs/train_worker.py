@@ -1,0 +1,84 @@
+"""What runs inside each Ray Train worker: read the activation shard, train, report, checkpoint.
+
+Thin glue around `core.training.train_loop`: the worker gets the whole typed plan, builds the
+variant (or restores a checkpoint), gives a fresh SAE its data-dependent start on the first batch
+(the activation scale averaged over workers) before wrapping it for DDP, and turns the loop's
+log and checkpoint callbacks into MLflow curves and `ray.train.report` calls.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saeforge.core.training import LoopState, start_fresh, train_loop
+from saeforge.jobs import checkpoints, tracking
+from saeforge.jobs.activation_stream import step_batches
+from saeforge.jobs.plan import RunPlan
+
+
+def _all_reduce(value: float, average: bool) -> float:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / torch.distributed.get_world_size() if average else t.item()
+
+
+def progress_line(step: int, total_steps: int, values: dict[str, float], eta: float) -> str:
+    return (f"[saeforge] step {step}/{total_steps} ({100 * step // total_steps}%) "
+            f"tokens {values['tokens_seen']:,.0f} | {values['tokens_per_s']:,.0f} tok/s | "
+            f"loss {values['loss']:.4g} | L0 {values['l0']:.1f} | expl.var {values['explained_variance']:.3f} | "
+            f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s")
+
+
+def worker_loop(config: dict) -> None:
+    """The per-worker training function given to TorchTrainer (config: {"plan": RunPlan})."""
+    import ray.train
+    import ray.train.torch
+
+    plan: RunPlan = config["plan"]
+    torch.set_num_threads(plan.resources.worker_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = checkpoint.to_directory() if checkpoint else plan.resume_from
+    variant, state = checkpoints.load_checkpoint(resume_dir) if resume_dir else (plan.build_variant(), LoopState())
+    device = ray.train.torch.get_device()
+    variant.to(device)
+    batches = step_batches(ray.train.get_dataset_shard("train"), plan.stream, device=device)
+    if not resume_dir:
+        batches = start_fresh(variant, batches, average=lambda v: _all_reduce(v, average=True))
+    model = ray.train.torch.prepare_model(variant) if world > 1 else variant
+
+    curves = tracking.RunCurves(plan.tracking.uri, plan.tracking.run_id) if rank == 0 else None
+    settings, start_step = plan.loop, state.step
+    started = time.perf_counter()  # the first batch is already here
+    info = checkpoints.run_info(plan.args, plan.tracking.run_id, settings.total_steps)
+
+    def on_log(step: int, values: dict[str, float]) -> None:
+        if settings.report_every and step % settings.report_every == 0:  # a barrier: every rank reports
+            ray.train.report({"step": step, **{k: float(v) for k, v in values.items()}})
+        if rank != 0:
+            return
+        curves.log(step, values)
+        eta = (time.perf_counter() - started) / max(1, step - start_step) * (settings.total_steps - step)
+        # Progress goes to stderr (stdout is for the summary; --json); sys.__stderr__ because Ray
+        # Train patches print() and would otherwise emit each line twice.
+        print(progress_line(step, settings.total_steps, values, eta), file=sys.__stderr__, flush=True)
+
+    def on_checkpoint(snapshot: LoopState) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                checkpoints.save_checkpoint(Path(tmp), variant, snapshot, plan.sae_meta, info)
+            metrics = {"step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
+                       "train_seconds": time.perf_counter() - started}  # from the first batch on
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+    train_loop(model, batches, settings, state=state, on_log=on_log, on_checkpoint=on_checkpoint,
+               count_tokens=lambda n: int(_all_reduce(n, average=False)))

@@ -1,0 +1,135 @@
+"""One Tune trial: the Tune function that fits a TorchTrainer on the shared activations (Ray's
+Train V2 pattern), then evaluates the final SAE with the whole model and reports the objective.
+
+The trial derives its plan from the search's plan once, from the sampled values; its workers
+run the same `train_worker.worker_loop` as `saeforge train`, reporting every `report_every`
+steps so ASHA can stop a bad trial early. Each trial is an MLflow child run of the search.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from saeforge.core.batches import step_budget
+from saeforge.core.evaluation import evaluate_core
+from saeforge.core.model import compute_device, load_model
+from saeforge.core.sae_files import SAE_DIR, load_sae
+from saeforge.core.training import LoopSettings
+from saeforge.jobs import tracking
+from saeforge.jobs.plan import RunPlan
+from saeforge.jobs.search_space import EarlyStopping, TuneSpace
+from saeforge.jobs.trainer import fit, make_trainer
+from saeforge.jobs.validate import variant_config
+
+ES_SCORE = "early_stop_score"  # the intermediate metric ASHA reads
+
+
+@dataclass
+class TrialContext:
+    """What every trial of one variant's search shares (sent once through tune.with_parameters)."""
+
+    plan: RunPlan  # this variant's plan: its config holds the space's fixed values
+    space: TuneSpace
+    dataset: Any  # the materialised activations
+    available_contexts: int
+    eval_contexts: np.ndarray
+    tokens_per_trial: int
+    l0_max: float
+    parent_run_id: str
+    storage: str
+
+
+def trial_plan(ctx: TrialContext, sampled: dict, run_id: str) -> RunPlan:
+    """The trial's own plan: the sampled config, its step budget (the rule `saeforge train`
+    follows), Tune's report cadence, its MLflow child run."""
+    plan = ctx.plan
+    cfg = variant_config(plan.variant_name, plan.variant.d_in, plan.variant.d_sae, {**ctx.space.fixed, **sampled})
+    budget = step_budget(ctx.tokens_per_trial, cfg.batch_size, plan.stream.context_size, plan.stream.workers,
+                         available_contexts=ctx.available_contexts)
+    report_every = plan.loop.report_every
+    return dataclasses.replace(
+        plan, variant=cfg,
+        stream=dataclasses.replace(plan.stream, contexts_per_step=budget.contexts_per_step),
+        loop=LoopSettings(budget.total_steps, log_every=report_every, checkpoint_every=0, report_every=report_every),
+        tracking=dataclasses.replace(plan.tracking, run_id=run_id))
+
+
+def early_stop_callback(stopping: EarlyStopping, l0_max: float):
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EarlyStopScore(TuneReportCallback):
+        """Forwards Ray Train reports to Tune, adding the score ASHA compares: the early-stopping
+        metric, worsened by how far the training L0 is above the search's L0 bound."""
+
+        def after_report(self, run_context, metrics, checkpoint):
+            first = dict(metrics[0])
+            if stopping.metric in first:
+                over = max(0.0, first.get("l0", 0.0) / l0_max - 1) if l0_max else 0.0
+                value = first[stopping.metric]
+                first[ES_SCORE] = value - over if stopping.mode == "max" else value + over
+            super().after_report(run_context, [first, *metrics[1:]], checkpoint)
+
+    return EarlyStopScore()
+
+
+def _eval_model(spec):
+    """The full model for evaluation, loaded once per trial process."""
+    cache = _eval_model.__dict__.setdefault("cache", {})
+    if spec not in cache:
+        cache.clear()
+        device, dtype = compute_device()
+        cache[spec] = load_model(spec, dtype=dtype, device=device)
+    return cache[spec]
+
+
+def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
+    """The Tune function: one TorchTrainer run on the shared activations, then evaluation."""
+    import torch
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    space, uri = ctx.space, ctx.plan.tracking.uri
+    trial_id = tune.get_context().get_trial_id()
+    run_id = tracking.start_child_run(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id,
+                                      f"{space.variant}-{trial_id}",
+                                      {tracking.TRIAL_TAG: trial_id, tracking.VARIANT_TAG: space.variant})
+    # No terminal status is written on failure here: a trial that ASHA stops also raises, and its
+    # actor can still run after tuner.fit() returns. The driver closes every unfinished child run
+    # from Tune's own view of the trial (search.trial_rows).
+    plan = trial_plan(ctx, config, run_id)
+    total_steps = plan.loop.total_steps
+    client = MlflowClient(uri)
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in
+                                     {**{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+                                      "variant": space.variant, "total_steps": total_steps}.items()])
+    started = time.time()
+    dataset = ctx.dataset.limit(total_steps * plan.stream.contexts_per_step)
+    result = fit(make_trainer(plan, dataset, name=trial_id, storage=ctx.storage, num_to_keep=1,
+                              callbacks=(early_stop_callback(space.early_stopping, ctx.l0_max),)))
+    train_seconds = time.time() - started
+    checkpoint = Path(result.checkpoint.path)
+    torch.set_num_threads(plan.resources.worker_threads)
+    sae, _ = load_sae(checkpoint / SAE_DIR)
+    metrics = evaluate_core(_eval_model(plan.stream.model), sae, plan.hook, ctx.eval_contexts,
+                            list(plan.stream.special_ids))
+    eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
+    final = tracking.finite(metrics)
+    objective = space.score(metrics) if not space.multi_objective else math.nan
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
+                     + [Metric("train_seconds", train_seconds, now, total_steps),
+                        Metric("eval_seconds", eval_seconds, now, total_steps)]
+                     + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []))
+    tracking.close_run(uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint),
+                                                 tracking.STATUS_TAG: "completed"})
+    tune.report({**final, "objective": objective, "feasible": int(space.feasible(metrics)),
+                 "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                 "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id, "step": total_steps, "trial_done": 1})

@@ -1,0 +1,103 @@
+"""Validation: arguments in, one typed plan out (or a one-line UserError).
+
+Order matters for the user: everything that can be wrong with the input (numbers, variant,
+config fields, model, hooks, suites, dataset, resume target) is checked before Ray starts or
+MLflow records anything, so a mistake costs seconds and leaves nothing behind. Train, tune,
+bench and study all validate here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import variants
+from saeforge.core import corpus, eval_suites
+from saeforge.core.batches import step_budget
+from saeforge.core.hooks import HookPoint
+from saeforge.core.model import load_config, load_tokenizer, resolve_model
+from saeforge.core.sae_files import SaeMeta
+from saeforge.core.training import LoopSettings
+from saeforge.errors import UserError
+from saeforge.jobs import checkpoints
+from saeforge.jobs.arguments import TrainArgs, check_ranges, pairs_dict
+from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
+
+
+def variant_class(name: str) -> type[variants.Variant]:
+    if name not in variants.names():
+        raise UserError(str(variants.UnknownVariant(name)))
+    return variants.get(name)
+
+
+def variant_config(name: str, d_in: int, d_sae: int, overrides: dict) -> variants.VariantConfig:
+    """The variant's config from `--set` values, built once; sizes a variant cannot take (e.g.
+    groups) fail here, not in a worker."""
+    cls = variant_class(name)
+    try:
+        cfg = cls.Config.build(d_in=d_in, d_sae=d_sae, overrides=overrides)
+        cls(cfg)
+    except (variants.ConfigError, ValueError) as err:
+        raise UserError(str(err)) from None
+    return cfg
+
+
+def hook_points(args) -> tuple[HookPoint, ...]:
+    """--layer and --site as hook points (one per layer)."""
+    layers = [part.strip() for part in str(args.layer).split(",") if part.strip()]
+    if not layers or not all(part.isdigit() for part in layers):
+        raise UserError(f"--layer: expected a layer number, got '{args.layer}'")
+    return tuple(HookPoint(int(layer), args.site) for layer in dict.fromkeys(layers))
+
+
+def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
+    """Check every input and pack the token contexts; raises UserError on bad input."""
+    info: dict = {}
+    if args.resume:
+        checkpoint = checkpoints.find_checkpoint(args.resume)
+        info = checkpoints.read_info(checkpoint)
+        args = checkpoints.resumed_args(checkpoint, info)
+    check_ranges(args)
+    cls = variant_class(args.variant)
+    hooks = hook_points(args)
+    if len(hooks) != 1:
+        raise UserError("--layer: one layer per training run")
+    spec = resolve_model(args.model)  # prepares (de-quantises) the packaged Gemma the first time
+    config = load_config(spec)
+    for hook in hooks:
+        hook.check(config.num_hidden_layers, args.model)
+    d_in = config.hidden_size
+    cfg = variant_config(args.variant, d_in, args.d_sae or 8 * d_in, pairs_dict(args.overrides))
+    suites = tuple(eval_suites.parse_suites(args.eval_suites)) if args.eval_suites else ()
+
+    tokenizer = load_tokenizer(spec)
+    special = tuple(corpus.special_ids(tokenizer))
+    budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers)
+    train = corpus.pack_contexts(corpus.split_texts(args.dataset, "train", args.text_column), tokenizer,
+                                 args.context_size, budget.contexts)
+    if len(train) < budget.contexts_per_step or not corpus.valid_mask(train, list(special)).any():
+        raise UserError(f"dataset '{args.dataset}' yields too few tokens to train on (one step needs "
+                        f"{budget.contexts_per_step} contexts of {args.context_size} tokens)")
+    budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers, available_contexts=len(train))
+    if budget.short:
+        warn(f"dataset '{args.dataset}' holds {len(train)} contexts: training {budget.total_steps} steps instead of "
+             f"the {budget.wanted_steps} that --tokens {args.tokens} asks for", progress)
+    evals = corpus.pack_contexts(corpus.split_texts(args.dataset, "eval", args.text_column), tokenizer,
+                                 args.context_size, args.eval_contexts)
+    if len(evals) == 0:
+        raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
+    total_steps = info.get("total_steps") or budget.total_steps
+    hook = hooks[0]
+    plan = RunPlan(
+        args=args, variant_name=args.variant, variant=cfg,
+        stream=StreamSpec(spec, hooks, special, args.context_size, budget.contexts_per_step, args.workers),
+        loop=LoopSettings(total_steps, args.log_every, args.checkpoint_every),
+        sae_meta=SaeMeta(args.model, hook.name, hook.layer, args.context_size, args.dataset),
+        eval_suites=suites, max_l0=args.max_l0 or d_in / 2, resume_from=args.resume,
+        tracking=TrackingTarget(run_id=info.get("run_id", "")))
+    done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained
+    return plan, Contexts(train[done:total_steps * budget.contexts_per_step], evals)
+
+
+def warn(message: str, progress=None) -> None:
+    (progress or (lambda m: print(m, file=sys.stderr)))(f"saeforge: warning: {message}")
+

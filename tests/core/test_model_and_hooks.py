@@ -1,0 +1,66 @@
+"""Model slicing and hook points: a producer's slice computes exactly the full model's activations."""
+
+import pytest
+import torch
+
+from saeforge.errors import UserError
+from saeforge.core.hooks import HookPoint, capture, layers_needed, replace
+from saeforge.core.model import ByteTokenizer, build_tiny_model, load_config, load_model, resolve_model, run_slice
+
+
+def full_and_sliced(spec, hook, ids):
+    full = load_model(spec)
+    sliced = load_model(spec, n_layers=layers_needed([hook]))
+    with torch.no_grad(), capture(full, [hook]) as want:
+        full(input_ids=ids)
+    with torch.no_grad(), capture(sliced, [hook]) as got:
+        run_slice(sliced, ids)
+    return full, sliced, want[hook.name], got[hook.name]
+
+
+@pytest.mark.parametrize("kind", ["tiny", "tiny-gemma2"])
+@pytest.mark.parametrize("site", ["resid_post", "attn_out", "mlp_out"])
+def test_slice_equals_full_model_on_tiny_models(kind, site):
+    spec = resolve_model(kind)
+    hook = HookPoint(3, site)
+    ids = torch.randint(3, ByteTokenizer.vocab_size, (2, 24))
+    full, sliced, want, got = full_and_sliced(spec, hook, ids)
+    assert len(sliced.model.layers) == 4 < len(full.model.layers)
+    torch.testing.assert_close(got, want)
+
+
+def test_local_model_folder_loads_only_needed_layers(tmp_path):
+    build_tiny_model("tiny").save_pretrained(tmp_path / "m")
+    spec = resolve_model(str(tmp_path / "m"))
+    hook = HookPoint(2)
+    ids = torch.randint(3, ByteTokenizer.vocab_size, (2, 16))
+    _, sliced, want, got = full_and_sliced(spec, hook, ids)
+    assert len(sliced.model.layers) == 3 and sliced.config.num_hidden_layers == 3
+    torch.testing.assert_close(got, want)
+
+
+def test_bad_model_path_and_layer_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="cannot read a model"):
+        resolve_model(str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="has 8 layers"):
+        HookPoint(8).check(load_config(resolve_model("tiny")).num_hidden_layers, "tiny")
+
+
+def test_hook_parsing_and_names():
+    assert HookPoint.parse("6") == HookPoint(6, "resid_post")
+    assert HookPoint.parse("mlp_out:3") == HookPoint(3, "mlp_out")
+    assert HookPoint.parse("blocks.6.hook_resid_post").name == "blocks.6.hook_resid_post"
+    with pytest.raises(UserError, match="unknown hook site"):
+        HookPoint.parse("nope:3")
+
+
+def test_several_hooks_in_one_pass_and_replacement():
+    model = build_tiny_model()
+    hooks = [HookPoint(1), HookPoint(2, "mlp_out")]
+    ids = torch.randint(3, ByteTokenizer.vocab_size, (1, 8))
+    with torch.no_grad(), capture(model, hooks) as got:
+        clean = model(input_ids=ids).logits
+    assert set(got) == {h.name for h in hooks}
+    with torch.no_grad(), replace(model, HookPoint(1), torch.zeros_like):
+        ablated = model(input_ids=ids).logits
+    assert not torch.allclose(clean, ablated)

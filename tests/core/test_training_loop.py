@@ -1,0 +1,120 @@
+"""The Ray-free training loop on planted sparse features (batches of whole contexts, as the stream
+makes them), and the SAE file layout."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import variants
+from saeforge.core import sae_files
+from saeforge.core.sae_files import SaeMeta
+from saeforge.core.training import (LoopSettings, LoopState, effective_warmup, estimate_act_scale, lr_factor,
+                                    start_fresh, train_loop)
+
+META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki")
+
+
+def planted_batches(n_batches, contexts=8, length=33, d=16, n_features=48, scale=50.0, seed=0):
+    """Batches as the stream makes them: whole contexts (contexts, length, d) and a mask whose
+    first position (BOS) is false; 8 x 32 = 256 real tokens each."""
+    gen = torch.Generator().manual_seed(seed)
+    dictionary = torch.randn(n_features, d, generator=gen)
+    dictionary /= dictionary.norm(dim=-1, keepdim=True)
+    mask = torch.ones(contexts, length, dtype=torch.bool)
+    mask[:, 0] = False
+    for _ in range(n_batches):
+        shape = (contexts, length, n_features)
+        codes = torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.06)
+        acts = scale * codes @ dictionary
+        acts[:, 0] = 1000.0  # BOS activations are huge (NOTES-APIS.md); they must never reach the SAE
+        yield acts, mask
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_loop_lowers_the_loss_on_planted_features(name):
+    overrides = {"lr": "3e-3", "warmup_steps": "10"} | ({"k": "4"} if name == "topk" else {})
+    variant = variants.build(name, d_in=16, d_sae=64, overrides=overrides)
+    logs = []
+    state = train_loop(variant, start_fresh(variant, planted_batches(300)), LoopSettings(300, log_every=30),
+                       on_log=lambda s, m: logs.append(m))
+    assert state.step == 300 and state.tokens_seen == 300 * 256
+    assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
+    assert logs[-1]["explained_variance"] > 0.7
+    assert {"l0", "dead_fraction", "tokens_per_s", "loss/mse"} <= set(logs[-1])
+
+
+def test_act_scale_makes_mean_norm_sqrt_d_over_real_tokens():
+    x = torch.randn(10, 100, 64) * 37.0
+    mask = torch.ones(10, 100, dtype=torch.bool)
+    mask[:, 0] = False
+    x[:, 0] = 1e5  # BOS: excluded from the estimate
+    scaled = x[mask] * estimate_act_scale(x, mask)
+    assert scaled.norm(dim=-1).mean().item() == pytest.approx(8.0, rel=1e-4)
+
+
+def test_start_fresh_sets_the_scale_from_the_first_batch_and_keeps_it():
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    batches = list(planted_batches(3))
+    again = list(start_fresh(variant, iter(batches)))
+    assert len(again) == 3 and again[0][0] is batches[0][0]  # the first batch is still trained on
+    acts, mask = batches[0]
+    assert variant.act_scale.item() == pytest.approx(estimate_act_scale(acts, mask))
+
+
+def test_checkpoints_follow_the_cadence_and_resume_the_optimizer():
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    snaps = []
+    settings = LoopSettings(12, checkpoint_every=5)
+    train_loop(variant, start_fresh(variant, planted_batches(12)), settings, on_checkpoint=snaps.append)
+    assert [s.step for s in snaps] == [5, 10, 12]
+    resumed = LoopState(snaps[1].step, snaps[1].tokens_seen, snaps[1].optimizer, snaps[1].scheduler)
+    final = train_loop(variant, planted_batches(12), settings, state=resumed)
+    assert final.step == 12 and final.tokens_seen == 12 * 256
+
+
+def test_nan_loss_stops_the_loop():
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    bad = [(torch.full((2, 8, 16), float("nan")), torch.ones(2, 8, dtype=torch.bool))]
+    with pytest.raises(FloatingPointError):
+        train_loop(variant, bad, LoopSettings(1))
+
+
+def test_lr_schedule_warmup_and_cosine():
+    assert lr_factor(0, 10, 100, "constant") == pytest.approx(0.1)
+    assert lr_factor(50, 10, 100, "constant") == 1.0
+    assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-9)
+    assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert effective_warmup(variants.build("relu", d_in=4, d_sae=8), 200) == 20
+
+
+@pytest.mark.parametrize("name", ["relu", "topk"])
+def test_sae_folder_round_trip_in_saelens_layout(tmp_path, name):
+    variant = variants.build(name, d_in=16, d_sae=64, overrides={"seed": "3"})
+    variant.act_scale.fill_(0.25)
+    with torch.no_grad():
+        variant.b_enc.add_(0.1)
+    folder = sae_files.save_sae(variant, tmp_path / "sae", META)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert {"architecture", "d_in", "d_sae", "hook_name", "model_name", "normalize_activations"} <= set(cfg)
+    assert cfg["saeforge"]["act_scale"] == 0.25 and cfg["saeforge"]["variant"] == name
+    loaded, _ = sae_files.load_sae(folder)
+    x = torch.randn(10, 16) * 4
+    torch.testing.assert_close(loaded.encode_raw(x), variant.eval().encode_raw(x))
+    torch.testing.assert_close(loaded.reconstruct_raw(x), variant.reconstruct_raw(x))
+    assert not list(tmp_path.glob(".sae-*"))  # no staging folder left behind
+
+
+def test_jumprelu_style_variants_save_saelens_threshold(tmp_path):
+    from safetensors.torch import load_file
+
+    for name in variants.names():
+        variant = variants.build(name, d_in=16, d_sae=128)
+        if variant.architecture != "jumprelu":
+            continue
+        folder = sae_files.save_sae(variant, tmp_path / name, META)
+        tensors = load_file(str(folder / "sae_weights.safetensors"))
+        assert {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} <= set(tensors)
+        assert tensors["threshold"].shape == (128,)
+        sae_files.load_sae(folder)  # extras do not disturb our own loader

@@ -1,0 +1,104 @@
+"""End to end on the tiny Gemma: real Ray Data producers, real Ray Train workers, a real MLflow
+store and registry; then resume, champion rules and user errors."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_args
+
+
+def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_store):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    m = tiny_run["metrics"]
+    for key in ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction",
+                "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_recovered", "kl_div_sae", "mean_abs_corr"):
+        assert math.isfinite(m[key]), key
+    client = MlflowClient()
+    run = client.get_run(tiny_run["run_id"])
+    assert run.data.params["variant"] == "relu" and run.data.params["sae.batch_size"] == "512"
+    curve = client.get_metric_history(tiny_run["run_id"], "loss/mse")
+    assert len(curve) >= 3 and [p.step for p in curve] == sorted(p.step for p in curve)
+    assert "eval/ce_loss_recovered" in run.data.metrics
+    assert any(k.startswith("eval/disentanglement/") for k in run.data.metrics)  # --eval disentanglement
+    assert tiny_run["champion"], tiny_run["champion_reason"]
+    name = tiny_run["registered_model"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
+    # the SAE is logged once, as the registered model's artifact, in the SAELens layout
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
+    assert {p.name for p in (local / "artifacts" / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    assert client.list_artifacts(tiny_run["run_id"], "sae") == []  # not a second copy beside it
+    # the registered pyfunc maps raw activations to the SAE's latents
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    from saeforge.core.sae_files import load_sae
+
+    sae, _ = load_sae(Path(tiny_run["checkpoint"]) / "sae")
+    x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32) * 10
+    np.testing.assert_allclose(pyfunc.predict(x), sae.encode_raw(torch.from_numpy(x)).detach().numpy(), rtol=1e-5)
+    artifacts = Path(mlflow_store[len("sqlite:///"):]).parent / "mlartifacts"
+    assert artifacts.is_dir()  # artifacts beside the store, not in Ray's session folder
+
+
+def test_champion_moves_only_for_a_better_score_at_a_sane_l0(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    from saeforge.jobs import tracking
+
+    name, sae_dir = tiny_run["registered_model"], Path(tiny_run["checkpoint"]) / "sae"
+    best = tiny_run["metrics"]["ce_loss_recovered"]
+    import mlflow
+
+    with mlflow.start_run(experiment_id=tiny_run["experiment_id"]):
+        worse = tracking.log_and_register(sae_dir, name)
+        better_but_dense = tracking.log_and_register(sae_dir, name)
+    client = MlflowClient()
+    moved, _ = tracking.promote_if_better(name, worse, {"ce_loss_recovered": best - 0.5, "l0": 10}, max_l0=32)
+    assert not moved
+    moved, reason = tracking.promote_if_better(name, better_but_dense, {"ce_loss_recovered": best + 1, "l0": 50},
+                                               max_l0=32)
+    assert not moved and "sane range" in reason
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
+    moved, _ = tracking.promote_if_better(name, worse, {"ce_loss_recovered": best + 1, "l0": 10}, max_l0=32)
+    assert moved and str(client.get_model_version_by_alias(name, "champion").version) == str(worse)
+
+
+def test_resume_continues_from_a_checkpoint(tiny_run, session_dir):
+    from saeforge.jobs.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train import run_train
+
+    run_dir = Path(tiny_run["checkpoint"]).parent
+    checkpoints = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
+                         key=lambda p: json.loads((p / RUN_INFO_FILE).read_text())["step"])
+    assert len(checkpoints) == 2  # num_to_keep
+    earlier = checkpoints[0]
+    info = json.loads((earlier / RUN_INFO_FILE).read_text())
+    assert 0 < info["step"] < info["total_steps"]
+    summary = run_train(tiny_args(session_dir, resume=str(earlier)), progress=lambda *_: None)
+    final = json.loads((Path(summary["checkpoint"]) / RUN_INFO_FILE).read_text())
+    assert final["step"] == info["total_steps"]
+    assert summary["run_id"] == tiny_run["run_id"]  # the same MLflow run goes on
+
+
+def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
+    """Data parallelism: two producer actors feed two DDP workers (gloo), which stay in sync."""
+    from saeforge.core.corpus import valid_mask
+    from saeforge.core.sae_files import SAE_DIR, load_sae
+    from saeforge.jobs.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    plan, contexts = plan_train(tiny_args(session_dir, producers=2, workers=2, tokens=8000, checkpoint_every=1000))
+    result = train_on_ray(plan, contexts, "ddp")
+    checkpoint = Path(result.checkpoint.path)
+    info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+    assert info["step"] == plan.loop.total_steps
+    # global count: each rank read half of every step's contexts, and every context was read once
+    assert info["tokens_seen"] == valid_mask(contexts.train, list(plan.stream.special_ids)).sum()
+    sae, _ = load_sae(checkpoint / SAE_DIR)
+    assert torch.isfinite(sae.W_dec).all()
