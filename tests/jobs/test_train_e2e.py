@@ -45,7 +45,7 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     assert artifacts.is_dir()  # artifacts beside the store, not in Ray's session folder
 
 
-def test_champion_moves_only_for_a_better_score_at_a_sane_l0(tiny_run):
+def test_champion_moves_only_for_a_good_sae_that_beats_it(tiny_run):
     from mlflow.tracking import MlflowClient
 
     from saeforge.jobs import tracking
@@ -58,13 +58,19 @@ def test_champion_moves_only_for_a_better_score_at_a_sane_l0(tiny_run):
         worse = tracking.log_and_register(sae_dir, name)
         better_but_dense = tracking.log_and_register(sae_dir, name)
     client = MlflowClient()
-    moved, _ = tracking.promote_if_better(name, worse, {"ce_loss_recovered": best - 0.5, "l0": 10}, max_l0=32)
-    assert not moved
-    moved, reason = tracking.promote_if_better(name, better_but_dense, {"ce_loss_recovered": best + 1, "l0": 50},
-                                               max_l0=32)
-    assert not moved and "sane range" in reason
+    good = {"explained_variance": 0.9, "l0": 10}
+    moved, reason = tracking.promote_if_better(name, worse, {**good, "ce_loss_recovered": best - 0.01}, max_l0=32)
+    assert not moved and "does not beat champion" in reason
+    moved, reason = tracking.promote_if_better(name, better_but_dense, {**good, "ce_loss_recovered": best + 1,
+                                                                       "l0": 50}, max_l0=32)
+    assert not moved and reason == "L0 50.0 is outside the sane range [1, 32]"
+    # sparse but worse than deleting the activation (the l1 30 run): never a champion
+    moved, reason = tracking.promote_if_better(name, worse, {"ce_loss_recovered": -0.035, "explained_variance": -2.6,
+                                                             "l0": 20}, max_l0=32)
+    assert not moved and "ce_loss_recovered -0.0350 is not above 0" in reason
+    assert "explained variance -2.6000 is not above 0" in reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
-    moved, _ = tracking.promote_if_better(name, worse, {"ce_loss_recovered": best + 1, "l0": 10}, max_l0=32)
+    moved, _ = tracking.promote_if_better(name, worse, {**good, "ce_loss_recovered": best + 1}, max_l0=32)
     assert moved and str(client.get_model_version_by_alias(name, "champion").version) == str(worse)
 
 

@@ -139,7 +139,7 @@ def test_one_pass_serves_variants_of_both_batch_layouts(search):
     args, plan, contexts = search_plan(tmp, activations="")
     acts = shared_activations(plan, contexts, "", progress=lambda *_: None)
     assert acts.contexts_forwarded == acts.dataset.count() == len(contexts.train)
-    batch = next(acts.dataset.iter_torch_batches(batch_size=4))
+    batch = next(iter(acts.dataset.iter_torch_batches(batch_size=4)))
     x, mask = batch[plan.hook.name], batch[MASK_COLUMN].bool()
     for layout in ("tokens", "contexts"):
         name = next(n for n in variants.names() if variants.get(n).batch_layout == layout)

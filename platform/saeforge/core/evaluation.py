@@ -1,10 +1,19 @@
-"""Core evaluation on held-out contexts, with the model in the loop.
+"""Core evaluation on held-out contexts, with the model in the loop, on SAELens's footing.
 
-Reconstruction and sparsity on the hooked activations, then three forward passes of the whole
-model per batch: clean, with the SAE's reconstruction spliced in at the hook, and with the hook
-zero-ablated. CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 means the SAE
-loses nothing the model needs, 0 means it is as bad as deleting the activation. BOS and padding
-positions keep their original activations and are not scored.
+The conventions are SAELens's `run_evals` (sae_lens/evals.py, checked against it in
+docs/saelens-interop-notes.md), so our numbers and SAEBench's can be compared:
+- Special tokens (BOS, padding) are excluded: the SAE is not spliced in at them (they keep their
+  activation) and no metric counts them.
+- Zero ablation zeroes the hook at *every* position, BOS included.
+- CE loss: the next-token loss of the predictions made at real tokens (the prediction made at BOS
+  is dropped, the prediction of a following BOS is kept), a token-weighted mean over all contexts.
+  CE loss recovered = (CE_zero - CE_sae) / (CE_zero - CE_clean): 1 means the SAE loses nothing
+  the model needs, 0 means it is as bad as deleting the activation.
+- KL: KL(clean || patched) of the next-token distribution at every real position, pooled mean.
+- Explained variance: 1 - sum ||x - x_hat||^2 / sum ||x - mean x||^2 over every real token, one
+  global mean. MSE is summed over d_in and averaged over tokens, in raw activation units.
+Each headline figure comes with its bootstrap standard error over contexts (`*_stderr`), so a
+reader can tell whether the held-out text was enough.
 """
 
 from __future__ import annotations
@@ -22,15 +31,33 @@ from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import HookPoint, capture, replace
 from variants.common import mean_abs_correlation
 
-DENSE_RATE = metrics.DENSE_FIRING_RATE
 MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
+BOOTSTRAP_SAMPLES = 200
+PER_CONTEXT = ("tokens", "resid_sq", "x_sq", "ce_targets", "ce_clean", "ce_sae", "ce_zero", "kl_sae")
 
 
-def _next_token_losses(logits: torch.Tensor, ids: torch.Tensor, target_mask: torch.Tensor):
-    """Per-position CE of the next token and the log-probs, at positions whose target is real."""
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)[target_mask]
-    ce = -logp.gather(-1, ids[:, 1:][target_mask].unsqueeze(-1)).squeeze(-1)
-    return ce, logp
+def bootstrap_stderr(per_context: dict[str, np.ndarray], fn, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> float:
+    """Standard deviation of `fn` (a function of pooled per-context sums) over resampled contexts."""
+    n = len(next(iter(per_context.values())))
+    if n < 2:
+        return math.nan
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(samples):
+        pick = rng.integers(0, n, n)
+        values.append(fn({k: v[pick].sum(0) for k, v in per_context.items()}))
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.std(values)) if len(values) > 1 else math.nan
+
+
+def _explained_variance(s: dict) -> float:
+    total = s["x_sq"] - (s["x_sum"] ** 2).sum() / max(s["tokens"], 1)
+    return 1 - s["resid_sq"] / max(total, 1e-12)
+
+
+def _ce_recovered(s: dict) -> float:
+    clean, sae, zero = (s[k] / max(s["ce_targets"], 1) for k in ("ce_clean", "ce_sae", "ce_zero"))
+    return (zero - sae) / (zero - clean) if zero != clean else math.nan
 
 
 @torch.no_grad()
@@ -40,83 +67,101 @@ def evaluate_core(model, variant: variants.Variant, hook: HookPoint, contexts: n
     variant.eval()
     device = next(model.parameters()).device
     scale = variant.act_scale.item()
-    sums = {k: 0.0 for k in ("mse", "l1", "cos", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero", "l0")}
-    resid_sq, total_sq, n_tokens, n_targets = 0.0, 0.0, 0, 0
+    per = {k: [] for k in (*PER_CONTEXT, "x_sum")}
+    sums = {k: 0.0 for k in ("l1", "l0", "cos", "kl_zero")}
     fire_counts = torch.zeros(variant.cfg.d_sae)
-    x_sum = x_sq = None
     corr_rows: list[torch.Tensor] = []
     diag_sums: dict[str, float] = {}
     n_batches = 0
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start:start + batch_contexts].astype(np.int64)).to(device)
-        mask = valid_mask(ids, special_ids)
-        target_mask = mask[:, 1:]
+        real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
+        scored = real[:, :-1]  # predictions made at real tokens (entry i predicts token i + 1)
         with capture(model, [hook]) as captured:
             clean_logits = model(input_ids=ids, use_cache=False).logits
         acts = captured[hook.name].float()
-        x, m = sae_input(variant, acts.cpu(), mask.cpu())
+        x, m = sae_input(variant, acts.cpu(), real.cpu())
         f = variant.encode(x)
         x_hat = variant.decode(f)
-        xr, xh, fr = real_rows(x, m), real_rows(x_hat, m), real_rows(f, m)
-        sums["mse"] += (xr - xh).pow(2).sum().item()
+        xr, xh, fr = real_rows(x, m) / scale, real_rows(x_hat, m) / scale, real_rows(f, m)  # raw units
+        counts = real.sum(1).cpu()
+        owner = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the context of each real row
+        per["tokens"].append(counts.double())
+        per["resid_sq"].append(_by_context((xr - xh).pow(2).sum(-1), owner, len(counts)))
+        per["x_sq"].append(_by_context(xr.pow(2).sum(-1), owner, len(counts)))
+        per["x_sum"].append(torch.zeros(len(counts), xr.shape[-1], dtype=torch.float64).index_add_(
+            0, owner, xr.double()))
         sums["l1"] += fr.abs().sum().item()
         sums["l0"] += (fr > 0).sum().item()
         sums["cos"] += F.cosine_similarity(xr, xh, dim=-1).sum().item()
         fire_counts += (fr > 0).sum(0).float()
-        x_sum = xr.sum(0) if x_sum is None else x_sum + xr.sum(0)
-        x_sq = xr.pow(2).sum(0) if x_sq is None else x_sq + xr.pow(2).sum(0)
-        resid_sq += (xr - xh).pow(2).sum().item()
-        n_tokens += len(xr)
         if sum(len(r) for r in corr_rows) < MAX_CORR_ROWS:
             corr_rows.append(fr)
         for k, v in variant.diagnostics(x, m).items():
             diag_sums[k] = diag_sums.get(k, 0.0) + v
         n_batches += 1
 
-        recon = (xh / scale).to(device=device, dtype=acts.dtype)  # real-token rows, raw units
-        real = mask.unsqueeze(-1)
+        recon = xh.to(device=device, dtype=acts.dtype)  # real-token rows, raw units
 
-        def spliced(out):
+        def spliced(out, recon=recon, real=real):
             out = out.clone()
-            out[mask] = recon.to(out.dtype)
+            out[real] = recon.to(out.dtype)
             return out
 
-        ablated = lambda out: torch.where(real, torch.zeros_like(out), out)  # noqa: E731
-        ce_clean, logp_clean = _next_token_losses(clean_logits, ids, target_mask)
+        logp_clean = F.log_softmax(clean_logits[real].float(), dim=-1)  # (N real positions, vocab)
+        per["ce_clean"].append(_next_token_loss(clean_logits, ids, scored))
+        per["ce_targets"].append(scored.sum(1).double().cpu())
         del clean_logits
-        p_clean = logp_clean.exp()
-        for tag, fn in (("sae", spliced), ("zero", ablated)):
+        for tag, fn in (("sae", spliced), ("zero", torch.zeros_like)):
             with replace(model, hook, fn):
                 logits = model(input_ids=ids, use_cache=False).logits
-            ce, logp = _next_token_losses(logits, ids, target_mask)
+            per[f"ce_{tag}"].append(_next_token_loss(logits, ids, scored))
+            kl = (logp_clean.exp() * (logp_clean - F.log_softmax(logits[real].float(), dim=-1))).sum(-1)
             del logits
-            sums[f"ce_{tag}"] += ce.sum().item()
-            sums[f"kl_{tag}"] += (p_clean * (logp_clean - logp)).sum().item()
-        sums["ce_clean"] += ce_clean.sum().item()
-        n_targets += len(ce_clean)
+            if tag == "sae":
+                per["kl_sae"].append(_by_context(kl.cpu(), owner, len(counts)))
+            else:
+                sums["kl_zero"] += kl.sum().item()
         if progress:
             progress(min(start + batch_contexts, len(contexts)), len(contexts))
 
-    total_sq = (x_sq - x_sum.pow(2) / n_tokens).sum().item()
-    ce_clean, ce_sae, ce_zero = (sums[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
-    firing_rate = fire_counts / n_tokens
+    per_context = {k: torch.cat(v).double().numpy() for k, v in per.items()}
+    pooled = {k: v.sum(0) for k, v in per_context.items()}
+    n_tokens, n_targets = pooled["tokens"], pooled["ce_targets"]
+    ce_clean, ce_sae, ce_zero = (pooled[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
     result = {
-        "mse": sums["mse"] / n_tokens,
-        "explained_variance": 1 - resid_sq / max(total_sq, 1e-12),
+        "mse": pooled["resid_sq"] / n_tokens,
+        "explained_variance": _explained_variance(pooled),
+        "explained_variance_stderr": bootstrap_stderr(per_context, _explained_variance),
         "cossim": sums["cos"] / n_tokens,
         "l0": sums["l0"] / n_tokens,
         "l1": sums["l1"] / n_tokens,
-        "dead_fraction": (fire_counts == 0).float().mean().item(),
-        "dense_fraction": (firing_rate > DENSE_RATE).float().mean().item(),
+        "dead_fraction": (fire_counts == 0).float().mean().item(),  # never fired on this evaluation text
+        "dense_fraction": (fire_counts / n_tokens > metrics.DENSE_FIRING_RATE).float().mean().item(),
         "ce_loss_clean": ce_clean,
         "ce_loss_sae": ce_sae,
         "ce_loss_zero": ce_zero,
-        "ce_loss_recovered": (ce_zero - ce_sae) / (ce_zero - ce_clean) if ce_zero != ce_clean else math.nan,
-        "kl_div_sae": sums["kl_sae"] / n_targets,
-        "kl_div_zero": sums["kl_zero"] / n_targets,
+        "ce_loss_recovered": _ce_recovered(pooled),
+        "ce_loss_recovered_stderr": bootstrap_stderr(per_context, _ce_recovered),
+        "kl_div_sae": pooled["kl_sae"] / n_tokens,
+        "kl_div_zero": sums["kl_zero"] / n_tokens,
         "eval_tokens": float(n_tokens),
+        "eval_contexts": float(len(contexts)),
     }
     result["mean_abs_corr"] = mean_abs_correlation(torch.cat(corr_rows)[:MAX_CORR_ROWS])
     result.update(metrics.decoder_cosine_stats(variant.decoder_directions().detach()))
     result.update({f"diag/{k}": v / n_batches for k, v in diag_sums.items()})
     return result
+
+
+def _by_context(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-row values summed per context."""
+    return torch.zeros(n, dtype=torch.float64).index_add_(0, owner, values.double().cpu())
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """Per context, the summed next-token CE of the predictions made at `scored` positions."""
+    pred = logits[:, :-1][scored].float()
+    ce = F.cross_entropy(pred, ids[:, 1:][scored], reduction="none")
+    owner = torch.repeat_interleave(torch.arange(len(scored), device=ce.device), scored.sum(1))
+    return torch.zeros(len(scored), dtype=torch.float64, device=ce.device).index_add_(0, owner, ce.double()).cpu()

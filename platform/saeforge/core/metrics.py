@@ -11,6 +11,7 @@ from saeforge.core.batches import real_rows
 from variants.common import mean_abs_correlation
 
 DENSE_FIRING_RATE = 0.1  # a latent firing on more than 10% of tokens counts as dense
+DEAD_WINDOW_TOKENS = 50_000  # a latent silent over the last 50k training tokens counts as dead
 
 
 @torch.no_grad()
@@ -24,8 +25,8 @@ def batch_metrics(x: Tensor, recon: Tensor, latents: Tensor, mask: Tensor | None
     }
 
 
-def dead_fraction(tokens_since_fired: Tensor, tokens_seen: int, window: int = 1_000_000) -> float:
-    """Latents silent for the last min(window, tokens_seen) tokens."""
+def dead_fraction(tokens_since_fired: Tensor, tokens_seen: int, window: int = DEAD_WINDOW_TOKENS) -> float:
+    """Latents silent over the last min(window, tokens_seen) training tokens."""
     horizon = max(1, min(window, tokens_seen))
     return (tokens_since_fired >= horizon).float().mean().item()
 

@@ -1,10 +1,20 @@
-"""The SAE artifact: one folder in SAELens's layout, cfg.json + sae_weights.safetensors.
+"""The SAE artifact: one folder that SAELens 6.x loads, plus saeforge's own state beside it.
 
-This module owns every convention of that folder: its file names, its cfg.json (SAELens's keys,
-the run's metadata, and a `saeforge` section naming the variant, its full config and the
-activation scale), safetensors for weights (never pickle), and replacing a folder atomically (the
-old one survives a crash at any point). What SAELens needs beyond the state dict comes from the
-variant's own hooks (`saelens_fields`, `saelens_tensors`), never from reading its config here.
+- `cfg.json`: SAELens's 6.x keys (architecture, sizes, `normalize_activations: "none"`, the run's
+  metadata under `metadata`) and a `saeforge` section (variant, full config, activation scale),
+  which SAELens ignores.
+- `sae_weights.safetensors`: what SAELens reads, exactly: for the variants that export to a
+  SAELens architecture, its tensors in SAELens's names with the activation scale folded into the
+  weights (SAELens's convention: W_enc * s, W_dec / s, b_dec / s), so SAELens's `encode` on raw
+  activations equals ours; for the others, their parameters under an architecture name of their
+  own ("saeforge_<variant>"), which cannot collide with SAELens's.
+- `saeforge_state.safetensors`: the variant's whole state dict (normalised units, buffers such as
+  act_scale and tokens_since_fired included): what saeforge loads and resumes from, never inside
+  the SAELens file.
+This module owns those names, safetensors (never pickle) and replacing a folder atomically (the
+old one survives a crash at any point). What SAELens needs comes from the variant's own hooks
+(`saelens_fields`, `saelens_tensors`), never from reading its config here. See
+docs/saelens-interop-notes.md for what SAELens checks.
 """
 
 from __future__ import annotations
@@ -24,6 +34,8 @@ from saeforge.errors import UserError
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+STATE_FILE = "saeforge_state.safetensors"
+SAELENS_FORMAT = "6.0.0"  # the cfg.json format written: SAELens reads >= 6.0 without conversion
 SAE_DIR = "sae"  # the SAE folder's name inside a checkpoint and among a run's MLflow artifacts
 
 
@@ -38,19 +50,26 @@ class SaeMeta:
     dataset_path: str
 
 
+    @classmethod
+    def from_cfg(cls, cfg: dict) -> "SaeMeta":
+        m = cfg["metadata"]
+        return cls(m["model_name"], m["hook_name"], int(m["hook_layer"]), int(m["context_size"]), m["dataset_path"])
+
+
 def sae_cfg(variant: variants.Variant, meta: SaeMeta) -> dict:
-    """The cfg.json contents: SAELens keys, the run's metadata, and saeforge's own section."""
+    """The cfg.json contents: SAELens 6.x keys, the run's metadata, and saeforge's own section."""
     return {
+        "sae_lens_version": SAELENS_FORMAT,
         "architecture": variant.architecture,
         "d_in": variant.cfg.d_in,
         "d_sae": variant.cfg.d_sae,
         "dtype": "float32",
         "device": "cpu",
         "apply_b_dec_to_input": True,
-        "normalize_activations": "expected_average_only_in",
-        "prepend_bos": True,
-        "hook_head_index": None,
-        **asdict(meta),
+        "normalize_activations": "none",  # the activation scale is folded into the weights
+        "reshape_activations": "none",
+        "metadata": {**asdict(meta), "hook_head_index": None, "prepend_bos": True,
+                     "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": None},
         **variant.saelens_fields(),
         "saeforge": {
             "variant": variant.name,
@@ -60,10 +79,8 @@ def sae_cfg(variant: variants.Variant, meta: SaeMeta) -> dict:
     }
 
 
-def _tensors(variant: variants.Variant) -> dict[str, torch.Tensor]:
-    state = variant.state_dict()
-    extras = {k: v for k, v in variant.saelens_tensors().items() if k not in state}
-    return {k: v.detach().cpu().contiguous() for k, v in {**state, **extras}.items()}
+def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def replace_folder(staging: Path, folder: Path) -> None:
@@ -90,7 +107,9 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Pa
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    save_file(_tensors(variant), str(staging / WEIGHTS_FILE))
+    with torch.no_grad():
+        save_file(_plain(variant.saelens_tensors()), str(staging / WEIGHTS_FILE))
+    save_file(_plain(variant.state_dict()), str(staging / STATE_FILE))
     (staging / CFG_FILE).write_text(json.dumps(sae_cfg(variant, meta), indent=2))
     replace_folder(staging, folder)
     return folder
@@ -98,7 +117,7 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Pa
 
 def is_sae_folder(folder: str | Path) -> bool:
     folder = readable_folder(folder)
-    return (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    return all((folder / name).is_file() for name in (CFG_FILE, WEIGHTS_FILE, STATE_FILE))
 
 
 def read_cfg(folder: str | Path) -> dict:
@@ -117,20 +136,23 @@ def _rebuild(cfg: dict, tensors: dict[str, torch.Tensor], where: str) -> variant
     missing = [k for k in variant.state_dict() if k not in tensors]
     if missing:
         raise UserError(f"'{where}' is missing weights: {', '.join(missing)}")
-    variant.load_state_dict({k: tensors[k] for k in variant.state_dict()})  # SAELens-only extras ignored
+    variant.load_state_dict({k: tensors[k] for k in variant.state_dict()})
     return variant
 
 
 def load_sae(folder: str | Path, device: str = "cpu") -> tuple[variants.Variant, dict]:
-    """Rebuild the variant from cfg.json and load its weights (and act_scale)."""
+    """Rebuild the variant from cfg.json and load its whole state (saeforge_state.safetensors)."""
     cfg = read_cfg(folder)
-    tensors = load_file(str(readable_folder(folder) / WEIGHTS_FILE))
+    path = readable_folder(folder) / STATE_FILE
+    if not path.is_file():
+        raise UserError(f"'{folder}' is not a saved saeforge SAE (no {STATE_FILE})")
+    tensors = load_file(str(path))
     return _rebuild(cfg, tensors, str(folder)).to(device).eval(), cfg
 
 
 def to_bytes(variant: variants.Variant, cfg: dict) -> dict:
     """The SAE as plain bytes and JSON, to ship to a Ray task without a shared folder."""
-    return {"cfg": cfg, "weights": save(_tensors(variant))}
+    return {"cfg": cfg, "weights": save(_plain(variant.state_dict()))}
 
 
 def from_bytes(payload: dict) -> variants.Variant:

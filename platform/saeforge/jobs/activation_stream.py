@@ -89,12 +89,11 @@ def context_dataset(contexts: np.ndarray, first_id: int = 0, blocks: int = 1):
 def activation_dataset(contexts: np.ndarray, spec: StreamSpec, *, producers: int, threads: int = 1,
                        gpus_per_producer: float = 0.0, first_id: int = 0, count: bool = False):
     """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids), in order;
-    `count`: producers count their forwards (see `forward_counter`, created here)."""
+    `count`: producers count their forwards in the `forward_counter` actor (the caller creates it
+    and holds its handle while the dataset runs)."""
     import ray
 
     n_blocks = max(producers * 4, len(contexts) // (BATCH_CONTEXTS * 8), 1)
-    if count:
-        forward_counter()
     ds = context_dataset(contexts, first_id, n_blocks)
     ds.context.execution_options.preserve_order = True
     return ds.map_batches(

@@ -20,7 +20,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +28,7 @@ import variants
 from saeforge.core import eval_suites, sae_files
 from saeforge.core.eval_suites import SuiteResult
 from saeforge.core.eval_suites.runner import build_context, flat_metrics, format_report, parse_options, run_local, run_one
-from saeforge.core.sae_files import CFG_FILE, load_sae
+from saeforge.core.sae_files import CFG_FILE, SaeMeta, load_sae
 from saeforge.errors import UserError
 from saeforge.jobs import tracking
 from saeforge.jobs.arguments import EvalArgs, check_ranges
@@ -187,18 +187,18 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
             MlflowClient().get_run(args.run_id)
         except MlflowException as err:
             raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
+    meta = SaeMeta.from_cfg(resolved.cfg)
     if progress:
         progress(f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "
-                 f"{resolved.cfg['d_sae']}, {resolved.cfg['hook_name']} of {args.model or resolved.cfg['model_name']}) "
-                 f"on {', '.join(names)}")
+                 f"{resolved.cfg['d_sae']}, {meta.hook_name} of {args.model or meta.model_name}) on {', '.join(names)}")
     results = run_suites(resolved.sae, resolved.cfg, names, options=options, model_name=args.model,
                          dataset=args.dataset, batch_contexts=args.batch_contexts, use_ray=args.use_ray,
                          address=args.address, progress=progress)
     report = {
         "uri": args.uri, "run_id": resolved.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sae": {k: resolved.cfg.get(k) for k in ("model_name", "hook_name", "context_size", "dataset_path", "d_in",
-                                                  "d_sae")} | {"variant": resolved.cfg["saeforge"]["variant"]},
-        "model": args.model or resolved.cfg.get("model_name"), "options": options,
+        "sae": {**asdict(meta), "d_in": resolved.cfg["d_in"], "d_sae": resolved.cfg["d_sae"],
+                "variant": resolved.cfg["saeforge"]["variant"]},
+        "model": args.model or meta.model_name, "options": options,
         "suites": {name: result.to_dict() for name, result in results.items()},
     }
     out = Path(args.out or f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '-', resolved.label)}.json")

@@ -156,16 +156,33 @@ def tag_version(name: str, version: int | str, metrics: dict[str, float]) -> Non
     client.set_model_version_tag(name, str(version), L0_TAG, f"{metrics['l0']:.3f}")
 
 
+def unmet_conditions(metrics: dict[str, float], max_l0: float) -> list[str]:
+    """What keeps an SAE from being a champion candidate: it must be sparse (1 <= L0 <= max_l0)
+    and faithful (CE loss recovered > 0, explained variance > 0: better than deleting the
+    activation, better than its mean)."""
+    score, l0 = metrics.get(CHAMPION_METRIC, math.nan), metrics.get("l0", math.nan)
+    ev = metrics.get("explained_variance", math.nan)
+    unmet = []
+    if not 1 <= l0 <= max_l0:
+        unmet.append(f"L0 {l0:.1f} is outside the sane range [1, {max_l0:g}]")
+    if not score > 0:
+        unmet.append(f"{CHAMPION_METRIC} {score:.4f} is not above 0")
+    if not ev > 0:
+        unmet.append(f"explained variance {ev:.4f} is not above 0")
+    return unmet
+
+
 def promote_if_better(name: str, version: int | str, metrics: dict[str, float], max_l0: float) -> tuple[bool, str]:
-    """Tag the version, and move `champion` to it when it beats the current champion on CE loss
-    recovered at a sane L0 (1 <= L0 <= max_l0). Returns (moved, reason)."""
+    """Tag the version, and move `champion` to it when it is a good SAE (`unmet_conditions`) that
+    beats the current champion on CE loss recovered. Returns (moved, reason)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     tag_version(name, version, metrics)
+    unmet = unmet_conditions(metrics, max_l0)
+    if unmet:
+        return False, "; ".join(unmet)
     score, l0 = metrics[CHAMPION_METRIC], metrics["l0"]
-    if not (math.isfinite(score) and 1 <= l0 <= max_l0):
-        return False, f"L0 {l0:.1f} is outside the sane range [1, {max_l0:g}] (or the score is not finite)"
     current = champion_version(client, name)
     if current is not None:
         best = float(current.tags.get(CHAMPION_METRIC, "-inf"))

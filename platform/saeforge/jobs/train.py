@@ -93,7 +93,9 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         results = evaluate_core(model, variant, plan.hook, contexts.eval, list(plan.stream.special_ids),
                                 progress=lambda done, total: progress(f"  eval {done}/{total} contexts"))
         mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
-        mlflow.log_metrics({"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s})
+        results["dead_fraction_train"] = result.metrics["dead_fraction"]  # silent over the last 50k training tokens
+        mlflow.log_metrics({"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s,
+                            "train/dead_fraction_last_50k": results["dead_fraction_train"]})
         mlflow.log_dict(results, "eval/core.json")
         if plan.eval_suites:
             ctx = build_context(variant, cfg, model, dataset=args.dataset)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from saeforge.core import metrics
 from saeforge.core.training import LoopState, start_fresh, train_loop
 from saeforge.jobs import checkpoints, tracking
 from saeforge.jobs.activation_stream import step_batches
@@ -76,9 +77,10 @@ def worker_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 checkpoints.save_checkpoint(Path(tmp), variant, snapshot, plan.sae_meta, info)
-            metrics = {"step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
-                       "train_seconds": time.perf_counter() - started}  # from the first batch on
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+            progress = {"step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
+                        "train_seconds": time.perf_counter() - started,  # from the first batch on
+                        "dead_fraction": metrics.dead_fraction(variant.tokens_since_fired, snapshot.tokens_seen)}
+            ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
     train_loop(model, batches, settings, state=state, on_log=on_log, on_checkpoint=on_checkpoint,
                count_tokens=lambda n: int(_all_reduce(n, average=False)))

@@ -14,6 +14,7 @@ from saeforge.core.eval_suites.context import EvalContext, SuiteResult
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import compute_device, load_model, load_tokenizer, resolve_model
 from saeforge.core.reporting import format_rows
+from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
 
 
@@ -39,7 +40,8 @@ def build_context(sae: variants.Variant, cfg: dict, model=None, tokenizer=None, 
                   dataset: str = "", batch_contexts: int = 8, progress=None) -> EvalContext:
     """The EvalContext for an SAE: the model named in its cfg.json (or model_name), loaded whole
     unless an already loaded one is given."""
-    name = model_name or cfg.get("model_name")
+    meta = SaeMeta.from_cfg(cfg)
+    name = model_name or meta.model_name
     if not name:
         raise UserError("the SAE's cfg.json names no model_name: pass --model")
     if model is None or tokenizer is None:
@@ -49,9 +51,9 @@ def build_context(sae: variants.Variant, cfg: dict, model=None, tokenizer=None, 
             device, dtype = compute_device()
             model = load_model(spec, dtype=dtype, device=device)
     sae.eval()
-    return EvalContext(model=model, tokenizer=tokenizer, sae=sae, hook=HookPoint.parse(cfg["hook_name"]),
-                       context_size=int(cfg.get("context_size", 128)),
-                       dataset=dataset or cfg.get("dataset_path") or "wiki", batch_contexts=batch_contexts,
+    return EvalContext(model=model, tokenizer=tokenizer, sae=sae, hook=HookPoint.parse(meta.hook_name),
+                       context_size=meta.context_size, dataset=dataset or meta.dataset_path or "wiki",
+                       batch_contexts=batch_contexts,
                        progress=progress)
 
 

@@ -1,0 +1,96 @@
+"""The core evaluation against an independent computation on the tiny Gemma, with SAELens's
+conventions written out by hand: the SAE spliced in at real tokens only, zero ablation at every
+position (BOS included), CE of the predictions made at real tokens, KL(clean || patched) at real
+positions, explained variance over real tokens with one global mean."""
+
+import numpy as np
+import pytest
+import torch
+
+import variants
+from saeforge.core import corpus
+from saeforge.core.evaluation import bootstrap_stderr, evaluate_core
+from saeforge.core.hooks import HookPoint
+from saeforge.core.model import ByteTokenizer, build_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+HOOK = HookPoint(2)
+
+
+@torch.no_grad()
+def naive_metrics(model, sae, contexts, special):
+    """One context and one position at a time, float64, with a hook registered by hand. A
+    token-order variant reads its whole context with BOS/padding zeroed, as it trains."""
+    layer = model.model.layers[HOOK.layer]
+    ce = {"clean": [], "sae": [], "zero": []}
+    kl_sae, kl_zero, rows, recons = [], [], [], []
+    for row in contexts:
+        ids = torch.from_numpy(row.astype(np.int64))[None]
+        real = [int(t) not in special for t in row]
+        seen = {}
+        handle = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+        clean = model(input_ids=ids).logits[0].double()
+        handle.remove()
+        x = seen["x"][0]
+        edited = x.clone()
+        if sae.batch_layout == "contexts":
+            keep = torch.tensor(real, dtype=x.dtype)[:, None]
+            whole = sae.decode(sae.encode((x * sae.act_scale * keep)[None]))[0] / sae.act_scale
+        for t in range(len(row)):
+            if real[t]:
+                one = x[t : t + 1] * sae.act_scale
+                edited[t] = whole[t] if sae.batch_layout == "contexts" else sae.decode(sae.encode(one))[0] / sae.act_scale
+                rows.append(x[t].double().numpy())
+                recons.append(edited[t].double().numpy())
+        logits = {"clean": clean}
+        for tag, patched in (("sae", edited), ("zero", torch.zeros_like(x))):
+            handle = layer.register_forward_hook(lambda m, i, o, p=patched: p[None])
+            logits[tag] = model(input_ids=ids).logits[0].double()
+            handle.remove()
+        for t in range(len(row)):
+            if not real[t]:
+                continue
+            p = torch.softmax(logits["clean"][t], -1)
+            kl_sae.append(float((p * (p.log() - torch.log_softmax(logits["sae"][t], -1))).sum()))
+            kl_zero.append(float((p * (p.log() - torch.log_softmax(logits["zero"][t], -1))).sum()))
+            if t + 1 < len(row):
+                for tag in ce:
+                    ce[tag].append(-float(torch.log_softmax(logits[tag][t], -1)[int(row[t + 1])]))
+    x, x_hat = np.array(rows), np.array(recons)
+    ev = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    means = {k: np.mean(v) for k, v in ce.items()}
+    return {"explained_variance": ev, "ce_loss_clean": means["clean"], "ce_loss_sae": means["sae"],
+            "ce_loss_zero": means["zero"], "kl_div_sae": np.mean(kl_sae), "kl_div_zero": np.mean(kl_zero),
+            "ce_loss_recovered": (means["zero"] - means["sae"]) / (means["zero"] - means["clean"]),
+            "mse": ((x - x_hat) ** 2).sum(-1).mean(), "eval_tokens": len(x)}
+
+
+@pytest.mark.parametrize("name", ["relu", next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")])
+def test_core_metrics_match_an_independent_computation(name):
+    tok = ByteTokenizer()
+    special = corpus.special_ids(tok)
+    texts = ["The first held-out text, long enough to fill a context and more.", "A second, shorter one."]
+    contexts = corpus.pack_contexts(texts * 3, tok, 40, 6)
+    contexts[-1, -5:] = tok.pad_token_id  # some padding, as the last packed context has
+    model = build_tiny_model("tiny")
+    sae = variants.build(name, d_in=64, d_sae=128, overrides={"seed": "1"})
+    sae.act_scale.fill_(0.3)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+    ours = evaluate_core(model, sae, HOOK, contexts, special, batch_contexts=4)
+    want = naive_metrics(model, sae.eval(), contexts, set(special))
+    for key, value in want.items():
+        assert ours[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+
+
+def test_bootstrap_stderr_shrinks_with_more_contexts():
+    rng = np.random.default_rng(0)
+
+    def per(n):
+        return {"a": rng.normal(1.0, 1.0, n), "n": np.ones(n)}
+
+    small = bootstrap_stderr(per(16), lambda s: s["a"] / s["n"])
+    large = bootstrap_stderr(per(1024), lambda s: s["a"] / s["n"])
+    assert small == pytest.approx(1 / 4, rel=0.3) and large == pytest.approx(1 / 32, rel=0.3)
