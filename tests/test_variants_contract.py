@@ -19,6 +19,8 @@ TUNE_DIR = pathlib.Path(__file__).resolve().parents[1] / "tune_spaces"
 FAST = {"kde_tokens": "64", "n_candidates": "128"}
 # A step past every warm-up ramp (and a multiple of every refresh interval): penalties at full strength.
 STEP0 = 1_000_000
+# Refreshes (pair sets, group assignments) only at step 0, for tests that watch one fixed objective.
+STATIONARY = {"refresh_interval": "100000"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -72,25 +74,102 @@ def test_class_attributes(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_forward_terms_sum_and_grads_finite(name):
+def test_forward_shapes_mse_and_grads_finite(name):
     model = build(name)
     x, mask = Toy().batch(model.batch_layout)
     out = model(x, STEP0, mask)
     assert isinstance(out, LossOut)
     assert torch.isfinite(out.total)
-    assert torch.allclose(out.total, sum(out.terms.values()))
     assert out.latents.shape == (*x.shape[:-1], D_SAE)
     assert out.recon.shape == x.shape
+    real = mask if mask is not None else torch.ones(x.shape[:-1], dtype=torch.bool)
+    torch.testing.assert_close(out.terms["mse"], (out.recon - x)[real].pow(2).sum(-1).mean(), rtol=1e-5, atol=0)
     out.total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
+def terms_at(name: str, x, mask, **overrides) -> LossOut:
+    """Eval-mode loss of a freshly built variant after one training forward (pair sets, group
+    assignments, thresholds refreshed), with every other latent marked dead (AuxK is active)."""
+    torch.manual_seed(0)
+    model = build(name, **overrides)
+    model(x, 0, mask)
+    model.tokens_since_fired.zero_()
+    model.tokens_since_fired[::2] = 10**12
+    model.eval()
+    with torch.no_grad():
+        return model.loss(x, STEP0, mask)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_term_is_weighted_by_its_coefficient_and_enters_the_total(name):
+    """Each penalty is a finite, non-zero scalar that doubles with its coefficient, vanishes at 0,
+    and moves the total by exactly its own value; the MSE matches the returned reconstruction."""
+    cls = variants.get(name)
+    x, mask = Toy(seed=5).batch(cls.batch_layout)
+    ref = terms_at(name, x, mask)
+    assert set(ref.terms) == {"mse", *cls.term_coefficients}, "every term but mse names its coefficient"
+    real = mask if mask is not None else torch.ones(x.shape[:-1], dtype=torch.bool)
+    torch.testing.assert_close(ref.terms["mse"], (ref.recon - x)[real].pow(2).sum(-1).mean(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(ref.total, sum(ref.terms.values()), rtol=1e-6, atol=0)
+    defaults = cls.Config(d_in=D_IN, d_sae=D_SAE)
+    for term, field in cls.term_coefficients.items():
+        value = ref.terms[term]
+        assert value.shape == () and torch.isfinite(value) and float(value) != 0.0, f"{term} = {float(value)}"
+        coeff = getattr(defaults, field)
+        doubled = terms_at(name, x, mask, **{field: repr(2 * coeff)})
+        zeroed = terms_at(name, x, mask, **{field: "0"})
+        torch.testing.assert_close(doubled.terms[term], 2 * value, rtol=1e-5, atol=0, msg=f"{term} x2")
+        assert float(zeroed.terms[term]) == 0.0, f"{term} at {field} = 0"
+        for other in ref.terms:
+            if other != term:
+                torch.testing.assert_close(zeroed.terms[other], ref.terms[other], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(ref.total - zeroed.total, value, rtol=1e-4, atol=1e-5 * float(ref.total.abs()),
+                                   msg=f"{term} does not enter the total")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_penalty_warmups_are_capped_at_ten_percent_of_the_run(name):
+    """After begin_run(T), no term depends on the step past T / 10 (lr warm-up's cap)."""
+    cls = variants.get(name)
+    x, mask = Toy(seed=6).batch(cls.batch_layout)
+    model = build(name).eval()
+    model.begin_run(300)
+    with torch.no_grad():
+        early, late = model.loss(x, 30, mask), model.loss(x, 10**7, mask)
+    for term, value in late.terms.items():
+        torch.testing.assert_close(early.terms[term], value, rtol=1e-6, atol=0, msg=term)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_from_data_runs_on_token_rows(name):
+    """The platform calls init_from_data once with (N, d_in) token rows, whatever the layout."""
+    model = build(name)
+    x, mask = Toy(seed=7).batch(model.batch_layout)
+    rows = x[mask] if mask is not None else x
+    untouched = build(name, b_dec_init="init")
+    state = {k: v.clone() for k, v in untouched.state_dict().items()}
+    untouched.init_from_data(rows)
+    assert all(torch.equal(v, untouched.state_dict()[k]) for k, v in state.items())  # 'init' keeps it all
+    model.init_from_data(rows)
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    out = model(x, 0, mask)
+    assert torch.isfinite(out.total)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_falls_on_planted_features(name):
+    """The first 150 steps of a long run, as the trainer runs them (begin_run, init_from_data,
+    steps from 0 with their warm-up ramps). Refreshes happen at step 0 only: a refresh swaps in a
+    new pair set or grouping, i.e. a new objective, which at the papers' weights jumps the loss."""
     torch.manual_seed(0)
-    model = build(name)
+    fields = variants.get(name).Config.field_types()
+    model = build(name, **{k: v for k, v in STATIONARY.items() if k in fields})
     toy = Toy(seed=1)
+    model.begin_run(100_000)
+    first, mask = toy.batch(model.batch_layout)
+    model.init_from_data(first[mask] if mask is not None else first)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for step in range(150):  # from step 0, as the trainer runs it (warm-up ramps and refreshes included)
@@ -230,3 +309,60 @@ def test_tune_space_matches_config(name):
     # The combination must build.
     fixed = {k: str(v) for k, v in (space.get("fixed") or {}).items()}
     variants.build(name, d_in=D_IN, d_sae=D_SAE, overrides=fixed)
+
+
+def prepared(name: str, **overrides):
+    """A variant as training leaves it, in float64 eval mode: a few optimiser steps (so biases and
+    refreshed state are generic), its constraints applied (after_step), half its latents dead."""
+    torch.manual_seed(0)
+    model = build(name, **overrides)
+    toy = Toy(seed=4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(3):
+        x, mask = toy.batch(model.batch_layout)
+        out = model(x, step * 1000, mask)  # multiples of every refresh interval
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+    model.double().after_step(0)  # in float64, so the constraints hold to float64 precision
+    model.tokens_since_fired.zero_()
+    model.tokens_since_fired[::2] = 10**12
+    return model.eval(), x.double(), mask
+
+
+def close(a, b) -> bool:
+    return torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("c", [0.5, 0.1])
+@pytest.mark.parametrize("name", NAMES)
+def test_penalties_cannot_be_lowered_by_rescaling(name, c):
+    """Each of the variant's rescaling moves (a code times c < 1, its readers times 1/c) keeps the
+    reconstruction. The variant's constraints (after_step) then act on the moved copy, and either
+    its reconstruction is still the original's, so its loss must not be lower, or the readers are
+    back at the original's (the move is not feasible: smaller codes cost reconstruction)."""
+    model, x, mask = prepared(name)
+    if model.rescale_exempt:
+        pytest.skip(f"{name}: {model.rescale_exempt}")
+    with torch.no_grad():
+        base = model.loss(x, STEP0, mask)
+    moves = model.rescalings(c)
+    assert "latents" in moves
+    for move, clone in moves.items():
+        with torch.no_grad():
+            moved = clone.loss(x, STEP0, mask)
+        if move == "latents":
+            torch.testing.assert_close(moved.latents, c * base.latents, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(moved.recon, base.recon, rtol=1e-5, atol=1e-8, msg=f"{move}: recon changed")
+        clone.after_step(STEP0)
+        with torch.no_grad():
+            projected = clone.loss(x, STEP0, mask)
+        if close(projected.recon, base.recon):
+            drop = float(base.total - projected.total)
+            assert drop <= 1e-9 * (1 + abs(float(base.total))), (
+                f"{name}/{move}: c = {c} lowers the loss by {drop:.6g} ({float(base.total):.6g} -> "
+                f"{float(projected.total):.6g}); terms {({k: round(float(v), 6) for k, v in projected.terms.items()})}"
+                f" vs {({k: round(float(v), 6) for k, v in base.terms.items()})}")
+        else:
+            assert close(clone.decoder_directions(), model.decoder_directions()), (
+                f"{name}/{move}: after_step changes the reconstruction but leaves readers rescaled")

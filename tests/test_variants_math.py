@@ -8,9 +8,9 @@ import torch
 from torch.nn import functional as F
 
 import variants
-from variants.common import (categorical_entropy, correlation_matrix, gram_matrix, info_nce_to_centroids,
-                             kde_bandwidth, kde_mutual_information, linear_ramp, mean_abs_correlation,
-                             membership_centroids)
+from variants.common import (auxk_loss, capped_warmup, categorical_entropy, correlation_matrix, geometric_median,
+                             gram_matrix, info_nce_to_centroids, kde_bandwidth, kde_mutual_information, linear_ramp,
+                             mean_abs_correlation, membership_centroids)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -116,6 +116,140 @@ def test_linear_ramp_gram_entropy_and_info_nce():
     assert got == pytest.approx(loss.item() / 6, rel=1e-5)
 
 
+def test_geometric_median_known_cases():
+    """Collinear points 0, 1, 2, 10 on a line: every point of [1, 2] is a median (and the mean, 3.25,
+    is not); a triangle with a 120+ degree angle has its median at that vertex; elsewhere the
+    first-order condition holds (the unit vectors to the points sum to zero)."""
+    direction = F.normalize(torch.randn(5, generator=gen(40), dtype=torch.float64), dim=0)
+    line = torch.tensor([0.0, 1.0, 2.0, 10.0], dtype=torch.float64).unsqueeze(-1) * direction
+    t = float(geometric_median(line) @ direction)
+    assert 1.0 - 1e-6 <= t <= 2.0 + 1e-6
+    assert torch.allclose(geometric_median(line), t * direction, atol=1e-9)  # on the line
+    triangle = torch.tensor([[0.0, 0.0], [1.0, 0.0], [-1.0, 0.2]], dtype=torch.float64)
+    assert torch.allclose(geometric_median(triangle, iters=2000), torch.zeros(2, dtype=torch.float64), atol=1e-4)
+    cloud = torch.randn(200, 6, generator=gen(41), dtype=torch.float64)
+    cloud[:10] += 50.0  # outliers move the mean, not the median
+    median = geometric_median(cloud, iters=1000, tol=1e-12)
+    pull = F.normalize(cloud - median, dim=-1).sum(0)
+    assert pull.norm() < 1e-6 * cloud.shape[0]
+    assert median.norm() < 1.0 < cloud.mean(0).norm()
+    assert geometric_median(cloud.float()).dtype == torch.float32
+
+
+def test_capped_warmup_is_the_lr_rule():
+    """min(warmup, max(1, total // 10)): what the platform caps its lr warm-up with."""
+    assert capped_warmup(10_000, 1_000) == 100
+    assert capped_warmup(50, 1_000) == 50
+    assert capped_warmup(1_000, 5) == 1
+    assert capped_warmup(0, 100) == 0
+
+
+# -- relu and topk ----------------------------------------------------------------------------------
+def test_relu_l1_is_decoder_norm_weighted_and_on_the_papers_scale():
+    model = variants.build("relu", d_in=6, d_sae=10, overrides={"l1_coeff": "0.3"}).double()
+    with torch.no_grad():
+        model.W_dec.mul_(torch.linspace(0.5, 3.0, 10, dtype=torch.float64).unsqueeze(-1))
+        model.b_enc.fill_(0.05)
+    x = torch.randn(9, 6, generator=gen(42), dtype=torch.float64)
+    with torch.no_grad():
+        out = model.loss(x)
+    f, w = out.latents, model.W_dec.detach()
+    naive = sum(float(f[t, i]) * math.sqrt(sum(float(w[i, d]) ** 2 for d in range(6)))
+                for t in range(9) for i in range(10)) / 9
+    assert (f > 0).any()
+    assert out.terms["l1"].item() == pytest.approx(0.3 * 6 * naive, rel=1e-9)  # coefficient x d_in
+
+
+def test_topk_keeps_exactly_k_per_token_and_matches_a_naive_sort():
+    model = variants.build("topk", d_in=8, d_sae=32, overrides={"k": "5"})
+    x = torch.randn(12, 8, generator=gen(43))
+    with torch.no_grad():
+        model.b_enc.copy_(torch.linspace(-0.2, 0.4, 32))
+        pre = model.pre_activations(x)
+        f = model.encode(x)
+    for t in range(12):
+        order = sorted(range(32), key=lambda i: -float(pre[t, i]))
+        expected = torch.zeros(32)
+        for i in order[:5]:
+            expected[i] = max(0.0, float(pre[t, i]))
+        assert torch.equal(f[t], expected)
+    with torch.no_grad():
+        model.b_enc.fill_(10.0)  # every pre-activation positive: exactly k survive the ReLU
+        assert torch.equal((model.encode(x) > 0).sum(-1), torch.full((12,), 5))
+
+
+# -- AuxK (topk and batchtopk) ----------------------------------------------------------------------
+def auxk_model(dead: list[int], **overrides):
+    model = variants.build("topk", d_in=8, d_sae=32, overrides={"k": "4", "aux_k": "3", **overrides}).double()
+    with torch.no_grad():
+        model.b_enc.copy_(torch.linspace(-0.3, 0.3, 32, dtype=torch.float64))
+        model.tokens_since_fired[dead] = model.dead_after()
+    return model
+
+
+def test_auxk_matches_a_naive_computation_on_gaos_scale():
+    dead = [1, 4, 5, 9, 17, 30]
+    model = auxk_model(dead)
+    x = torch.randn(16, 8, generator=gen(44), dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        out = model.loss(x)
+        pre = model.pre_activations(x)
+    e = x - out.recon
+    e_hat = torch.zeros_like(e)
+    for t in range(16):
+        top = sorted(dead, key=lambda i: -float(pre[t, i]))[:3]
+        for i in top:
+            e_hat[t] += max(0.0, float(pre[t, i])) * model.W_dec[i].detach()
+    ratio = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+    variance = (x - x.mean(0)).pow(2).sum(-1).mean()  # our summed MSE = variance x Gao's normalised MSE
+    assert out.terms["auxk"].item() == pytest.approx(float(ratio * variance) / 32, rel=1e-9)
+    assert out.terms["mse"].item() == pytest.approx(float(e.pow(2).sum(-1).mean()), rel=1e-12)
+
+
+def test_auxk_is_zero_when_nothing_is_dead_and_rules_follow_d_in_and_d_sae():
+    model = auxk_model([])
+    x = torch.randn(16, 8, generator=gen(45), dtype=torch.float64)
+    assert model.loss(x).terms["auxk"].item() == 0.0
+    assert model.cfg.aux_k == 3 and variants.build("topk", d_in=640, d_sae=64).aux_latents() == 320  # d_in / 2
+    assert variants.build("topk", d_in=8, d_sae=5120).dead_after() == 51_200  # 10 x d_sae tokens
+    assert variants.build("topk", d_in=8, d_sae=64, overrides={"dead_tokens": "77"}).dead_after() == 77
+
+
+def test_auxk_reconstructs_the_residual_from_dead_latents_only():
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[2, 3, 7, 11]] = True
+    g = gen(46)
+    x = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    x_hat = torch.randn(10, 8, generator=g, dtype=torch.float64)
+    pre = torch.randn(10, 32, generator=g, dtype=torch.float64)
+    pre[:, ~dead] += 5.0  # live latents have the largest pre-activations: they must still be ignored
+    w_dec = torch.randn(32, 8, generator=g, dtype=torch.float64)
+    base = auxk_loss(x, x_hat, pre, w_dec, dead, 2)
+    other = w_dec.clone()
+    other[~dead] = torch.randn(int((~dead).sum()), 8, generator=g, dtype=torch.float64)
+    assert auxk_loss(x, x_hat, pre, other, dead, 2).item() == pytest.approx(base.item(), rel=1e-12)
+    other = w_dec.clone()
+    other[dead] *= 2.0
+    assert auxk_loss(x, x_hat, pre, other, dead, 2).item() != pytest.approx(base.item(), rel=1e-6)
+
+
+def test_auxk_gradient_reaches_the_dead_latents_parameters_only():
+    dead = [1, 4, 5, 9, 17, 30]
+    model = auxk_model(dead, aux_k="6")
+    x = torch.randn(16, 8, generator=gen(47), dtype=torch.float64)
+    out = model.loss(x)
+    out.terms["auxk"].backward()
+    is_dead = torch.zeros(32, dtype=torch.bool)
+    is_dead[dead] = True
+    with torch.no_grad():
+        reached = (model.pre_activations(x)[:, is_dead] > 0).any(0)  # dead latents some token used
+    assert reached.any()
+    assert torch.all(model.W_dec.grad[~is_dead] == 0) and torch.all(model.W_enc.grad[:, ~is_dead] == 0)
+    assert torch.all(model.b_enc.grad[~is_dead] == 0)
+    assert torch.all(model.W_dec.grad[is_dead][reached].abs().sum(-1) > 0)
+    assert torch.all(model.W_enc.grad[:, is_dead][:, reached].abs().sum(0) > 0)
+
+
 # -- batchtopk --------------------------------------------------------------------------------------
 def test_batchtopk_training_keeps_k_times_batch_and_tracks_threshold():
     model = variants.build("batchtopk", d_in=8, d_sae=32, overrides={"k": "4", "threshold_beta": "0.5"})
@@ -185,6 +319,26 @@ def test_jumprelu_l0_gradient_reaches_only_thresholds_near_preactivations():
     assert model.W_enc.grad is None or torch.all(model.W_enc.grad == 0)  # the L0 STE passes nothing to z
 
 
+def test_penalty_warmups_reach_the_full_coefficient_by_ten_percent_of_a_short_run():
+    """jumprelu's lambda ramps over 10,000 steps and cubic_ortho's gamma over the 1,000-step lr
+    warm-up; after begin_run(200) both are full at step 20 (10% of the run), as the lr is."""
+    x = torch.randn(32, 8, generator=gen(48))
+    jump = variants.build("jumprelu", d_in=8, d_sae=16)
+    cubic = variants.build("cubic_ortho", d_in=8, d_sae=16)
+    with torch.no_grad():
+        l0 = float(jump.loss(x, 10**7).terms["l0"])  # long past any warm-up
+        assert float(jump.loss(x, 20).terms["l0"]) == pytest.approx(l0 * 20 / 10_000, rel=1e-5)  # never capped
+        assert cubic.gamma(20) == pytest.approx(0.001 * 20 / 1000)
+        for model in (jump, cubic):
+            model.begin_run(200)
+        assert float(jump.loss(x, 20).terms["l0"]) == pytest.approx(l0, rel=1e-6)
+        assert float(jump.loss(x, 10).terms["l0"]) == pytest.approx(l0 / 2, rel=1e-6)
+        assert cubic.gamma(20) == pytest.approx(0.001) and cubic.gamma(10) == pytest.approx(0.0005)
+    clone = variants.from_config_dict("jumprelu", jump.cfg.to_dict())
+    clone.load_state_dict(jump.state_dict())  # a checkpoint carries the run length
+    assert clone.penalty_warmup(10_000) == 20
+
+
 # -- mi_ortho ---------------------------------------------------------------------------------------
 def test_mi_ortho_refresh_finds_the_planted_dependent_pair_and_penalises_it():
     model = variants.build("mi_ortho", d_in=8, d_sae=8, overrides={"n_candidates": "28", "kde_tokens": "300"})
@@ -195,9 +349,30 @@ def test_mi_ortho_refresh_finds_the_planted_dependent_pair_and_penalises_it():
     pairs, mi = model.active_pairs()
     assert 1 <= pairs.shape[0] <= 3  # above the 90th percentile of 28 candidates
     assert sorted(pairs[mi.argmax()].tolist()) == [2, 6]
-    expected = sum(0.5 * math.exp(2.0 * float(mi[p])) * float((f[:, i] * f[:, j]).mean()) ** 2
+    # The paper's scale: tau_ij (a_i . a_j)^2, the co-activation summed over the batch's tokens.
+    expected = sum(0.5 * math.exp(2.0 * float(mi[p])) * float((f[:, i].double() * f[:, j].double()).sum()) ** 2
                    for p, (i, j) in enumerate(pairs.tolist()))
     assert model.pair_penalty(f).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-3, 7.0])
+def test_mi_ortho_pair_mi_set_and_tau_do_not_depend_on_the_latents_scale(scale):
+    """The KDE reads latents standardised per latent, so scaling them changes no estimate."""
+    overrides = {"n_candidates": "28", "kde_tokens": "300"}
+    g = gen(49)
+    f = torch.relu(torch.randn(300, 8, generator=g, dtype=torch.float64)) * 0.15
+    f[:, 6] = f[:, 2] * 1.5 + 0.01 * torch.rand(300, generator=g, dtype=torch.float64)
+    f[:, 3] = f[:, 0] ** 2  # a non-linear dependence too
+    base, scaled = (variants.build("mi_ortho", d_in=8, d_sae=8, overrides=overrides).double() for _ in range(2))
+    base.refresh_pairs(f)
+    scaled.refresh_pairs(scale * f)
+    (pairs, mi), (pairs_s, mi_s) = base.active_pairs(), scaled.active_pairs()
+    assert pairs.shape[0] >= 1 and torch.equal(pairs, pairs_s)
+    assert torch.allclose(mi, mi_s, rtol=1e-6)
+    tau = lambda m: 0.5 * torch.exp(2.0 * m)  # noqa: E731
+    assert torch.allclose(tau(mi), tau(mi_s), rtol=1e-6)
+    all_pairs = torch.tensor([[i, j] for i in range(8) for j in range(i + 1, 8)])
+    assert torch.allclose(base.estimate_pair_mi(f, all_pairs), base.estimate_pair_mi(scale * f, all_pairs), rtol=1e-6)
 
 
 def test_mi_ortho_refresh_happens_every_interval_and_only_in_training():
@@ -242,7 +417,8 @@ def test_cubic_gamma_ramps_with_the_warmup_and_enters_the_loss():
     assert [model.gamma(s) for s in (0, 50, 100, 1000)] == [0.0, 0.25, 0.5, 0.5]
     x = torch.randn(64, 8, generator=gen(17))
     out = model.loss(x, 50)
-    assert out.terms["ortho"].item() == pytest.approx(0.25 * model.omega(out.latents).item(), rel=1e-6)
+    # gamma is on the paper's scale; the term carries it times d_in (MSE summed over d_in).
+    assert out.terms["ortho"].item() == pytest.approx(0.25 * 8 * model.omega(out.latents).item(), rel=1e-6)
     assert model.diagnostics(x)["gamma"] == 0.25
 
 
@@ -270,8 +446,8 @@ def test_hierarchical_ortho_matches_a_naive_loop():
                     [k for k in range(d_sae) if fine_of[k] == c * n_fine + b])
                for c in range(n_coarse) for a in range(n_fine) for b in range(n_fine) if a != b)
     got_coarse, got_fine = hierarchical_ortho(f, fine_id, n_coarse, n_fine)
-    assert got_coarse.item() == pytest.approx(coarse / batch, rel=1e-9)
-    assert got_fine.item() == pytest.approx(fine / batch, rel=1e-9)
+    assert got_coarse.item() == pytest.approx(coarse, rel=1e-9)  # the paper's scale: no division by B
+    assert got_fine.item() == pytest.approx(fine, rel=1e-9)
 
 
 def test_contrastive_hier_assignment_is_hierarchical_and_refreshed_on_interval():
@@ -307,17 +483,16 @@ def test_group_ib_group_signals_match_a_naive_loop():
                 assert s[b, t, g_].item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_group_ib_window_correlations_and_mi_term_match_a_naive_loop():
+def test_group_ib_window_correlations_match_a_naive_loop():
     from variants.group_ib import window_correlations
 
-    window, stride, eps = 6, 4, 1e-6
+    window, stride = 6, 4
     g = gen(22)
     s = torch.rand(2, 15, 3, generator=g, dtype=torch.float64)
     mask = torch.ones(2, 15, dtype=torch.bool)
     mask[0, 0] = False
     mask[1, 10:] = False
     corr, valid = window_correlations(s, mask, window, stride)
-    losses = []
     for b in range(2):
         for w, start in enumerate(range(0, 15, stride)):
             if start > 0 and start + window - stride >= 15:
@@ -330,18 +505,89 @@ def test_group_ib_window_correlations_and_mi_term_match_a_naive_loop():
                 for j in range(3):
                     expected = 1.0 if i == j else pearson(s[b, tokens, i], s[b, tokens, j])
                     assert corr[b, w, i, j].item() == pytest.approx(expected, abs=1e-9)
-                    if i != j:
-                        losses.append(-math.log(1 - abs(expected) + eps))
     assert corr.shape[1] == 4  # windows at 0, 4, 8, 12 (the last padded with masked-out tokens)
-    # The model's L_MI on latents whose group signals are s.
-    sizes = {"window": str(window), "window_stride": str(stride)}
-    model = variants.build("group_ib", d_in=4, d_sae=3 * 32, overrides=sizes)
-    with torch.no_grad():
-        model.membership_logits.copy_(F.one_hot(torch.arange(96) // 32, 3).double() * 1000.0)  # hard blocks
+
+
+def test_group_ib_mi_term_sums_live_pairs_under_soft_membership():
+    """L_MI with the default soft membership (every latent weighs a little in every group): mean
+    over valid windows of the sum over ordered pairs of live groups; a silent group (no own latent
+    active in the window) carries only that leak, perfectly correlated with the others."""
+    window, stride, eps = 6, 4, 1e-6
+    model = variants.build("group_ib", d_in=4, d_sae=3 * 32,
+                           overrides={"window": str(window), "window_stride": str(stride)}).double()
+    g = gen(23)
+    s = 0.1 + torch.rand(2, 15, 3, generator=g, dtype=torch.float64)
+    s[1, :, 1:] = 0.0  # context 1: groups 1 and 2 silent throughout
+    s[0, 4:10, 2] = 0.0  # context 0: group 2 silent in the window at 4 (tokens 4-9)
     f = torch.zeros(2, 15, 96, dtype=torch.float64)
-    f[..., ::32] = s  # one latent per group carries the signal
-    model.double()
-    assert model.independence(f, mask).item() == pytest.approx(sum(losses) / len(losses), rel=1e-6)
+    f[..., ::32] = s  # latent 32 g (own group g) carries group g's activity
+    mask = torch.ones(2, 15, dtype=torch.bool)
+    mask[0, 0] = False
+    mask[1, 10:] = False
+    m = torch.softmax(model.membership_logits.detach() / 0.1, dim=-1)
+    assert (m > 0).all() and (m.argmax(-1) == torch.arange(96) // 32).all()  # soft, own group = block
+    signals = f @ m
+    per_window, silent_pair_corr = [], []
+    for b in range(2):
+        for start in range(0, 15, stride):
+            if start > 0 and start + window - stride >= 15:
+                break
+            tokens = [t for t in range(start, min(start + window, 15)) if mask[b, t]]
+            if len(tokens) < 2:
+                continue
+            live = [k for k in range(3) if any(f[b, t, 32 * k] > 0 for t in tokens)]
+            per_window.append(sum(-math.log(1 - abs(pearson(signals[b, tokens, i], signals[b, tokens, j])) + eps)
+                                  for i in live for j in live if i != j))
+            if 1 not in live and 2 not in live:
+                silent_pair_corr.append(abs(pearson(signals[b, tokens, 1], signals[b, tokens, 2])))
+    assert silent_pair_corr and min(silent_pair_corr) > 1 - 1e-9  # what the exclusion keeps out (13.8 a pair)
+    assert model.independence(f, mask).item() == pytest.approx(sum(per_window) / len(per_window), rel=1e-6)
+
+
+def test_group_ib_encode_is_the_sparse_code_the_decoder_reads():
+    """encode returns f = ReLU(transform(z)) on z's support: decode(encode(x)) is the loss's
+    reconstruction, the L1 is on f, and f is never denser than z even with a trained transform."""
+    model = variants.build("group_ib", d_in=8, d_sae=64).eval()
+    assert not model.cfg.group_layernorm  # scale-invariant, so off by default
+    with torch.no_grad():
+        model.group_weight.copy_(torch.randn(model.group_weight.shape, generator=gen(33)))
+        model.group_bias.fill_(0.5)  # would make every group dense without the support mask
+    x = torch.randn(2, 6, 8, generator=gen(34))
+    with torch.no_grad():
+        z = torch.relu(model.pre_activations(x))
+        f = model.encode(x)
+        out = model.loss(x)
+    assert torch.all(f[z == 0] == 0) and 0 < int((f > 0).sum()) <= int((z > 0).sum())
+    zg = z.reshape(2, 6, 2, 32)
+    expected = torch.relu(zg + torch.einsum("btgi,gij->btgj", zg, model.group_weight) + 0.5).reshape(z.shape) * (z > 0)
+    assert torch.allclose(f, expected, atol=1e-6)
+    assert torch.equal(out.latents, f) and torch.allclose(out.recon, f @ model.W_dec + model.b_dec)
+    assert out.terms["l1"].item() == pytest.approx(0.2 * 8 * float(f.sum(-1).mean()), rel=1e-5)  # x d_in
+
+
+def test_group_ib_with_layernorm_penalises_what_the_decoder_reads():
+    """With the (scale-invariant) LayerNorm on, shrinking the encoder no longer lowers the L1,
+    which reads f after the LayerNorm; the rescaling move goes through the LayerNorm's affine map
+    and unit-norm decoder rows undo it."""
+    model = variants.build("group_ib", d_in=8, d_sae=64, overrides={"group_layernorm": "true"}).double().eval()
+    with torch.no_grad():
+        model.W_enc.mul_(10.0)  # unit columns, so the LayerNorm's eps is negligible
+        model.b_enc.fill_(1.0)
+    x = torch.randn(2, 6, 8, generator=gen(35), dtype=torch.float64)
+    with torch.no_grad():
+        base = model.loss(x)
+        model.W_enc.mul_(0.5)  # the old dodge: z half as large
+        model.b_enc.mul_(0.5)
+        shrunk = model.loss(x)
+        model.W_enc.mul_(2.0)
+        model.b_enc.mul_(2.0)
+    assert shrunk.terms["l1"].item() == pytest.approx(base.terms["l1"].item(), rel=1e-4)  # LayerNorm eps only
+    moved = model.rescaled_latents(0.5)
+    with torch.no_grad():
+        out = moved.loss(x)
+    assert torch.allclose(out.latents, 0.5 * base.latents) and torch.allclose(out.recon, base.recon)
+    moved.after_step(0)
+    assert torch.allclose(moved.W_dec.norm(dim=-1), torch.ones(64, dtype=torch.float64))
 
 
 # -- hsae -------------------------------------------------------------------------------------------
@@ -365,24 +611,25 @@ def test_hsae_decoder_path_matches_the_formula():
     assert torch.allclose(f @ model.decoder_directions() + constant, expected)
 
 
-def test_hsae_gram_penalty_matches_a_naive_loop_and_renormalises_both_decoders():
+def test_hsae_gram_penalty_matches_a_naive_loop_and_renormalises_every_reader():
     model = variants.build("hsae", d_in=6, d_sae=8)
     x = torch.randn(7, 6, generator=gen(26))
     with torch.no_grad():
         z1, z2 = model.levels(x)
-    naive = sum(float(z1[a] @ z1[b]) ** 2 * float(z2[a] @ z2[b]) ** 2 for a in range(7) for b in range(7)) / 49
+    # The paper's scale: summed over the B x B token pairs (no / B^2), applied times d_in (6).
+    naive = sum(float(z1[a] @ z1[b]) ** 2 * float(z2[a] @ z2[b]) ** 2 for a in range(7) for b in range(7))
     assert model.gram_penalty(z1, z2).item() == pytest.approx(naive, rel=1e-5)
     out = model.loss(x)
-    assert out.terms["gram"].item() == pytest.approx(0.02 * naive, rel=1e-5)
-    assert out.terms["l1_level2"].item() == pytest.approx(0.05 * float(z2.sum(-1).mean()), rel=1e-6)
+    assert out.terms["gram"].item() == pytest.approx(0.02 * 6 * naive, rel=1e-5)
+    assert out.terms["l1_level2"].item() == pytest.approx(0.05 * 6 * float(z2.sum(-1).mean()), rel=1e-6)
     with torch.no_grad():
         model.Wd1.mul_(3.0)
         model.Wd2.mul_(0.5)
         model.Ws.mul_(2.0)
+        model.W2.mul_(4.0)
     model.after_step(0)
-    assert torch.allclose(model.Wd1.norm(dim=-1), torch.ones(4))
-    assert torch.allclose(model.Wd2.norm(dim=-1), torch.ones(4))
-    assert not torch.allclose(model.Ws.norm(dim=-1), torch.ones(4))
+    for w in (model.Wd1, model.Wd2, model.Ws, model.W2):  # every map that reads a latent
+        assert torch.allclose(w.norm(dim=-1), torch.ones(4))
     zero = model.diagnostics(x)
     assert zero["zero_fraction_level1"] == pytest.approx(float((z1 == 0).float().mean()))
 
@@ -396,7 +643,7 @@ def test_temporal_encoder_input_matches_a_naive_loop_and_is_causal():
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[:, 0] = False
     u = model.encoder_input(x, mask)
-    offsets = [k * d for d in (1, 2, 4) for k in (1, 2)]
+    offsets = [1, 2, 4]  # kernel 2 at dilation d reads offsets 0 (the token itself) and d
     assert model.offsets == offsets
     for b in range(2):
         for t in range(10):
@@ -412,7 +659,7 @@ def test_temporal_encoder_input_matches_a_naive_loop_and_is_causal():
 
 
 def test_temporal_full_convolution_matches_a_naive_loop():
-    full = {"dilations": "2", "kernel_size": "1", "depthwise": "false"}
+    full = {"dilations": "2", "kernel_size": "2", "depthwise": "false"}  # offsets 0 and 2
     model = variants.build("temporal", d_in=3, d_sae=8, overrides=full)
     with torch.no_grad():
         model.taps.copy_(torch.randn(model.taps.shape, generator=gen(29)))
@@ -422,6 +669,39 @@ def test_temporal_full_convolution_matches_a_naive_loop():
         expected = x[0, t] + (x[0, t - 2] @ model.taps[0] if t >= 2 else 0.0)
         assert torch.allclose(u[0, t], expected, atol=1e-6)
     assert torch.allclose(model.encode(x[0]), model.encode(x)[0])  # a single (T, d_in) context
+
+
+@pytest.mark.parametrize("dilations, kernel_size, expected", [
+    ("1,2,4", 2, [1, 2, 4]), ("1,2,4", 3, [1, 2, 4, 8]), ("1,2,4", 1, []), ("3", 4, [3, 6, 9]), ("2,4", 3, [2, 4, 8]),
+])
+def test_temporal_taps_read_distinct_offsets_and_offset_zero_is_the_token(dilations, kernel_size, expected):
+    """A kernel of size K at dilation d reads offsets 0, d, ..., (K-1) d; offset 0 is the one shared
+    identity path and no two taps read the same offset."""
+    model = variants.build("temporal", d_in=3, d_sae=8, overrides={"dilations": dilations, "kernel_size": str(kernel_size)})
+    reach = sorted({k * d for d in map(int, dilations.split(",")) for k in range(kernel_size)})
+    assert model.offsets == expected == [o for o in reach if o > 0]
+    assert len(set(model.offsets)) == len(model.offsets) == (0 if model.taps is None else model.taps.shape[0])
+    x = torch.randn(1, 12, 3, generator=gen(32))
+    assert torch.equal(model.encoder_input(x), x)  # taps start at zero: just the token
+
+
+def test_init_from_data_puts_the_decoder_bias_at_the_geometric_median():
+    x = torch.randn(64, 6, generator=gen(50)) + 3.0
+    x[:4] += 40.0
+    median = geometric_median(x)
+    relu = variants.build("relu", d_in=6, d_sae=12)
+    relu.init_from_data(x)
+    assert torch.allclose(relu.b_dec, median, atol=1e-5)
+    keep = variants.build("relu", d_in=6, d_sae=12, overrides={"b_dec_init": "init"})
+    keep.init_from_data(x)
+    assert torch.all(keep.b_dec == 0)
+    hsae = variants.build("hsae", d_in=6, d_sae=12)
+    with torch.no_grad():
+        before = torch.relu((x - median) @ hsae.W1 + hsae.b1)
+    hsae.init_from_data(x)
+    assert torch.allclose(hsae.bd1, median, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(hsae.levels(x)[0], before, atol=1e-5)  # the encoder reads x - median
 
 
 # -- adaptive_mask ----------------------------------------------------------------------------------
@@ -434,5 +714,21 @@ def test_adaptive_mask_gates_latents_and_penalises_the_gates():
     plain = torch.relu((x - model.b_dec) @ model.W_enc + model.b_enc)
     assert torch.allclose(model.encode(x), plain * gates)
     out = model.loss(x)
-    assert out.terms["mask_l1"].item() == pytest.approx(0.3 * float(gates.sum()), rel=1e-6)
+    assert out.terms["mask_l1"].item() == pytest.approx(0.3 * 6 * float(gates.sum()), rel=1e-6)  # x d_in
     assert model.diagnostics(x)["mask_mean"] == pytest.approx(float(gates.mean()), rel=1e-6)
+
+
+def test_adaptive_mask_renormalises_encoder_columns_and_decoder_rows():
+    """The gate is the only per-latent magnitude: unit encoder columns stop it being absorbed."""
+    model = variants.build("adaptive_mask", d_in=6, d_sae=10)
+    with torch.no_grad():
+        model.W_enc.mul_(torch.linspace(0.2, 5.0, 10))
+        model.W_dec.mul_(3.0)
+    model.after_step(0)
+    assert torch.allclose(model.W_enc.norm(dim=0), torch.ones(10))
+    assert torch.allclose(model.W_dec.norm(dim=-1), torch.ones(10))
+    loose = variants.build("adaptive_mask", d_in=6, d_sae=10, overrides={"normalize_encoder": "false"})
+    with torch.no_grad():
+        loose.W_enc.mul_(5.0)
+    loose.after_step(0)
+    assert not torch.allclose(loose.W_enc.norm(dim=0), torch.ones(10))

@@ -2,28 +2,48 @@
 multiplied by a learnt per-latent importance gate m_i = sigmoid(mask_logit_i), with an L1 on the
 gates (they are positive, so it is their sum):
 
-  f = ReLU((x - b_dec) W_enc + b_enc) * m,   loss = MSE + l1_coeff ||f||_1 + mask_l1_coeff sum_i m_i.
+  u = ReLU((x - b_dec) W_enc + b_enc),   f = u * m,   x_hat = f W_dec + b_dec,
+  loss = MSE + w(l1_coeff) ||f||_1 + w(mask_l1_coeff) sum_i m_i,   w(c) = c * d_in (`paper_weight`).
 
-The paper gives no gate penalty or initial gate; both are config fields (gates start at
+The gate must mean something: without a constraint it is absorbed into the encoder (m_i times c
+and column i of W_enc and b_i times 1/c leave f unchanged and lower the gate penalty for free),
+and f into the decoder (f times c, W_dec rows times 1/c lower both L1s). So the encoder's columns
+(`normalize_encoder`) and the decoder's rows (`normalize_decoder`) are renormalised to unit norm
+after each step: u's scale is fixed by x, and the gate is the only per-latent magnitude. Unit
+encoder columns were chosen over adding an L1 on the ungated u, which would only make the
+absorption cost something, by an amount that depends on the state, rather than rule it out.
+
+Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
+over tokens; the gate penalty summed over latents (once per batch). l1_coeff is the papers'
+per-element 0.04 (applied times d_in); the paper gives no gate penalty or initial gate, so both
+are config fields (mask_l1_coeff on the same per-element scale; gates start at
 sigmoid(mask_init_logit) ~ 0.88, nearly open). Training settings match hsae's.
+
+Rescaling moves: the latents (W_enc, b_enc by c, W_dec by 1/c) and the gates (m by c, W_enc and
+b_enc by 1/c); after_step's unit columns and rows undo both.
 
 Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls plus d_sae gates.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import LinearSAE, VariantConfig, param
+from variants.base import LinearSAE, Variant, VariantConfig, param
+from variants.common import paper_weight
 
 
 @dataclass(kw_only=True)
 class AdaptiveMaskConfig(VariantConfig):
-    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 on the gated latents")
-    mask_l1_coeff: float = param(0.001, "weight of the L1 penalty sum_i sigmoid(mask_logit_i) on the gates")
+    l1_coeff: float = param(0.04, "weight of ||f||_1 on the gated latents (papers' per-element scale, applied x d_in)")
+    mask_l1_coeff: float = param(0.001, "weight of sum_i sigmoid(mask_logit_i) on the gates (per-element scale, "
+                                        "applied x d_in)")
     mask_init_logit: float = param(2.0, "initial gate logit of every latent (sigmoid(2) ~ 0.88)")
+    normalize_encoder: bool = param(True, "renormalise encoder columns to unit norm after each step, so the gate "
+                                          "cannot be absorbed into the encoder")
     optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
     weight_decay: float = param(0.01, "AdamW weight decay")
     lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
@@ -36,6 +56,7 @@ class AdaptiveMask(LinearSAE):
     Config = AdaptiveMaskConfig
     description = "ReLU SAE with a learnt per-latent sigmoid importance gate and an L1 on the gates"
     architecture = "adaptive_mask"
+    term_coefficients = {"l1": "l1_coeff", "mask_l1": "mask_l1_coeff"}
 
     def __init__(self, cfg: AdaptiveMaskConfig):
         super().__init__(cfg)
@@ -45,10 +66,27 @@ class AdaptiveMask(LinearSAE):
         return torch.sigmoid(self.mask_logit)
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc) * self.gates()
+        return torch.relu(self.pre_activations(x)) * self.gates()
 
     def penalties(self, x, f, x_hat, step):
-        return {"l1": self.cfg.l1_coeff * f.sum(-1).mean(), "mask_l1": self.cfg.mask_l1_coeff * self.gates().sum()}
+        d_in = self.cfg.d_in
+        return {"l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
+                "mask_l1": paper_weight(self.cfg.mask_l1_coeff, d_in) * self.gates().sum()}
+
+    def after_step(self, step: int) -> None:
+        super().after_step(step)
+        if self.cfg.normalize_encoder:
+            with torch.no_grad():
+                self.W_enc.div_(self.W_enc.norm(dim=0, keepdim=True).clamp_min(1e-8))
+
+    def rescalings(self, c: float) -> dict[str, Variant]:
+        """The latents move, and the gate move: m times c absorbed by the encoder (f unchanged)."""
+        gated = copy.deepcopy(self)
+        with torch.no_grad():
+            gated.mask_logit.copy_(torch.logit(c * gated.gates()))
+            gated.W_enc.div_(c)
+            gated.b_enc.div_(c)
+        return {**super().rescalings(c), "gates": gated}
 
     @torch.no_grad()
     def diagnostics(self, x, mask=None):

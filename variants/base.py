@@ -3,18 +3,20 @@
 The platform (training loop, evaluation, saving, tuning) only ever talks to this interface, so a
 new variant needs no change outside its own module. Variants work in *normalised* activation
 space: the platform multiplies raw activations by `act_scale` (estimated once per run and stored
-with the SAE) before calling them; `encode_raw` / `reconstruct_raw` do that for callers holding
-raw activations.
+with the SAE) before calling them; `encode_raw` does that for callers holding raw activations.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from variants.common import capped_warmup, geometric_median, mse_loss, tied_init
 
 
 def param(default: Any, help: str) -> Any:
@@ -24,6 +26,9 @@ def param(default: Any, help: str) -> Any:
 
 class ConfigError(ValueError):
     """A config value that does not fit the variant (unknown name, wrong type)."""
+
+
+B_DEC_INITS = ("geometric_median", "init")  # what init_from_data does with the decoder bias
 
 
 @dataclass(kw_only=True)
@@ -40,11 +45,9 @@ class VariantConfig:
     grad_clip: float = param(0.0, "clip the gradient norm at this value; 0 turns clipping off")
     batch_size: int = param(1024, "activation tokens per optimiser step")
     normalize_decoder: bool = param(True, "renormalise decoder rows to unit norm after each step")
+    b_dec_init: str = param("geometric_median", "decoder bias set by init_from_data: 'geometric_median' of the "
+                            "first batch (Gao et al.) or 'init' (keep the constructor's)")
     seed: int = param(0, "seed for the initial weights")
-
-    @classmethod
-    def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
     @classmethod
     def field_types(cls) -> dict[str, type]:
@@ -96,18 +99,18 @@ class LossOut:
     recon: Tensor
 
 
-def mse_loss(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Squared error summed over d_in and averaged over tokens (VARIANTS.md's convention)."""
-    return (x_hat - x).pow(2).sum(-1).mean()
-
-
 class Variant(nn.Module):
     """Base class of every SAE variant.
 
-    A subclass sets `Config`, `description`, `architecture` (the cfg.json value) and, if it needs
-    whole contexts in token order, `batch_layout = "contexts"`; it implements `encode`, `decode`
-    and usually `penalties`. State refreshed every N steps lives in registered buffers so that
-    checkpoints carry it.
+    A subclass sets `Config`, `description`, `architecture` (the cfg.json value),
+    `term_coefficients` and, if it needs whole contexts in token order,
+    `batch_layout = "contexts"`; it implements `encode`, `decode`, usually `penalties`, and
+    `_scale_latents` (see `rescaled_latents`). State refreshed every N steps lives in registered
+    buffers so that checkpoints carry it.
+
+    What the platform calls, in order: `begin_run(total_steps)` once before training (fresh or
+    resumed), `init_from_data(x)` once on the first normalised batch of a fresh run (before step
+    0), then per step `forward(x, step, mask)` and, after the optimiser step, `after_step(step)`.
     """
 
     Config: ClassVar[type[VariantConfig]] = VariantConfig
@@ -115,14 +118,23 @@ class Variant(nn.Module):
     description: ClassVar[str] = ""
     architecture: ClassVar[str] = ""
     batch_layout: ClassVar[str] = "tokens"  # "tokens": (N, d_in) rows; "contexts": (B, T, d_in)
+    # Loss term -> the config field that weights it (every term but "mse" has one): the contract
+    # tests check each term scales with its coefficient and enters the total.
+    term_coefficients: ClassVar[dict[str, str]] = {}
+    # Non-empty: why the rescaling property (see `rescaled_latents`) does not apply to this variant.
+    rescale_exempt: ClassVar[str] = ""
 
     def __init__(self, cfg: VariantConfig):
         super().__init__()
+        if cfg.b_dec_init not in B_DEC_INITS:
+            raise ConfigError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {cfg.b_dec_init!r}")
         self.cfg = cfg
         # Scale that brings raw activations to E||x|| = sqrt(d_in); set once per run by the platform.
         self.register_buffer("act_scale", torch.tensor(1.0))
         # Tokens seen since each latent last fired: dead-latent statistics and AuxK read it.
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long))
+        # Optimiser steps of the run (begin_run); 0: unknown, penalty warm-ups are not capped.
+        self.register_buffer("run_steps", torch.tensor(0, dtype=torch.long))
 
     # -- the maths each variant defines ------------------------------------------------------
     def encode(self, x: Tensor) -> Tensor:
@@ -162,6 +174,11 @@ class Variant(nn.Module):
         as `loss`). Shared measures (L0, mean |corr|, decoder cosines) are the platform's."""
         return {}
 
+    def saelens_fields(self) -> dict[str, Any]:
+        """Extra cfg.json fields SAELens needs for this architecture (e.g. TopK's k), so the SAE
+        files module never reads a variant-specific config field."""
+        return {}
+
     def saelens_tensors(self) -> dict[str, Tensor]:
         """Extra tensors SAELens needs under its own names (e.g. JumpReLU's `threshold`), saved
         beside the state dict so SAELens can load the file; our loader ignores them."""
@@ -170,6 +187,43 @@ class Variant(nn.Module):
     def decoder_directions(self) -> Tensor:
         """(d_sae, d_in): one decoder direction per latent (used for shared cosine statistics)."""
         return self.W_dec
+
+    # -- run set-up (called by the platform) ---------------------------------------------------
+    def begin_run(self, total_steps: int) -> None:
+        """Called once before training with the run's optimiser steps, so every penalty warm-up
+        is capped like the lr warm-up (`penalty_warmup`): short runs and search trials reach their
+        own coefficients. Kept in a buffer, so a resumed run keeps the same cap."""
+        self.run_steps.fill_(int(total_steps))
+
+    def penalty_warmup(self, warmup_steps: int) -> int:
+        """The warm-up of a penalty coefficient, capped at 10% of the run (`capped_warmup`, the
+        lr warm-up's rule) once `begin_run` has been called; uncapped before."""
+        total = int(self.run_steps)
+        return capped_warmup(warmup_steps, total) if total > 0 else warmup_steps
+
+    def init_from_data(self, x: Tensor) -> None:
+        """Data-dependent initialisation, called once on the first normalised batch x (N, d_in
+        token rows) of a fresh run, before step 0 (never on resume). Default: nothing."""
+
+    # -- the rescaling property ------------------------------------------------------------------
+    def rescaled_latents(self, c: float) -> "Variant":
+        """A copy whose latents are c times this SAE's and whose readers of the latents are 1/c
+        times, so its reconstruction is unchanged. A penalty must not fall under this move, or
+        the variant's constraints (`after_step`, e.g. unit-norm decoder rows) must undo it: the
+        contract test checks one or the other for every variant."""
+        clone = copy.deepcopy(self)
+        with torch.no_grad():
+            clone._scale_latents(c)
+        return clone
+
+    def rescalings(self, c: float) -> dict[str, "Variant"]:
+        """Every reconstruction-preserving rescaling move of this variant, by name: the latents
+        move, plus any code inside the SAE a penalty reads (a gate, one level of a hierarchy)."""
+        return {"latents": self.rescaled_latents(c)}
+
+    def _scale_latents(self, c: float) -> None:
+        """In place, without gradients: latents times c, their readers times 1/c."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement the rescaling move")
 
     # -- shared behaviour ----------------------------------------------------------------------
     def forward(self, x: Tensor, step: int = 0, mask: Tensor | None = None) -> LossOut:
@@ -191,10 +245,6 @@ class Variant(nn.Module):
         """Latents of raw (un-normalised) activations."""
         return self.encode(x_raw * self.act_scale)
 
-    def reconstruct_raw(self, x_raw: Tensor) -> Tensor:
-        """Reconstruction of raw activations, in raw units (what gets spliced into the model)."""
-        return self.decode(self.encode(x_raw * self.act_scale)) / self.act_scale
-
 
 class LinearSAE(Variant):
     """A variant with the standard linear encoder and decoder: W_enc (d_in x d_sae), b_enc,
@@ -203,8 +253,6 @@ class LinearSAE(Variant):
 
     def __init__(self, cfg: VariantConfig):
         super().__init__(cfg)
-        from variants.common import tied_init
-
         self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
@@ -217,3 +265,16 @@ class LinearSAE(Variant):
 
     def decode(self, f: Tensor) -> Tensor:
         return f @ self.W_dec + self.b_dec
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """b_dec at the batch's geometric median (Gao et al.), so the encoder reads centred
+        inputs and the first reconstructions start at the data's centre, robust to outliers."""
+        if self.cfg.b_dec_init == "geometric_median":
+            self.b_dec.copy_(geometric_median(x.reshape(-1, x.shape[-1])).to(self.b_dec))
+
+    def _scale_latents(self, c: float) -> None:
+        """The pre-activations (hence ReLU / top-k latents) scale with W_enc and b_enc."""
+        self.W_enc.mul_(c)
+        self.b_enc.mul_(c)
+        self.W_dec.div_(c)

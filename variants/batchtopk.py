@@ -7,6 +7,15 @@ as an exponential moving average (`threshold_beta`) so it follows the encoder as
 first update sets it directly. It lives in a (d_sae,) buffer named `threshold`, one equal value per
 latent, so checkpoints carry it and the saved weights are exactly a JumpReLU SAE's.
 
+Conventions (as topk's): MSE summed over d_in, averaged over tokens; AuxK times the batch's
+variance so aux_coeff = 1/32 is Gao et al.'s weight relative to a variance-normalised MSE
+(Bussmann et al. use the same 1/32). aux_k keeps Bussmann et al.'s top_k_aux = 512 (their
+paper's number; 0 gives Gao's d_in / 2); dead_tokens 0 is topk's 10 * d_sae (Bussmann et al.
+count a latent dead after 5 silent batches, 20,480 tokens at their batch of 4096).
+
+Rescaling: the batch top-k choice is scale free and the threshold moves with the latents
+(`_scale_latents`), so MSE and AuxK are unchanged; decoder rows are unit norm (after_step).
+
 Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls, one top-(k*B) over B*d_sae
 values, and AuxK's extra (B x aux_k x d_in) decode when latents are dead.
 """
@@ -17,16 +26,14 @@ import torch
 from torch import Tensor
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, VariantConfig, param
-from variants.common import mse_plus_auxk
+from variants.base import ConfigError, param
+from variants.topk import TopK, TopKConfig
 
 
 @dataclass(kw_only=True)
-class BatchTopKConfig(VariantConfig):
+class BatchTopKConfig(TopKConfig):
     k: int = param(32, "mean latents kept per token: the top k*B activations of a batch of B tokens")
-    aux_k: int = param(512, "dead latents used by the auxiliary loss (Bussmann et al.'s top_k_aux)")
-    aux_coeff: float = param(1 / 32, "weight of the AuxK loss")
-    dead_tokens: int = param(10_000_000, "a latent silent for this many tokens counts as dead for AuxK")
+    aux_k: int = param(512, "dead latents used by the auxiliary loss (Bussmann et al.'s top_k_aux; 0: d_in // 2)")
     threshold_beta: float = param(0.999, "EMA factor of the inference threshold (mean smallest kept activation)")
     batch_size: int = param(4096, "activation tokens per optimiser step")
 
@@ -47,7 +54,7 @@ def batch_topk_relu(pre: Tensor, k: int) -> Tensor:
 
 
 @register("batchtopk")
-class BatchTopK(LinearSAE):
+class BatchTopK(TopK):
     Config = BatchTopKConfig
     description = "BatchTopK SAE: top k*B activations per batch in training, a learnt threshold at inference"
     architecture = "jumprelu"
@@ -73,6 +80,11 @@ class BatchTopK(LinearSAE):
         """(d_sae,) per-latent thresholds in the jumprelu format (the same value for every latent)."""
         return self.threshold.clamp_min(0.0)
 
+    def _scale_latents(self, c: float) -> None:
+        """The inference threshold is in latent units, so it scales with them."""
+        super()._scale_latents(c)
+        self.threshold.mul_(c)
+
     @torch.no_grad()
     def update_threshold(self, f: Tensor) -> None:
         kept = f[f > 0]
@@ -93,7 +105,10 @@ class BatchTopK(LinearSAE):
             self.update_threshold(f)
         else:
             f = self.threshold_activation(pre)
-        return mse_plus_auxk(self, x, pre, f)
+        return self.topk_loss(x, pre, f)
+
+    def saelens_fields(self) -> dict:
+        return {}  # saved as a plain JumpReLU SAE: the threshold is all SAELens needs
 
     def diagnostics(self, x, mask=None):
         return {"threshold": float(self.threshold[0]), "threshold_updates": float(self.threshold_updates)}

@@ -10,6 +10,45 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
+def mse_loss(x_hat: Tensor, x: Tensor) -> Tensor:
+    """Squared error summed over d_in and averaged over tokens (VARIANTS.md's convention)."""
+    return (x_hat - x).pow(2).sum(-1).mean()
+
+
+def paper_weight(coeff: float, d_in: int) -> float:
+    """A seed paper's penalty coefficient on our loss scale. The papers weigh their penalties
+    against an MSE averaged over d_in; `mse_loss` sums over d_in, which on inputs normalised to
+    E||x|| = sqrt(d_in) is d_in times theirs, so the same effective weight is coeff * d_in
+    (VARIANTS.md, Conventions). Config fields keep the papers' numbers (d_in-free); every variant
+    on that per-element scale multiplies its penalties through here (all but jumprelu and the
+    top-k family, whose papers state their coefficients on other scales)."""
+    return coeff * d_in
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """E||x - mean x||^2 over the rows of x (..., d_in), summed over d_in, without gradient: the
+    factor between our summed MSE and a variance-normalised one (Gao et al.'s scale)."""
+    rows = x.detach().reshape(-1, x.shape[-1])
+    return (rows - rows.mean(0)).pow(2).sum(-1).mean()
+
+
+def geometric_median(points: Tensor, iters: int = 200, tol: float = 1e-7) -> Tensor:
+    """The point minimising the summed Euclidean distance to the rows of `points` (N, d), by
+    Weiszfeld's iterations from the mean (each iterate is the distance-weighted mean, weights
+    1 / ||p - m||): Gao et al.'s robust centre for the initial decoder bias. Stops when a step
+    moves less than `tol` relative to the median's norm."""
+    pts = points.detach().to(torch.promote_types(points.dtype, torch.float32))
+    median = pts.mean(0)
+    for _ in range(iters):
+        weights = 1.0 / (pts - median).norm(dim=-1).clamp_min(1e-12)
+        new = (weights.unsqueeze(-1) * pts).sum(0) / weights.sum()
+        moved = float((new - median).norm())
+        median = new
+        if moved <= tol * (1.0 + float(median.norm())):
+            break
+    return median
+
+
 def tied_init(d_in: int, d_sae: int, seed: int, norm: float = 0.1) -> tuple[nn.Parameter, nn.Parameter]:
     """W_dec rows random directions of norm `norm`, W_enc = W_dec^T (SAELens / Anthropic's
     initialisation: small decoder rows keep the first reconstructions from exploding when half
@@ -32,8 +71,11 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
 
 
 def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, w_dec: Tensor, dead: Tensor, aux_k: int) -> Tensor:
-    """AuxK (Gao et al. 2024): reconstruct the residual error from the top aux_k *dead* latents,
-    normalised by the error's variance so the term is scale free. Zero when nothing is dead."""
+    """AuxK (Gao et al. 2024): reconstruct the residual error e = x - x_hat (no gradient) from the
+    top aux_k pre-activations of the *dead* latents (decoder rows, no bias), as a variance ratio
+    mean_t ||e_hat - e||^2 / mean_t ||e - mean e||^2 (sums over d_in; a ratio of batch means, where
+    Gao et al.'s reference code averages per-token ratios), so the term is scale free. Zero when
+    nothing is dead; `topk_family_terms` puts it on our MSE's scale."""
     n_dead = int(dead.sum())
     if n_dead == 0:
         return pre.new_zeros(())
@@ -43,6 +85,14 @@ def auxk_loss(x: Tensor, x_hat: Tensor, pre: Tensor, w_dec: Tensor, dead: Tensor
     residual_hat = f_aux @ w_dec
     denom = (residual - residual.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-8)
     return (residual_hat - residual).pow(2).sum(-1).mean() / denom
+
+
+def capped_warmup(warmup_steps: int, total_steps: int) -> int:
+    """The warm-up a run of `total_steps` optimiser steps uses: at most 10% of the run (and at
+    least one step), so short runs and search trials still reach their full learning rate and
+    their full penalty coefficients. One rule for the platform's lr warm-up and every penalty
+    warm-up (jumprelu's L0 coefficient, cubic_ortho's gamma(t))."""
+    return min(warmup_steps, max(1, total_steps // 10))
 
 
 def linear_warmup(step: int, warmup_steps: int) -> float:
@@ -169,15 +219,12 @@ def mean_offdiag_cosine(vectors: Tensor) -> float:
     return float((cos.sum() - cos.diagonal().sum()) / (k * (k - 1)))
 
 
-def mse_plus_auxk(sae, x: Tensor, pre: Tensor, f: Tensor):
-    """The top-k family's loss (topk, batchtopk): MSE plus `aux_coeff` x AuxK on the latents
-    silent for `dead_tokens` tokens. `pre` are the pre-activations, `f` the kept latents."""
-    from variants.base import LossOut, mse_loss
-
-    x_hat = sae.decode(f)
-    dead = sae.tokens_since_fired >= sae.cfg.dead_tokens
-    terms = {
-        "mse": mse_loss(x_hat, x),
-        "auxk": sae.cfg.aux_coeff * auxk_loss(x, x_hat, pre, sae.W_dec, dead, sae.cfg.aux_k),
-    }
-    return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+def topk_family_terms(x: Tensor, x_hat: Tensor, pre: Tensor, w_dec: Tensor, dead: Tensor, aux_k: int,
+                      aux_coeff: float) -> dict[str, Tensor]:
+    """The top-k family's loss terms (topk, batchtopk): MSE plus AuxK on the `dead` latents, on
+    one scale. Gao et al. add aux_coeff x AuxK (a variance ratio) to an MSE normalised by the
+    data's variance; our MSE is summed over d_in, i.e. total_variance(x) times theirs, so AuxK is
+    multiplied by total_variance(x) too and aux_coeff = 1/32 is their weight exactly. Every input
+    is explicit, so this module knows no variant's config."""
+    auxk = auxk_loss(x, x_hat, pre, w_dec, dead, aux_k)
+    return {"mse": mse_loss(x_hat, x), "auxk": aux_coeff * total_variance(x) * auxk}

@@ -11,11 +11,24 @@ The hard assignment the losses use (coarse = argmax, fine = argmax child of that
 is refreshed every `refresh_interval` steps into a buffer, so checkpoints carry it. An entropy
 regulariser, entropy_coeff * sum over levels of (log G - H(mean membership)), keeps groups in use.
 
-  L_ortho = coarse_ortho_coeff * sum_{coarse i != j} ||H_i^T H_j||_F / B
-          + fine_ortho_coeff * sum_{coarse c} sum_{siblings j != k in c} ||H_cj^T H_ck||_F / B
+  L_ortho = coarse_ortho_coeff * sum_{coarse i != j} ||H_i^T H_j||_F
+          + fine_ortho_coeff * sum_{coarse c} sum_{siblings j != k in c} ||H_cj^T H_ck||_F
 over ordered pairs, H_g the batch columns of group g. Only latents active in the batch have
 non-zero columns, so the blocks are computed on the m active latents, one coarse block-row
 H_i^T H_active (m_i x m) at a time.
+
+  loss = MSE + w(l1_coeff) ||f||_1 + w(1) L_ortho + w(contrast_coeff) L_contrast
+         + w(entropy_coeff) entropy gap,   w(c) = c * d_in (`paper_weight`).
+
+Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
+over tokens. L_ortho is the paper's: Frobenius norms of co-activation blocks summed over the
+batch's tokens and over ordered group pairs, with no division by B (the first implementation's
+/ B made its weight 1 / 2048 of the paper's at B = 2048); it grows with B, as in the paper.
+InfoNCE is averaged over latents, the entropy gap summed over the two levels. The paper's
+coefficients (0.04, 0.4, 0.2, 0.1, 0.01) weigh their terms against an MSE averaged over d_in, so
+each is applied times d_in.
+
+Rescaling: L1 and L_ortho fall with the latents, but decoder rows are unit norm (after_step).
 
 Cost per step: the linear SAE's matmuls, B x m^2 for the ortho blocks (peak memory m^2 / n_coarse
 per block-row), d_sae x d_in x key_dim for the keys and d_sae x 64 x d_in for the centroids and
@@ -30,9 +43,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import (categorical_entropy, info_nce_to_centroids, mean_abs_correlation,
-                             mean_offdiag_cosine, membership_centroids)
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.common import (categorical_entropy, info_nce_to_centroids, mean_abs_correlation, mean_offdiag_cosine,
+                             membership_centroids, mse_loss, paper_weight)
 
 
 @dataclass(kw_only=True)
@@ -42,11 +55,15 @@ class ContrastiveHierConfig(VariantConfig):
     key_dim: int = param(64, "width of the key projection and the group queries")
     assign_temperature_init: float = param(1.0, "initial value of the learnt assignment temperature tau")
     refresh_interval: int = param(50, "steps between refreshes of the hard group assignment")
-    entropy_coeff: float = param(0.01, "weight of the entropy regulariser on the mean group assignment")
-    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1")
-    coarse_ortho_coeff: float = param(0.4, "alpha_L1: weight of ||H_i^T H_j||_F between coarse groups")
-    fine_ortho_coeff: float = param(0.2, "alpha_L2: weight of ||H^T H||_F between sibling fine groups")
-    contrast_coeff: float = param(0.1, "weight of the InfoNCE term against fine-group centroids")
+    entropy_coeff: float = param(0.01, "weight of the entropy regulariser on the mean group assignment "
+                                       "(paper's scale, applied x d_in)")
+    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
+    coarse_ortho_coeff: float = param(0.4, "alpha_L1: weight of ||H_i^T H_j||_F between coarse groups "
+                                           "(paper's scale, applied x d_in)")
+    fine_ortho_coeff: float = param(0.2, "alpha_L2: weight of ||H^T H||_F between sibling fine groups "
+                                         "(paper's scale, applied x d_in)")
+    contrast_coeff: float = param(0.1, "weight of the InfoNCE term against fine-group centroids "
+                                       "(paper's scale, applied x d_in)")
     contrast_temperature: float = param(0.1, "temperature of the InfoNCE term")
     input_layernorm: bool = param(True, "LayerNorm on the encoder input")
     optimizer: str = param("adamw", "'adam' or 'adamw'")
@@ -72,7 +89,7 @@ def group_block_norms(products: Tensor, row_ids: Tensor, col_ids: Tensor, n_row:
 
 def hierarchical_ortho(f: Tensor, fine_id: Tensor, n_coarse: int, n_fine: int) -> tuple[Tensor, Tensor]:
     """(sum over coarse i != j of ||H_i^T H_j||_F, sum over sibling fine groups j != k of
-    ||H_j^T H_k||_F), both divided by the batch size. f is (B, d_sae), fine_id (d_sae,) holds
+    ||H_j^T H_k||_F), unnormalised (the paper's scale). f is (B, d_sae), fine_id (d_sae,) holds
     coarse * n_fine + child. Inactive latents have zero columns, so only active ones are used."""
     active = torch.nonzero((f.detach() > 0).any(0)).squeeze(-1)
     fa, ids = f[:, active], fine_id[active]
@@ -89,8 +106,7 @@ def hierarchical_ortho(f: Tensor, fine_id: Tensor, n_coarse: int, n_fine: int) -
         coarse_total = coarse_total + to_coarse.sum() - to_coarse[c]
         siblings = group_block_norms(products[:, in_c], child[in_c], child[in_c], n_fine, n_fine)
         fine_total = fine_total + siblings.sum() - siblings.diagonal().sum()
-    batch = f.shape[0]
-    return coarse_total / batch, fine_total / batch
+    return coarse_total, fine_total
 
 
 @register("contrastive_hier")
@@ -98,6 +114,8 @@ class ContrastiveHier(LinearSAE):
     Config = ContrastiveHierConfig
     description = "ReLU SAE with 8x8 learnt latent groups: hierarchical co-activation orthogonality + InfoNCE"
     architecture = "contrastive_hier"
+    term_coefficients = {"l1": "l1_coeff", "ortho_coarse": "coarse_ortho_coeff", "ortho_fine": "fine_ortho_coeff",
+                         "contrast": "contrast_coeff", "entropy": "entropy_coeff"}
 
     def __init__(self, cfg: ContrastiveHierConfig):
         super().__init__(cfg)
@@ -145,14 +163,14 @@ class ContrastiveHier(LinearSAE):
         centroids = membership_centroids(self.W_dec, fine_m)
         entropy_gap = (math.log(c.n_coarse) - categorical_entropy(coarse_m.mean(0))
                        + math.log(self.n_groups) - categorical_entropy(fine_m.mean(0)))
+        contrast = info_nce_to_centroids(self.W_dec, centroids, self.assignment, c.contrast_temperature)
         terms = {
             "mse": mse_loss(x_hat, x),
-            "l1": c.l1_coeff * f.sum(-1).mean(),
-            "ortho_coarse": c.coarse_ortho_coeff * coarse_ortho,
-            "ortho_fine": c.fine_ortho_coeff * fine_ortho,
-            "contrast": c.contrast_coeff * info_nce_to_centroids(self.W_dec, centroids, self.assignment,
-                                                                  c.contrast_temperature),
-            "entropy": c.entropy_coeff * entropy_gap,
+            "l1": paper_weight(c.l1_coeff, c.d_in) * f.sum(-1).mean(),
+            "ortho_coarse": paper_weight(c.coarse_ortho_coeff, c.d_in) * coarse_ortho,
+            "ortho_fine": paper_weight(c.fine_ortho_coeff, c.d_in) * fine_ortho,
+            "contrast": paper_weight(c.contrast_coeff, c.d_in) * contrast,
+            "entropy": paper_weight(c.entropy_coeff, c.d_in) * entropy_gap,
         }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 

@@ -3,14 +3,27 @@ correlated latents are pushed apart, more steeply the more correlated they are.
 
   Omega = sum over i != j of |c_ij|^power * max(0, |<w_i, w_j>| - eps_ij),
   eps_ij = eps0 * (1 + mean_a_i * mean_a_j)^(-beta)      (the paper's exp(-beta log(1 + a_i a_j))),
-  loss = MSE + l1_coeff * ||f||_1 + gamma(t) * Omega,  gamma ramping 0 -> alpha over the lr warm-up.
+  loss = MSE + w(l1_coeff) ||f||_1 + w(gamma(t)) Omega,  w(c) = c * d_in (`paper_weight`),
+  gamma(t) ramping 0 -> alpha over the lr warm-up.
 
 c_ij is the Pearson correlation of the latent activation vectors over the batch. A latent silent in
 the batch has zero variance and c_ij = 0, so Omega is computed exactly on the active latents
 only; beyond `omega_max_latents` active latents the most often firing ones are kept (the top-m
 approximation). The tolerance eps_ij is a target, not something to optimise, so it carries no
 gradient; c_ij and <w_i, w_j> both do. gamma(t) reads `warmup_steps`, the same field as the lr
-warm-up (the platform may cap the lr warm-up for short runs; gamma's ramp is not capped).
+warm-up, and is capped the same way (at 10% of the run, once the platform calls `begin_run`), so
+it stays aligned with the lr warm-up as the paper asks, in short runs too.
+
+Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
+over tokens; Omega summed over ordered pairs i != j, as in the paper (scale free: correlations
+and unit-norm decoder rows). The paper's lambda 0.04 and alpha 0.001 weigh their terms against an
+MSE averaged over d_in, so both are applied times d_in.
+
+Initialisation: Kaiming-uniform weights and uniform +-init_bias_noise biases (the paper); with
+b_dec_init = 'geometric_median' (the default) init_from_data then moves b_dec to the first batch's
+geometric median ('init' keeps the paper's noise).
+
+Rescaling: the L1 falls with the latents, but decoder rows are unit norm (after_step).
 
 Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls, plus for the m active latents
 (m <= omega_max_latents) a (B x m x m) correlation and an (m x m x d_in) decoder Gram matrix.
@@ -22,14 +35,15 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import ConfigError, Variant, VariantConfig, param
-from variants.common import correlation_matrix, gram_matrix, linear_ramp
+from variants.base import ConfigError, LinearSAE, VariantConfig, param
+from variants.common import correlation_matrix, gram_matrix, linear_ramp, paper_weight
 
 
 @dataclass(kw_only=True)
 class CubicOrthoConfig(VariantConfig):
-    l1_coeff: float = param(0.04, "weight lambda of the L1 penalty ||f||_1")
-    ortho_alpha: float = param(0.001, "final weight alpha of Omega; gamma(t) ramps 0 -> alpha over warmup_steps")
+    l1_coeff: float = param(0.04, "weight lambda of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
+    ortho_alpha: float = param(0.001, "final weight alpha of Omega (paper's scale, applied x d_in); gamma(t) ramps "
+                                      "0 -> alpha over warmup_steps, capped like the lr warm-up")
     power: float = param(3.0, "exponent on |c_ij|: 3 the paper's cubic form, 2 its quadratic ablation")
     eps0: float = param(0.0, "base tolerance on |<w_i, w_j>|; 0 gives the paper's plain cubic form")
     beta: float = param(1.0, "activation-aware tolerance eps_ij = eps0 * (1 + a_i a_j)^(-beta)")
@@ -62,13 +76,14 @@ def omega(f: Tensor, w_dec: Tensor, power: float, eps0: float, beta: float,
 
 
 @register("cubic_ortho")
-class CubicOrtho(Variant):
+class CubicOrtho(LinearSAE):
     Config = CubicOrthoConfig
     description = "ReLU SAE + gamma(t) * sum |c_ij|^3 |<w_i,w_j>| orthogonality of correlated latents"
     architecture = "cubic_ortho"
+    term_coefficients = {"l1": "l1_coeff", "ortho": "ortho_alpha"}
 
     def __init__(self, cfg: CubicOrthoConfig):
-        super().__init__(cfg)
+        super().__init__(cfg)  # the linear SAE's layout; the paper's initialisation replaces its weights
         gen = torch.Generator().manual_seed(cfg.seed)
         # nn.Linear layout (out, in) so Kaiming's fan_in is each map's input width.
         w_enc = nn.init.kaiming_uniform_(torch.empty(cfg.d_sae, cfg.d_in), generator=gen)
@@ -80,14 +95,9 @@ class CubicOrtho(Variant):
         self.b_dec = nn.Parameter(torch.empty(cfg.d_in).uniform_(-noise, noise, generator=gen))
         self.register_buffer("last_step", torch.tensor(0, dtype=torch.long))
 
-    def encode(self, x: Tensor) -> Tensor:
-        return torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-
-    def decode(self, f: Tensor) -> Tensor:
-        return f @ self.W_dec + self.b_dec
-
     def gamma(self, step: int) -> float:
-        return linear_ramp(step, self.cfg.warmup_steps, end=self.cfg.ortho_alpha)
+        """gamma(t): 0 -> alpha over the (capped) lr warm-up, on the paper's scale."""
+        return linear_ramp(step, self.penalty_warmup(self.cfg.warmup_steps), end=self.cfg.ortho_alpha)
 
     def omega(self, f: Tensor) -> Tensor:
         c = self.cfg
@@ -96,7 +106,9 @@ class CubicOrtho(Variant):
     def penalties(self, x, f, x_hat, step):
         if self.training:
             self.last_step.fill_(step)
-        return {"l1": self.cfg.l1_coeff * f.sum(-1).mean(), "ortho": self.gamma(step) * self.omega(f)}
+        d_in = self.cfg.d_in
+        return {"l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
+                "ortho": paper_weight(self.gamma(step), d_in) * self.omega(f)}
 
     @torch.no_grad()
     def diagnostics(self, x, mask=None):

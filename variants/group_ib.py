@@ -2,21 +2,47 @@
 groups (32 each). It trains on whole contexts (B, T, d_in) with a mask (B, T) of real tokens;
 every term counts masked-in positions only.
 
+- Encoder code z = ReLU((x - b_dec) W_enc + b_enc).
+- Group transform (the paper's residual connection within each group), restricted to z's support:
+    f = ReLU(Dropout(z) + Linear_g(z_g)) * 1[z > 0]
+  (one group_size^2 map and bias per contiguous group, zero-initialised, so training starts from a
+  plain ReLU SAE; optional LayerNorm per group before the ReLU, `group_layernorm`). The decoder
+  reads f: x_hat = f W_dec + b_dec. `encode` returns f, the code the decoder actually uses, so the
+  platform's L0 counts what the decoder reads, the L1 penalises it, and W_dec rows are exactly
+  the latents' directions. Without the support mask an active group would hand the decoder a
+  dense 32-vector (and the group biases every group) while L0 counted only z: neither L0 nor CE
+  loss recovered would be comparable with any other variant's.
+- LayerNorm is off by default although the paper uses it: a LayerNorm after a linear map is
+  scale-invariant, so any penalty on its input (the paper's L1 on z) can be lowered for free by
+  shrinking z, and its output is dense. With it on (an ablation) the L1 still reads f, after
+  the LayerNorm, where unit-norm decoder rows stop the scale from being dodged.
 - Soft membership M = softmax(A / membership_temperature) over groups, A (d_sae x G) learnt
-  (`membership_logits`, initialised to the contiguous blocks); group signal s_g = sum_i M[i, g] f_i per token.
-- Group transform f' = Dropout(f) + Linear_g(f_g) within each contiguous group (one group_size^2
-  map per group, zero-initialised), then a LayerNorm over each group (`group_layernorm`); the
-  decoder reads f'. `encode` returns the sparse f, `decode` applies the transform, so
-  decode(encode(x)) is the SAE's reconstruction. The W_dec rows are the directions of the
-  transformed latents f'_i, which `decoder_directions` reports as the latents' directions.
+  (`membership_logits`, initialised to the contiguous blocks); group signal s_g = sum_i M[i, g] f_i.
+  A latent's own group is its argmax membership.
 - Independence: windows of `window` consecutive tokens of one context, every `window_stride`
   tokens (the paper names no stride; a stride of one window keeps the cost at B*T*G^2 rather than
   window times that); per window the Pearson correlation of the group signals over its real
-  tokens (windows with fewer than 2 are skipped), L_MI = mean over windows and i != j of
-  -log(1 - |corr_ij| + mi_eps).
+  tokens (windows with fewer than 2 are skipped). A group is live in a window when one of its own
+  latents fires there; silent groups carry no signal, only the small membership weight every
+  latent has in every group, which makes two silent groups look perfectly correlated
+  (-log(1e-6) = 13.8 per pair), so pairs with a silent group are left out.
+  L_MI = mean over windows of the sum over ordered live pairs i != j of -log(1 - |corr_ij| + mi_eps).
 - Competition: InfoNCE (contrast_temperature) of each latent's decoder direction against the
-  membership-weighted group centroids, positive = its argmax group.
-- Loss = MSE + l1_coeff * sum_g ||f_g||_1 + mi_coeff * L_MI + contrast_coeff * L_contrast.
+  membership-weighted group centroids, positive = its own group; mean over latents.
+
+  loss = MSE + w(l1_coeff) sum_g ||f_g||_1 + w(mi_coeff) L_MI + w(contrast_coeff) L_contrast,
+  w(c) = c * d_in (`paper_weight`).
+
+Conventions: MSE summed over d_in, averaged over tokens. The paper's coefficients (0.2, 0.02, 0.1)
+weigh its terms against an MSE averaged over d_in, so each is applied times d_in. The group L1 is
+summed over latents and averaged over tokens; L_MI is summed over pairs as in the paper (its
+0.02 * sum_{i != j}) and averaged over windows (as the MSE over tokens); InfoNCE is averaged over
+latents. Defaults changed from the first implementation: the d_in factor, L_MI summed rather than
+averaged over pairs (the paper's effective weight), group_layernorm off.
+
+Rescaling: the latents move scales z (W_enc, b_enc) and the group biases by c and W_dec by 1/c;
+L_MI and InfoNCE are scale free and the L1 falls, but after_step renormalises W_dec rows, which
+undoes the move.
 
 Cost per step: the linear SAE's two matmuls, B*T*d_sae*group_size for the group maps,
 B*T*d_sae*G for the group signals, B*T*G^2 for the window correlations and d_sae*G*d_in for the
@@ -31,9 +57,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import (categorical_entropy, correlation_matrix, info_nce_to_centroids,
-                             mean_abs_correlation, mean_offdiag_cosine, membership_centroids)
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.common import (categorical_entropy, correlation_matrix, info_nce_to_centroids, mean_abs_correlation,
+                             mean_offdiag_cosine, membership_centroids, mse_loss, paper_weight)
 
 
 @dataclass(kw_only=True)
@@ -41,13 +67,14 @@ class GroupIBConfig(VariantConfig):
     group_size: int = param(32, "latents per group; d_sae must be a multiple of it (G = d_sae / group_size)")
     membership_temperature: float = param(0.1, "tau of the soft group membership softmax(A / tau)")
     identity_dropout: float = param(0.2, "dropout on the identity path of the group transform, in training")
-    group_layernorm: bool = param(True, "LayerNorm over each group after the group transform")
+    group_layernorm: bool = param(False, "LayerNorm per group in the group transform (paper: on; scale-invariant, "
+                                         "so off by default)")
     window: int = param(32, "consecutive tokens per window of the independence term")
     window_stride: int = param(32, "tokens between window starts (1: every sliding window)")
-    l1_coeff: float = param(0.2, "weight of the group-wise L1 sum_g ||f_g||_1")
-    mi_coeff: float = param(0.02, "weight of the window independence term L_MI")
+    l1_coeff: float = param(0.2, "weight of the group-wise L1 sum_g ||f_g||_1 (paper's scale, applied x d_in)")
+    mi_coeff: float = param(0.02, "weight of L_MI, summed over live group pairs (paper's scale, applied x d_in)")
     mi_eps: float = param(1.0e-6, "eps in -log(1 - |corr| + eps)")
-    contrast_coeff: float = param(0.1, "weight of the InfoNCE group-competition term")
+    contrast_coeff: float = param(0.1, "weight of the InfoNCE group competition (paper's scale, applied x d_in)")
     contrast_temperature: float = param(0.1, "temperature of the InfoNCE group-competition term")
     lr: float = param(1.0e-4, "learning rate")
     grad_clip: float = param(1.0, "clip the gradient norm at this value; 0 turns clipping off")
@@ -60,18 +87,29 @@ class GroupIBConfig(VariantConfig):
             raise ConfigError("window must be >= 2 and window_stride >= 1")
 
 
+def unfold_windows(t: Tensor, mask: Tensor, window: int, stride: int) -> tuple[Tensor, Tensor]:
+    """Windows of `window` tokens starting every `stride` tokens: t (B, T, G) -> (B, W, window, G)
+    and mask (B, T) -> (B, W, window). The last window is padded with masked-out tokens so every
+    token is covered."""
+    length = t.shape[1]
+    n_windows = 1 if length <= window else math.ceil((length - window) / stride) + 1
+    pad = (n_windows - 1) * stride + window - length
+    t = F.pad(t, (0, 0, 0, pad))
+    mask = F.pad(mask, (0, pad), value=False)
+    return t.unfold(1, window, stride).transpose(-1, -2), mask.unfold(1, window, stride)
+
+
 def window_correlations(s: Tensor, mask: Tensor, window: int, stride: int) -> tuple[Tensor, Tensor]:
-    """Pearson correlations between the columns of s (B, T, G) over each window of `window` tokens
-    starting every `stride` tokens, counting masked-in tokens only. The last window is padded with
-    masked-out tokens so every token is covered. Returns (B, W, G, G) and the valid windows (B, W)."""
-    b, t, g = s.shape
-    n_windows = 1 if t <= window else math.ceil((t - window) / stride) + 1
-    padded = (n_windows - 1) * stride + window
-    s = F.pad(s, (0, 0, 0, padded - t))
-    mask = F.pad(mask, (0, padded - t), value=False)
-    sw = s.unfold(1, window, stride).transpose(-1, -2)  # (B, W, window, G)
-    mw = mask.unfold(1, window, stride)  # (B, W, window)
+    """Pearson correlations between the columns of s (B, T, G) over each window, counting
+    masked-in tokens only: (B, W, G, G), and the windows with at least 2 real tokens (B, W)."""
+    sw, mw = unfold_windows(s, mask, window, stride)
     return correlation_matrix(sw, weights=mw), mw.sum(-1) >= 2
+
+
+def window_live_groups(active: Tensor, mask: Tensor, window: int, stride: int) -> Tensor:
+    """(B, W, G): whether each group is active (`active` (B, T, G)) at a real token of each window."""
+    aw, mw = unfold_windows(active.to(torch.float32), mask, window, stride)
+    return ((aw > 0) & mw.unsqueeze(-1)).any(-2)
 
 
 @register("group_ib")
@@ -80,6 +118,7 @@ class GroupIB(LinearSAE):
     description = "Group-wise information bottleneck: 32-latent groups, window MI independence, InfoNCE"
     architecture = "group_ib"
     batch_layout = "contexts"
+    term_coefficients = {"l1": "l1_coeff", "mi": "mi_coeff", "contrast": "contrast_coeff"}
 
     def __init__(self, cfg: GroupIBConfig):
         super().__init__(cfg)
@@ -88,43 +127,54 @@ class GroupIB(LinearSAE):
         self.membership_logits = nn.Parameter(F.one_hot(torch.arange(cfg.d_sae) // size, g).float())
         self.group_weight = nn.Parameter(torch.zeros(g, size, size))
         self.group_bias = nn.Parameter(torch.zeros(g, size))
-        self.ln_weight = nn.Parameter(torch.ones(g, size))
-        self.ln_bias = nn.Parameter(torch.zeros(g, size))
+        if cfg.group_layernorm:  # only then: DistributedDataParallel refuses parameters a step never uses
+            self.ln_weight = nn.Parameter(torch.ones(g, size))
+            self.ln_bias = nn.Parameter(torch.zeros(g, size))
 
     @property
     def n_groups(self) -> int:
         return self.cfg.d_sae // self.cfg.group_size
 
-    def transform(self, f: Tensor) -> Tensor:
-        """f' = Dropout(f) + Linear_g(f_g) per group, then LayerNorm per group."""
-        fg = f.reshape(*f.shape[:-1], self.n_groups, self.cfg.group_size)
-        mixed = torch.einsum("...gi,gij->...gj", fg, self.group_weight) + self.group_bias
-        out = F.dropout(fg, self.cfg.identity_dropout, self.training) + mixed
+    def transform(self, z: Tensor) -> Tensor:
+        """Dropout(z) + Linear_g(z_g) per group, then the optional LayerNorm (before the ReLU)."""
+        zg = z.reshape(*z.shape[:-1], self.n_groups, self.cfg.group_size)
+        mixed = torch.einsum("...gi,gij->...gj", zg, self.group_weight) + self.group_bias
+        out = F.dropout(zg, self.cfg.identity_dropout, self.training) + mixed
         if self.cfg.group_layernorm:
             out = F.layer_norm(out, (self.cfg.group_size,)) * self.ln_weight + self.ln_bias
-        return out.reshape(f.shape)
+        return out.reshape(z.shape)
 
-    def decode(self, f: Tensor) -> Tensor:
-        return self.transform(f) @ self.W_dec + self.b_dec
+    def encode(self, x: Tensor) -> Tensor:
+        """f = ReLU(transform(z)) on z's support: the sparse code the decoder reads."""
+        z = torch.relu(self.pre_activations(x))
+        return torch.relu(self.transform(z)) * (z > 0)
 
     def membership(self) -> Tensor:
         return torch.softmax(self.membership_logits / self.cfg.membership_temperature, dim=-1)
+
+    def own_groups(self) -> Tensor:
+        """(d_sae, G) one-hot: each latent's own (argmax membership) group."""
+        return F.one_hot(self.membership().argmax(-1), self.n_groups).to(self.membership_logits.dtype)
 
     def group_signals(self, f: Tensor) -> Tensor:
         """s_g = sum_i M[i, g] f_i: (..., d_sae) -> (..., G)."""
         return f @ self.membership()
 
     def independence(self, f: Tensor, mask: Tensor) -> Tensor:
-        """L_MI: mean over valid windows and group pairs i != j of -log(1 - |corr| + eps)."""
-        g = self.n_groups
+        """L_MI: mean over valid windows of the sum over ordered live group pairs i != j of
+        -log(1 - |corr| + eps); pairs with a group silent in the window are left out."""
+        g, c = self.n_groups, self.cfg
         if g < 2:
             return f.new_zeros(())
-        corr, valid = window_correlations(self.group_signals(f), mask, self.cfg.window, self.cfg.window_stride)
+        corr, valid = window_correlations(self.group_signals(f), mask, c.window, c.window_stride)
         if not bool(valid.any()):
             return f.new_zeros(())
+        active = (f.detach() > 0).to(f.dtype) @ self.own_groups().to(f.dtype)
+        live = window_live_groups(active, mask, c.window, c.window_stride)
         off = ~torch.eye(g, dtype=torch.bool, device=f.device)
-        per_window = -torch.log(1 - corr[valid][:, off].abs() + self.cfg.mi_eps)
-        return per_window.mean()
+        pairs = live.unsqueeze(-1) & live.unsqueeze(-2) & off  # (B, W, G, G)
+        per_pair = -torch.log(1 - corr.abs() + c.mi_eps)
+        return torch.where(pairs, per_pair, torch.zeros_like(per_pair)).sum((-1, -2))[valid].mean()
 
     def contrast(self) -> Tensor:
         m = self.membership()
@@ -139,11 +189,22 @@ class GroupIB(LinearSAE):
         x_hat = self.decode(f)
         terms = {
             "mse": mse_loss(x_hat[mask], x[mask]),
-            "l1": c.l1_coeff * f[mask].sum(-1).mean(),
-            "mi": c.mi_coeff * self.independence(f, mask),
-            "contrast": c.contrast_coeff * self.contrast(),
+            "l1": paper_weight(c.l1_coeff, c.d_in) * f[mask].sum(-1).mean(),
+            "mi": paper_weight(c.mi_coeff, c.d_in) * self.independence(f, mask),
+            "contrast": paper_weight(c.contrast_coeff, c.d_in) * self.contrast(),
         }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+
+    def _scale_latents(self, c: float) -> None:
+        """f scales with z and the group biases, or with the LayerNorm's affine map when it is on
+        (the LayerNorm output does not scale with z)."""
+        if self.cfg.group_layernorm:
+            self.ln_weight.mul_(c)
+            self.ln_bias.mul_(c)
+            self.W_dec.div_(c)
+        else:
+            super()._scale_latents(c)  # W_enc, b_enc times c, W_dec / c
+            self.group_bias.mul_(c)
 
     @torch.no_grad()
     def diagnostics(self, x, mask=None):
@@ -155,7 +216,7 @@ class GroupIB(LinearSAE):
         return {
             "assignment_entropy": float(categorical_entropy(occupancy)),
             "membership_entropy": float(categorical_entropy(m).mean()),
-            "inter_group_correlation": mean_abs_correlation(self.group_signals(f[mask])),
+            "inter_group_correlation": mean_abs_correlation(f[mask] @ self.own_groups()),
             "centroid_cosine": mean_offdiag_cosine(membership_centroids(self.W_dec, m)),
             "window_mi": float(self.independence(f, mask)),
         }

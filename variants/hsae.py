@@ -3,41 +3,61 @@ d_sae / 2 each (the paper's k/2 + k/2):
 
   z1 = ReLU(x W1 + b1),   z2 = ReLU(z1 W2 + b2),
   x_hat = (z2 Wd2 + bd2) Wd1 + z1 Ws + bd1,
-  loss = MSE + l1_level1 ||z1||_1 + l1_level2 ||z2||_1 + gram_coeff ||G1 * G2||_F^2 / B^2,
+  loss = MSE + w(l1_level1) ||z1||_1 + w(l1_level2) ||z2||_1 + w(gram_coeff) ||G1 * G2||_F^2,
+  w(c) = c * d_in (`paper_weight`),
 
-with G_l = Z_l Z_l^T the B x B Gram matrices of the batch. Rows are the per-latent directions:
-Wd1 (d_sae/2 x d_in), Wd2 (d_sae/2 x d_sae/2) and Ws (d_sae/2 x d_in); Wd1 and Wd2 have unit-norm
-rows (renormalised after each step), Ws does not (the paper constrains only those two).
-The latents are [z1, z2] concatenated; `decode` takes that vector.
+with G_l = Z_l Z_l^T the B x B Gram matrices of the batch. Rows are the per-latent maps: Ws
+(d_sae/2 x d_in, level 1's skip path), W2 (d_sae/2 x d_sae/2, how each z1 latent feeds level 2),
+Wd2 (d_sae/2 x d_sae/2) and Wd1 (d_sae/2 x d_in). The paper constrains only Wd1 and Wd2; here
+every map that reads a latent has unit-norm rows (renormalised after each step): Ws and W2 read
+z1, Wd2 reads z2, Wd1 reads Wd2's output. Otherwise Ws and W2 absorb a shrinking z1, the level-1
+L1 stops controlling the per-level zero fraction (the paper's headline number) and the Gram term
+can be lowered for free. The latents are [z1, z2] concatenated; `decode` takes that vector.
+
+Conventions: MSE summed over d_in, averaged over tokens. The paper's coefficients (0.03, 0.05,
+0.02) weigh its terms against an MSE averaged over d_in, so each is applied times d_in. The L1s
+are summed over a level's latents and averaged over tokens. The Gram term is the paper's: summed
+over all B x B token pairs, no division by B^2 (the first implementation divided by B^2, which
+made its weight 1 / B^2 of the paper's: 1 / 4.2M at B = 2048); it grows with B^2 and with the
+latents' scale^8, so at the paper's weight it dominates the loss. Its diagonal (a = b) penalises
+||z1_a||^2 ||z2_a||^2, as the paper's formula does.
+
+Initialisation from data (`b_dec_init`): bd1 at the batch's geometric median and b1 shifted so
+that z1 = ReLU((x - median) W1) at the start, as a linear SAE that subtracts b_dec.
 
 Decoder directions: x_hat is linear in (z1, z2), so each latent's exact direction is its column of
 the Jacobian: Ws row i for level-1 latent i (its skip path, the only way z1 reaches x_hat
 linearly) and (Wd2 Wd1) row j for level-2 latent j.
 
+Rescaling moves (`rescalings`): all latents, level 1 only (z1 by c, W2 and Ws by 1/c) and level 2
+only (W2 and b2 by c, Wd2 by 1/c); after_step's unit rows undo each.
+
 Cost per step: three matmuls B x d_in x d_sae/2 (encode, skip, Wd1), two B x (d_sae/2)^2
 (W2, Wd2), and two B x B x d_sae/2 Gram matrices (B^2 memory: 16 MiB at B = 2048).
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, mse_loss, param
-from variants.common import gram_matrix, tied_init
+from variants.base import ConfigError, LossOut, Variant, VariantConfig, param
+from variants.common import geometric_median, gram_matrix, mse_loss, paper_weight, tied_init
 
 
 @dataclass(kw_only=True)
 class HSAEConfig(VariantConfig):
-    l1_level1: float = param(0.03, "lambda_1: L1 weight on the level-1 latents z1")
-    l1_level2: float = param(0.05, "lambda_2: L1 weight on the level-2 latents z2")
-    gram_coeff: float = param(0.02, "lambda_d: weight of ||G1 * G2||_F^2 / B^2 (disentanglement)")
+    l1_level1: float = param(0.03, "lambda_1: L1 weight on the level-1 latents z1 (paper's scale, applied x d_in)")
+    l1_level2: float = param(0.05, "lambda_2: L1 weight on the level-2 latents z2 (paper's scale, applied x d_in)")
+    gram_coeff: float = param(0.02, "lambda_d: weight of ||G1 * G2||_F^2 summed over the B x B token pairs "
+                                    "(paper's scale, applied x d_in)")
     optimizer: str = param("adamw", "'adam' or 'adamw'")
     weight_decay: float = param(0.01, "AdamW weight decay (the paper names AdamW only: PyTorch's default)")
     lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
     batch_size: int = param(2048, "activation tokens per optimiser step")
-    normalize_decoder: bool = param(True, "renormalise the rows of Wd1 and Wd2 to unit norm after each step")
+    normalize_decoder: bool = param(True, "renormalise the rows of Ws, W2, Wd1 and Wd2 to unit norm after each step")
     seed: int = param(42, "seed for the initial weights")
 
     def __post_init__(self):
@@ -50,6 +70,7 @@ class HSAE(Variant):
     Config = HSAEConfig
     description = "Two-level hierarchical SAE (d_sae / 2 latents per level, d_sae even) with a skip connection"
     architecture = "hsae"
+    term_coefficients = {"l1_level1": "l1_level1", "l1_level2": "l1_level2", "gram": "gram_coeff"}
 
     def __init__(self, cfg: HSAEConfig):
         super().__init__(cfg)
@@ -75,9 +96,8 @@ class HSAE(Variant):
         return (z2 @ self.Wd2 + self.bd2) @ self.Wd1 + z1 @ self.Ws + self.bd1
 
     def gram_penalty(self, z1: Tensor, z2: Tensor) -> Tensor:
-        """||G1 * G2||_F^2 / B^2."""
-        batch = z1.shape[0]
-        return (gram_matrix(z1) * gram_matrix(z2)).pow(2).sum() / batch**2
+        """||G1 * G2||_F^2 over the B x B token pairs of z1, z2 (B, d_sae / 2), unnormalised."""
+        return (gram_matrix(z1) * gram_matrix(z2)).pow(2).sum()
 
     def loss(self, x, step=0, mask=None):
         c = self.cfg
@@ -86,9 +106,10 @@ class HSAE(Variant):
         x_hat = self.decode(f)
         terms = {
             "mse": mse_loss(x_hat, x),
-            "l1_level1": c.l1_level1 * z1.sum(-1).mean(),
-            "l1_level2": c.l1_level2 * z2.sum(-1).mean(),
-            "gram": c.gram_coeff * self.gram_penalty(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1])),
+            "l1_level1": paper_weight(c.l1_level1, c.d_in) * z1.sum(-1).mean(),
+            "l1_level2": paper_weight(c.l1_level2, c.d_in) * z2.sum(-1).mean(),
+            "gram": paper_weight(c.gram_coeff, c.d_in) * self.gram_penalty(z1.reshape(-1, z1.shape[-1]),
+                                                                          z2.reshape(-1, z2.shape[-1])),
         }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
@@ -98,8 +119,37 @@ class HSAE(Variant):
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:
-        for w in (self.Wd1, self.Wd2):
+        """Unit rows for every map that reads a latent (Ws, W2 read z1; Wd2 reads z2; Wd1)."""
+        for w in (self.Ws, self.W2, self.Wd1, self.Wd2):
             w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor) -> None:
+        """bd1 at the batch's geometric median, b1 shifted so the encoder reads x - median."""
+        if self.cfg.b_dec_init == "geometric_median":
+            median = geometric_median(x.reshape(-1, x.shape[-1])).to(self.bd1)
+            self.b1.sub_(median @ self.W1)
+            self.bd1.copy_(median)
+
+    def _scale_latents(self, c: float) -> None:
+        """Both levels: z1 by c (W1, b1), z2 by c (b2; W2 already sees c z1), readers Ws, Wd2 by 1/c."""
+        for p in (self.W1, self.b1, self.b2):
+            p.mul_(c)
+        self.Ws.div_(c)
+        self.Wd2.div_(c)
+
+    def rescalings(self, c: float) -> dict[str, Variant]:
+        """All latents, level 1 alone (W2 and Ws absorb it) and level 2 alone (Wd2 absorbs it)."""
+        level1, level2 = copy.deepcopy(self), copy.deepcopy(self)
+        with torch.no_grad():
+            for p in (level1.W1, level1.b1):
+                p.mul_(c)
+            level1.W2.div_(c)
+            level1.Ws.div_(c)
+            for p in (level2.W2, level2.b2):
+                p.mul_(c)
+            level2.Wd2.div_(c)
+        return {**super().rescalings(c), "level1": level1, "level2": level2}
 
     @torch.no_grad()
     def diagnostics(self, x, mask=None):

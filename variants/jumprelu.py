@@ -7,6 +7,17 @@ rectangle kernel K(u) = 1{|u| < 1/2} of width `bandwidth` (epsilon):
 and d JumpReLU / d z = H(z - theta) while H itself passes no gradient to z (as in the paper).
 Pre-activations subtract b_dec first (save with apply_b_dec_to_input = true).
 
+Conventions: loss = MSE + lambda(t) * L0, MSE summed over d_in and L0 summed over latents, both
+averaged over tokens: the paper's own form (its reconstruction term is the squared L2 norm, on
+normalised activations), so l0_coeff is on the paper's scale with no conversion. The L0 term is
+a count, independent of d_in while the MSE grows with it, so lambda is tuned per model and layer
+(the paper tunes it per sparsity target). lambda ramps linearly from 0 over l0_warmup_steps
+(10,000 in the paper), capped at 10% of the run once the platform calls `begin_run`, like the lr
+warm-up, so runs and search trials shorter than 100,000 steps still reach their own lambda.
+
+Rescaling: L0 counts latents, so scaling z, theta and the thresholds by c and W_dec by 1/c
+changes no term; decoder rows are unit norm anyway (after_step).
+
 Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls plus elementwise work.
 """
 
@@ -17,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import linear_ramp
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.common import mse_loss, linear_ramp
 
 
 @dataclass(kw_only=True)
@@ -26,7 +37,8 @@ class JumpReLUConfig(VariantConfig):
     bandwidth: float = param(0.001, "width epsilon of the rectangle kernel of the thresholds' gradient estimator")
     threshold_init: float = param(0.001, "initial threshold theta of every latent")
     l0_coeff: float = param(1.0, "weight lambda of the L0 penalty (tuned per model and layer; 1.0 is a starting point)")
-    l0_warmup_steps: int = param(10_000, "steps over which lambda ramps linearly from 0 (Rajamanoharan et al.)")
+    l0_warmup_steps: int = param(10_000, "steps over which lambda ramps linearly from 0 (Rajamanoharan et al.; "
+                                 "capped at 10% of the run)")
     lr: float = param(7.0e-5, "learning rate")
     batch_size: int = param(4096, "activation tokens per optimiser step")
 
@@ -86,6 +98,7 @@ class JumpReLU(LinearSAE):
     Config = JumpReLUConfig
     description = "JumpReLU SAE: learnt thresholds via straight-through estimators, L0 penalty"
     architecture = "jumprelu"
+    term_coefficients = {"l0": "l0_coeff"}
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
@@ -98,6 +111,11 @@ class JumpReLU(LinearSAE):
         """(d_sae,) thresholds theta, as saved in the jumprelu format."""
         return self.log_threshold.exp()
 
+    def _scale_latents(self, c: float) -> None:
+        """The thresholds are in latent units, so they scale with the pre-activations."""
+        super()._scale_latents(c)
+        self.log_threshold.add_(math.log(c))
+
     def encode(self, x: Tensor) -> Tensor:
         return jumprelu(self.pre_activations(x), self.jumprelu_threshold(), self.cfg.bandwidth)
 
@@ -107,7 +125,7 @@ class JumpReLU(LinearSAE):
         f = jumprelu(pre, theta, self.cfg.bandwidth)
         x_hat = self.decode(f)
         l0 = step_fn(pre, theta, self.cfg.bandwidth).sum(-1).mean()
-        coeff = linear_ramp(step, self.cfg.l0_warmup_steps, end=self.cfg.l0_coeff)
+        coeff = linear_ramp(step, self.penalty_warmup(self.cfg.l0_warmup_steps), end=self.cfg.l0_coeff)
         terms = {"mse": mse_loss(x_hat, x), "l0": coeff * l0}
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 

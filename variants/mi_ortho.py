@@ -4,11 +4,31 @@ their mutual information, pay a co-activation penalty scaled by that MI.
 Every `refresh_interval` steps (inside `loss`, without gradients) the penalised pair set T is
 rebuilt from the batch: the latents active in it (at most `max_active_latents`, the most often
 firing) give candidate pairs by |Pearson correlation| (one m x m matmul), the `n_candidates` most
-correlated pairs get a Gaussian-KDE MI estimate on the first `kde_tokens` tokens (bandwidth
-h = bandwidth_factor * n^(-1/5), in the latents' own units), and the pairs above the
-`pair_percentile` percentile of those estimates are kept. Each kept pair (i, j) costs
-tau_ij * (a_i . a_j / B)^2 with tau_ij = base_weight * exp(mi_scale * I_ij). T and its MI values
-sit in fixed-size buffers (n_candidates slots plus a count), so checkpoints carry them.
+correlated pairs get a Gaussian-KDE MI estimate on the first `kde_tokens` tokens, standardised
+per latent (bandwidth h = bandwidth_factor * n^(-1/5) in standard deviations: mutual information
+does not depend on the latents' scale, so neither must its estimate, nor which pairs are kept,
+nor their weights), and the pairs above the `pair_percentile` percentile of those estimates are
+kept. Each kept pair (i, j) costs tau_ij * (a_i . a_j)^2 with tau_ij = base_weight *
+exp(mi_scale * I_ij), a_i the batch column of latent i. T and its MI values sit in fixed-size
+buffers (n_candidates slots plus a count), so checkpoints carry them.
+
+  loss = MSE + w(l1_coeff) ||f||_1 + w(1) * sum over T of tau_ij (a_i . a_j)^2,  w(c) = c * d_in.
+
+Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
+over tokens. The paper's penalty tau_ij ||f_i^T f_j||^2 is kept at its own scale: the
+co-activation a_i . a_j is summed over the batch's tokens (not divided by B: the first
+implementation's (a_i . a_j / B)^2 was 1 / B^2 of the paper's weight) and the penalties are
+summed over the pairs of T. The paper's coefficients (0.04 and the tau weights) weigh its terms
+against an MSE averaged over d_in, so both terms are applied times d_in (`paper_weight`). The
+pair term grows with B^2, as in the paper.
+
+On standardised latents h = 0.15 n^(-1/5) is about 1/7 of Silverman's rule (1.06 n^(-1/5)), so the
+estimate is biased upwards for dense continuous pairs (about 1.5 nats for an independent Gaussian
+pair at n = 256) and much less for sparse latents, mostly exact zeros (about 0.1 nats): the ranking
+that picks T does not depend on it, tau does (bandwidth_factor is a config field).
+
+Rescaling: L1 and pair penalty fall with the latents (the pair set and tau do not move: the MI
+estimate is scale free), but decoder rows are unit norm (after_step).
 
 Cost per step: the linear SAE's two (B x d_in x d_sae) matmuls plus a (B x |T|) gather for the
 penalty. A refresh step adds a (B x m x m) correlation (m <= max_active_latents) and an
@@ -22,16 +42,17 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
-from variants.common import correlation_matrix, kde_bandwidth, kde_mutual_information
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.common import correlation_matrix, kde_bandwidth, kde_mutual_information, mse_loss, paper_weight
 
 
 @dataclass(kw_only=True)
 class MIOrthoConfig(VariantConfig):
-    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1")
+    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
     mi_scale: float = param(2.0, "tau_ij = base_weight * exp(mi_scale * I_ij)")
     base_weight: float = param(0.5, "tau_ij = base_weight * exp(mi_scale * I_ij)")
-    bandwidth_factor: float = param(0.15, "KDE bandwidth h = bandwidth_factor * n^(-1/5), n = tokens used")
+    bandwidth_factor: float = param(0.15, "KDE bandwidth h = bandwidth_factor * n^(-1/5) on standardised latents, "
+                                          "n = tokens used")
     pair_percentile: float = param(90.0, "keep candidate pairs whose MI is above this percentile")
     refresh_interval: int = param(20, "steps between refreshes of the penalised pair set")
     n_candidates: int = param(1024, "most correlated active pairs whose MI is estimated (also the pair buffer size)")
@@ -51,11 +72,18 @@ class MIOrthoConfig(VariantConfig):
             raise ConfigError("refresh_interval and n_candidates must be >= 1, kde_tokens >= 2")
 
 
+def standardise(a: Tensor) -> Tensor:
+    """Columns of a (n, k) at zero mean and unit standard deviation (constant columns at zero)."""
+    centred = a - a.mean(0)
+    return centred / centred.pow(2).mean(0).sqrt().clamp_min(1e-12)
+
+
 @register("mi_ortho")
 class MIOrtho(LinearSAE):
     Config = MIOrthoConfig
     description = "ReLU SAE + MI-scaled co-activation penalty on the KDE-most-dependent latent pairs"
     architecture = "mi_ortho"
+    term_coefficients = {"l1": "l1_coeff", "mi_ortho": "base_weight"}
 
     def __init__(self, cfg: MIOrthoConfig):
         super().__init__(cfg)
@@ -75,8 +103,9 @@ class MIOrtho(LinearSAE):
         return self.pairs[:n], self.pair_mi[:n]
 
     def estimate_pair_mi(self, f: Tensor, pairs: Tensor) -> Tensor:
-        """KDE MI of latent pairs (P, 2) on the first kde_tokens tokens of latents f (N, d_sae)."""
-        sample = f[: self.cfg.kde_tokens].detach()
+        """KDE MI of latent pairs (P, 2) on the first kde_tokens tokens of latents f (N, d_sae),
+        each latent standardised over those tokens first (a constant latent stays at 0: MI 0)."""
+        sample = standardise(f[: self.cfg.kde_tokens].detach())
         h = kde_bandwidth(sample.shape[0], self.cfg.bandwidth_factor)
         return kde_mutual_information(sample[:, pairs[:, 0]].T, sample[:, pairs[:, 1]].T, h)
 
@@ -104,11 +133,11 @@ class MIOrtho(LinearSAE):
         self.pair_count.fill_(n)
 
     def pair_penalty(self, f: Tensor) -> Tensor:
-        """sum over T of tau_ij * (a_i . a_j / B)^2."""
+        """sum over T of tau_ij * (a_i . a_j)^2, the co-activation summed over the batch's tokens."""
         pairs, mi = self.active_pairs()
         if pairs.shape[0] == 0:
             return f.new_zeros(())
-        co = (f[:, pairs[:, 0]] * f[:, pairs[:, 1]]).mean(0)
+        co = (f[:, pairs[:, 0]] * f[:, pairs[:, 1]]).sum(0)
         tau = self.cfg.base_weight * torch.exp(self.cfg.mi_scale * mi)
         return (tau * co.pow(2)).sum()
 
@@ -119,8 +148,8 @@ class MIOrtho(LinearSAE):
         x_hat = self.decode(F.dropout(f, self.cfg.latent_dropout, self.training))
         terms = {
             "mse": mse_loss(x_hat, x),
-            "l1": self.cfg.l1_coeff * f.sum(-1).mean(),
-            "mi_ortho": self.pair_penalty(f),
+            "l1": paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * f.sum(-1).mean(),
+            "mi_ortho": paper_weight(1.0, self.cfg.d_in) * self.pair_penalty(f),  # tau_ij carries the weights
         }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 

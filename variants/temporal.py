@@ -2,18 +2,30 @@
 (B, T, d_in) with a mask (B, T) of real tokens. The encoder input of token t is the token plus
 dilated causal convolutions over the preceding tokens of the same context:
 
-  u_t = x_t + sum over dilations d, taps k = 1..kernel_size of W_{d,k} x_{t - k d},
+  u_t = x_t + sum over offsets o in O of W_o x_{t - o},
+  O = {k d : d in dilations, k = 1..kernel_size - 1}   (distinct offsets),
   f_t = ReLU((u_t - b_dec) W_enc + b_enc),   x_hat_t = f_t W_dec + b_dec   (reconstructs x_t),
-  loss = MSE + l1_coeff * ||f||_1 over masked-in tokens.
+  loss = MSE + paper_weight(l1_coeff, d_in) * ||f||_1 over masked-in tokens.
 
-W_{d,k} is a per-channel scale (depthwise, `depthwise`) or a full d_in x d_in map; the taps start
+A kernel of size K at dilation d reads offsets 0, d, ..., (K - 1) d (VARIANTS.md: size 2 at
+dilation d reads 0 and d). Offset 0 is the token itself for every dilation: one shared identity
+path, not a tap per dilation (a learnt tap there would only repeat W_enc). Offsets that several
+dilations reach (2 is 1 x 2 and 2 x 1 when K = 3) get one tap, since two taps on the same
+offset are one parameter in two places. Default K = 2, dilations 1, 2, 4: taps at 1, 2 and 4.
+
+W_o is a per-channel scale (depthwise, `depthwise`) or a full d_in x d_in map; the taps start
 at zero, so training starts from a plain ReLU SAE. Masked-out positions (BOS, padding) are
 zeroed before the convolutions so they never leak into later tokens; `encode(x, mask)` takes the
 same mask (without one, every position counts as real). Positions before the context start read
 zeros. `encode` and `decode` accept (B, T, d_in) or a single context (T, d_in).
 
+Conventions: MSE summed over d_in, averaged over masked-in tokens; ||f||_1 summed over latents,
+averaged over tokens; l1_coeff is the papers' per-element 0.04, applied times d_in.
+
+Rescaling: the L1 falls with the latents, but decoder rows are unit norm (after_step).
+
 Cost per step: the linear SAE's two (B*T x d_in x d_sae) matmuls plus the convolutions:
-len(dilations) * kernel_size * B*T*d_in (depthwise) or * B*T*d_in^2 (full).
+len(offsets) * B*T*d_in (depthwise) or len(offsets) * B*T*d_in^2 (full).
 """
 
 from dataclasses import dataclass
@@ -23,7 +35,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, mse_loss, param
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.common import mse_loss, paper_weight
 
 
 def parse_dilations(text: str) -> list[int]:
@@ -39,9 +52,9 @@ def parse_dilations(text: str) -> list[int]:
 @dataclass(kw_only=True)
 class TemporalConfig(VariantConfig):
     dilations: str = param("1,2,4", "comma-separated dilations of the causal convolutions ('1' is single-scale)")
-    kernel_size: int = param(2, "taps per convolution, each reaching k * dilation tokens back (k = 1..kernel_size)")
+    kernel_size: int = param(2, "kernel size K: at dilation d it reads offsets 0, d, ..., (K-1) d (1: the token only)")
     depthwise: bool = param(True, "per-channel convolution taps; false: a full d_in x d_in map per tap")
-    l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (the papers' baseline penalty)")
+    l1_coeff: float = param(0.04, "weight of ||f||_1 (the papers' baseline, per-element scale, applied x d_in)")
     optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
     weight_decay: float = param(0.01, "AdamW weight decay")
     lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
@@ -52,6 +65,11 @@ class TemporalConfig(VariantConfig):
         parse_dilations(self.dilations)
         if self.kernel_size < 1:
             raise ConfigError(f"kernel_size must be >= 1, got {self.kernel_size}")
+
+
+def tap_offsets(dilations: list[int], kernel_size: int) -> list[int]:
+    """The distinct offsets k * d (k = 1..kernel_size - 1) the taps read; offset 0 is the identity."""
+    return sorted({k * d for d in dilations for k in range(1, kernel_size)})
 
 
 def shift_back(x: Tensor, offset: int) -> Tensor:
@@ -67,15 +85,19 @@ class Temporal(LinearSAE):
     description = "Multi-scale temporal SAE: encoder reads the token plus dilated causal convolutions (1, 2, 4)"
     architecture = "temporal"
     batch_layout = "contexts"
+    term_coefficients = {"l1": "l1_coeff"}
 
     def __init__(self, cfg: TemporalConfig):
         super().__init__(cfg)
-        self.offsets = [k * d for d in parse_dilations(cfg.dilations) for k in range(1, cfg.kernel_size + 1)]
+        self.offsets = tap_offsets(parse_dilations(cfg.dilations), cfg.kernel_size)
         shape = (len(self.offsets), cfg.d_in) if cfg.depthwise else (len(self.offsets), cfg.d_in, cfg.d_in)
-        self.taps = nn.Parameter(torch.zeros(shape))
+        # No taps at all for kernel_size 1: DistributedDataParallel refuses parameters a step never uses.
+        self.taps = nn.Parameter(torch.zeros(shape)) if self.offsets else None
 
     def encoder_input(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """u = x + the dilated causal convolutions of the (masked) preceding tokens."""
+        if self.taps is None:
+            return x
         src = x if mask is None else x * mask.unsqueeze(-1).to(x.dtype)
         u = x
         for tap, offset in zip(self.taps, self.offsets):
@@ -91,7 +113,8 @@ class Temporal(LinearSAE):
             mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         f = self.encode(x, mask)
         x_hat = self.decode(f)
-        terms = {"mse": mse_loss(x_hat[mask], x[mask]), "l1": self.cfg.l1_coeff * f[mask].sum(-1).mean()}
+        terms = {"mse": mse_loss(x_hat[mask], x[mask]),
+                 "l1": paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * f[mask].sum(-1).mean()}
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
     @torch.no_grad()
