@@ -68,8 +68,18 @@ def mlflow_store(session_dir):
 def tiny_args(tmp: Path, **changes):
     from saeforge.jobs.arguments import TrainArgs
 
-    base = dict(model="tiny", layer="3", tokens=12_000, d_sae=128, eval_contexts=8, max_l0=1e9,
-                checkpoint_every=5, log_every=5, storage=str(tmp / "runs"), overrides={"batch_size": "512"})
+    base = {
+        "model": "tiny",
+        "layer": "3",
+        "tokens": 12_000,
+        "d_sae": 128,
+        "eval_contexts": 8,
+        "max_l0": 1e9,
+        "checkpoint_every": 5,
+        "log_every": 5,
+        "storage": str(tmp / "runs"),
+        "overrides": {"batch_size": "512"},
+    }
     base.update(changes)
     return TrainArgs(**base)
 
@@ -79,5 +89,6 @@ def tiny_run(ray_session, mlflow_store, session_dir):
     """One real end-to-end run on the tiny Gemma: Ray Data producers -> Ray Train -> MLflow."""
     from saeforge.jobs.train import run_train
 
-    return run_train(tiny_args(session_dir, run_name="tiny-e2e", eval_suites="disentanglement"),
-                     progress=lambda *_: None)
+    return run_train(
+        tiny_args(session_dir, run_name="tiny-e2e", eval_suites="disentanglement"), progress=lambda *_: None
+    )

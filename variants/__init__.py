@@ -29,6 +29,7 @@ def register(name: str):
         if cls.__module__.rsplit(".", 1)[-1] != name:
             raise ValueError(f"variant '{name}' must live in variants/{name}.py")
         cls.name = name
+        cls.architecture = cls.saelens_architecture or f"saeforge_{name}"
         _REGISTRY[name] = cls
         return cls
 
@@ -66,5 +67,15 @@ def from_config_dict(name: str, cfg: dict) -> Variant:
 
 _load_all()
 
-__all__ = ["ConfigError", "LossOut", "UnknownVariant", "Variant", "VariantConfig", "build", "from_config_dict",
-           "get", "names", "register"]
+__all__ = [
+    "ConfigError",
+    "LossOut",
+    "UnknownVariant",
+    "Variant",
+    "VariantConfig",
+    "build",
+    "from_config_dict",
+    "get",
+    "names",
+    "register",
+]

@@ -39,11 +39,14 @@ from variants.common import paper_weight
 @dataclass(kw_only=True)
 class AdaptiveMaskConfig(VariantConfig):
     l1_coeff: float = param(0.04, "weight of ||f||_1 on the gated latents (papers' per-element scale, applied x d_in)")
-    mask_l1_coeff: float = param(0.001, "weight of sum_i sigmoid(mask_logit_i) on the gates (per-element scale, "
-                                        "applied x d_in)")
+    mask_l1_coeff: float = param(
+        0.001, "weight of sum_i sigmoid(mask_logit_i) on the gates (per-element scale, applied x d_in)"
+    )
     mask_init_logit: float = param(2.0, "initial gate logit of every latent (sigmoid(2) ~ 0.88)")
-    normalize_encoder: bool = param(True, "renormalise encoder columns to unit norm after each step, so the gate "
-                                          "cannot be absorbed into the encoder")
+    normalize_encoder: bool = param(
+        True,
+        "renormalise encoder columns to unit norm after each step, so the gate cannot be absorbed into the encoder",
+    )
     optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
     weight_decay: float = param(0.01, "AdamW weight decay")
     lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
@@ -55,7 +58,6 @@ class AdaptiveMaskConfig(VariantConfig):
 class AdaptiveMask(LinearSAE):
     Config = AdaptiveMaskConfig
     description = "ReLU SAE with a learnt per-latent sigmoid importance gate and an L1 on the gates"
-    architecture = "adaptive_mask"
     term_coefficients = {"l1": "l1_coeff", "mask_l1": "mask_l1_coeff"}
 
     def __init__(self, cfg: AdaptiveMaskConfig):
@@ -70,8 +72,10 @@ class AdaptiveMask(LinearSAE):
 
     def penalties(self, x, f, x_hat, step):
         d_in = self.cfg.d_in
-        return {"l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
-                "mask_l1": paper_weight(self.cfg.mask_l1_coeff, d_in) * self.gates().sum()}
+        return {
+            "l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
+            "mask_l1": paper_weight(self.cfg.mask_l1_coeff, d_in) * self.gates().sum(),
+        }
 
     def after_step(self, step: int) -> None:
         super().after_step(step)
@@ -91,5 +95,8 @@ class AdaptiveMask(LinearSAE):
     @torch.no_grad()
     def diagnostics(self, x, mask=None):
         gates = self.gates()
-        return {"mask_mean": float(gates.mean()), "mask_below_half": float((gates < 0.5).float().mean()),
-                "zero_fraction": float((self.encode(x) == 0).float().mean())}
+        return {
+            "mask_mean": float(gates.mean()),
+            "mask_below_half": float((gates < 0.5).float().mean()),
+            "zero_fraction": float((self.encode(x) == 0).float().mean()),
+        }

@@ -45,8 +45,12 @@ class VariantConfig:
     grad_clip: float = param(0.0, "clip the gradient norm at this value; 0 turns clipping off")
     batch_size: int = param(1024, "activation tokens per optimiser step")
     normalize_decoder: bool = param(True, "renormalise decoder rows to unit norm after each step")
-    b_dec_init: str = param("geometric_median", "decoder bias set by init_from_data: 'geometric_median' of the "
-                            "first batch (Gao et al.) or 'init' (keep the constructor's)")
+    b_dec_init: str = param(
+        "geometric_median",
+        "decoder bias set by init_from_data: 'geometric_median' of the "
+        "first batch (Gao et al.) or 'init' (keep the constructor's)",
+    )
+    init_norm: float = param(0.1, "norm of the initial decoder rows (the encoder starts as their transpose)")
     seed: int = param(0, "seed for the initial weights")
 
     @classmethod
@@ -56,7 +60,7 @@ class VariantConfig:
         return {name: kinds.get(t if isinstance(t, str) else t.__name__, str) for name, t in hints.items()}
 
     @classmethod
-    def build(cls, *, d_in: int, d_sae: int, overrides: dict[str, Any] | None = None) -> "VariantConfig":
+    def build(cls, *, d_in: int, d_sae: int, overrides: dict[str, Any] | None = None) -> VariantConfig:
         """Build a config from the run's sizes plus `name=value` overrides (strings are coerced)."""
         types = cls.field_types()
         values: dict[str, Any] = {}
@@ -102,8 +106,9 @@ class LossOut:
 class Variant(nn.Module):
     """Base class of every SAE variant.
 
-    A subclass sets `Config`, `description`, `architecture` (the cfg.json value),
-    `term_coefficients` and, if it needs whole contexts in token order,
+    A subclass sets `Config`, `description`, `saelens_architecture` when it is exactly one of
+    SAELens's architectures (its cfg.json `architecture`; the others get "saeforge_<name>",
+    which cannot collide with SAELens's), `term_coefficients` and, if it needs whole contexts in token order,
     `batch_layout = "contexts"`; it implements `encode`, `decode`, usually `penalties`, and
     `_scale_latents` (see `rescaled_latents`). State refreshed every N steps lives in registered
     buffers so that checkpoints carry it.
@@ -116,7 +121,8 @@ class Variant(nn.Module):
     Config: ClassVar[type[VariantConfig]] = VariantConfig
     name: ClassVar[str] = ""  # set by variants.register
     description: ClassVar[str] = ""
-    architecture: ClassVar[str] = ""
+    saelens_architecture: ClassVar[str | None] = None  # "standard", "topk", "jumprelu", ...: SAELens loads it
+    architecture: ClassVar[str] = ""  # the cfg.json value, set by variants.register
     batch_layout: ClassVar[str] = "tokens"  # "tokens": (N, d_in) rows; "contexts": (B, T, d_in)
     # Loss term -> the config field that weights it (every term but "mse" has one): the contract
     # tests check each term scales with its coefficient and enters the total.
@@ -155,15 +161,6 @@ class Variant(nn.Module):
         terms = {"mse": mse_loss(x_hat, x), **self.penalties(x, f, x_hat, step)}
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
-    def begin_run(self, total_steps: int) -> None:  # TEMP until the variants work lands
-        pass
-
-    def init_from_data(self, x: Tensor) -> None:  # TEMP until the variants work lands
-        pass
-
-    def saelens_fields(self) -> dict:  # TEMP
-        return {"activation_fn_kwargs": {"k": self.cfg.k}} if hasattr(self.cfg, "k") else {}
-
     def after_step(self, step: int) -> None:
         """Called after every optimiser step (decoder renormalisation by default)."""
         if self.cfg.normalize_decoder:
@@ -180,9 +177,10 @@ class Variant(nn.Module):
         return {}
 
     def saelens_tensors(self) -> dict[str, Tensor]:
-        """Extra tensors SAELens needs under its own names (e.g. JumpReLU's `threshold`), saved
-        beside the state dict so SAELens can load the file; our loader ignores them."""
-        return {}
+        """The tensors of sae_weights.safetensors, the file SAELens reads. A SAELens architecture
+        returns exactly SAELens's tensors in raw activation units (the activation scale folded
+        in, see LinearSAE); any other variant its parameters as they are (normalised units)."""
+        return dict(self.named_parameters())
 
     def decoder_directions(self) -> Tensor:
         """(d_sae, d_in): one decoder direction per latent (used for shared cosine statistics)."""
@@ -206,7 +204,7 @@ class Variant(nn.Module):
         token rows) of a fresh run, before step 0 (never on resume). Default: nothing."""
 
     # -- the rescaling property ------------------------------------------------------------------
-    def rescaled_latents(self, c: float) -> "Variant":
+    def rescaled_latents(self, c: float) -> Variant:
         """A copy whose latents are c times this SAE's and whose readers of the latents are 1/c
         times, so its reconstruction is unchanged. A penalty must not fall under this move, or
         the variant's constraints (`after_step`, e.g. unit-norm decoder rows) must undo it: the
@@ -216,7 +214,7 @@ class Variant(nn.Module):
             clone._scale_latents(c)
         return clone
 
-    def rescalings(self, c: float) -> dict[str, "Variant"]:
+    def rescalings(self, c: float) -> dict[str, Variant]:
         """Every reconstruction-preserving rescaling move of this variant, by name: the latents
         move, plus any code inside the SAE a penalty reads (a gate, one level of a hierarchy)."""
         return {"latents": self.rescaled_latents(c)}
@@ -253,7 +251,7 @@ class LinearSAE(Variant):
 
     def __init__(self, cfg: VariantConfig):
         super().__init__(cfg)
-        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed)
+        self.W_enc, self.W_dec = tied_init(cfg.d_in, cfg.d_sae, cfg.seed, cfg.init_norm)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -272,6 +270,16 @@ class LinearSAE(Variant):
         inputs and the first reconstructions start at the data's centre, robust to outliers."""
         if self.cfg.b_dec_init == "geometric_median":
             self.b_dec.copy_(geometric_median(x.reshape(-1, x.shape[-1])).to(self.b_dec))
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """For a SAELens architecture, SAELens's four tensors with the activation scale s
+        (x_normalised = s * x_raw) folded in: W_enc * s, W_dec / s, b_dec / s, b_enc unchanged,
+        so every pre-activation on raw activations equals ours on normalised ones and the
+        reconstruction comes out in raw units (SAELens's convention; NOTES-APIS.md)."""
+        if self.saelens_architecture is None:
+            return super().saelens_tensors()
+        s = self.act_scale
+        return {"W_enc": self.W_enc * s, "W_dec": self.W_dec / s, "b_enc": self.b_enc, "b_dec": self.b_dec / s}
 
     def _scale_latents(self, c: float) -> None:
         """The pre-activations (hence ReLU / top-k latents) scale with W_enc and b_enc."""

@@ -57,7 +57,7 @@ def batch_topk_relu(pre: Tensor, k: int) -> Tensor:
 class BatchTopK(TopK):
     Config = BatchTopKConfig
     description = "BatchTopK SAE: top k*B activations per batch in training, a learnt threshold at inference"
-    architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
@@ -109,6 +109,10 @@ class BatchTopK(TopK):
 
     def saelens_fields(self) -> dict:
         return {}  # saved as a plain JumpReLU SAE: the threshold is all SAELens needs
+
+    def saelens_tensors(self) -> dict[str, Tensor]:
+        """A JumpReLU SAE's tensors: the linear ones folded, the learnt threshold for every latent."""
+        return {**super().saelens_tensors(), "threshold": self.jumprelu_threshold()}
 
     def diagnostics(self, x, mask=None):
         return {"threshold": float(self.threshold[0]), "threshold_updates": float(self.threshold_updates)}

@@ -108,8 +108,9 @@ def linear_ramp(step: int, ramp_steps: int, end: float = 1.0, start: float = 0.0
 
 
 # -- correlation and Gram matrices ---------------------------------------------------------------
-def correlation_matrix(a: Tensor, index: Tensor | None = None, weights: Tensor | None = None,
-                       min_var: float = 1e-10) -> Tensor:
+def correlation_matrix(
+    a: Tensor, index: Tensor | None = None, weights: Tensor | None = None, min_var: float = 1e-10
+) -> Tensor:
     """Pearson correlation between the columns of `a` (..., n, k) -> (..., k, k), optionally only
     for the columns in `index` and weighting rows by `weights` (..., n) (a token mask): every
     correlation penalty and metric reads it. A constant column correlates 0 with everything
@@ -152,7 +153,7 @@ def mean_abs_correlation(latents: Tensor, max_latents: int | None = 4096, chunk:
     z = centred / std.clamp_min(1e-5) * live
     total = 0.0
     for start in range(0, k, chunk):
-        block = (z[:, start:start + chunk].T @ z / a.shape[0]).abs().clamp(max=1.0)
+        block = (z[:, start : start + chunk].T @ z / a.shape[0]).abs().clamp(max=1.0)
         rows = torch.arange(start, min(start + chunk, k), device=a.device)
         block[torch.arange(rows.numel(), device=a.device), rows] = 0.0
         total += float(block.sum())
@@ -182,9 +183,9 @@ def kde_mutual_information(x: Tensor, y: Tensor, bandwidth: float, chunk_elems: 
     out = []
     step = max(1, chunk_elems // max(1, n * n))
     for start in range(0, x.shape[0], step):
-        xs, ys = x[start:start + step], y[start:start + step]
-        kx = torch.exp(-(xs.unsqueeze(-1) - xs.unsqueeze(-2)).pow(2) / (2 * bandwidth ** 2))  # (p, n, n)
-        ky = torch.exp(-(ys.unsqueeze(-1) - ys.unsqueeze(-2)).pow(2) / (2 * bandwidth ** 2))
+        xs, ys = x[start : start + step], y[start : start + step]
+        kx = torch.exp(-(xs.unsqueeze(-1) - xs.unsqueeze(-2)).pow(2) / (2 * bandwidth**2))  # (p, n, n)
+        ky = torch.exp(-(ys.unsqueeze(-1) - ys.unsqueeze(-2)).pow(2) / (2 * bandwidth**2))
         joint = (kx * ky).mean(-1)
         out.append((joint.log() - kx.mean(-1).log() - ky.mean(-1).log()).mean(-1))
     return torch.cat(out) if out else x.new_zeros(0)
@@ -219,8 +220,9 @@ def mean_offdiag_cosine(vectors: Tensor) -> float:
     return float((cos.sum() - cos.diagonal().sum()) / (k * (k - 1)))
 
 
-def topk_family_terms(x: Tensor, x_hat: Tensor, pre: Tensor, w_dec: Tensor, dead: Tensor, aux_k: int,
-                      aux_coeff: float) -> dict[str, Tensor]:
+def topk_family_terms(
+    x: Tensor, x_hat: Tensor, pre: Tensor, w_dec: Tensor, dead: Tensor, aux_k: int, aux_coeff: float
+) -> dict[str, Tensor]:
     """The top-k family's loss terms (topk, batchtopk): MSE plus AuxK on the `dead` latents, on
     one scale. Gao et al. add aux_coeff x AuxK (a variance ratio) to an MSE normalised by the
     data's variance; our MSE is summed over d_in, i.e. total_variance(x) times theirs, so AuxK is

@@ -44,8 +44,15 @@ from torch.nn import functional as F
 
 from variants import register
 from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
-from variants.common import (categorical_entropy, info_nce_to_centroids, mean_abs_correlation, mean_offdiag_cosine,
-                             membership_centroids, mse_loss, paper_weight)
+from variants.common import (
+    categorical_entropy,
+    info_nce_to_centroids,
+    mean_abs_correlation,
+    mean_offdiag_cosine,
+    membership_centroids,
+    mse_loss,
+    paper_weight,
+)
 
 
 @dataclass(kw_only=True)
@@ -55,15 +62,19 @@ class ContrastiveHierConfig(VariantConfig):
     key_dim: int = param(64, "width of the key projection and the group queries")
     assign_temperature_init: float = param(1.0, "initial value of the learnt assignment temperature tau")
     refresh_interval: int = param(50, "steps between refreshes of the hard group assignment")
-    entropy_coeff: float = param(0.01, "weight of the entropy regulariser on the mean group assignment "
-                                       "(paper's scale, applied x d_in)")
+    entropy_coeff: float = param(
+        0.01, "weight of the entropy regulariser on the mean group assignment (paper's scale, applied x d_in)"
+    )
     l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
-    coarse_ortho_coeff: float = param(0.4, "alpha_L1: weight of ||H_i^T H_j||_F between coarse groups "
-                                           "(paper's scale, applied x d_in)")
-    fine_ortho_coeff: float = param(0.2, "alpha_L2: weight of ||H^T H||_F between sibling fine groups "
-                                         "(paper's scale, applied x d_in)")
-    contrast_coeff: float = param(0.1, "weight of the InfoNCE term against fine-group centroids "
-                                       "(paper's scale, applied x d_in)")
+    coarse_ortho_coeff: float = param(
+        0.4, "alpha_L1: weight of ||H_i^T H_j||_F between coarse groups (paper's scale, applied x d_in)"
+    )
+    fine_ortho_coeff: float = param(
+        0.2, "alpha_L2: weight of ||H^T H||_F between sibling fine groups (paper's scale, applied x d_in)"
+    )
+    contrast_coeff: float = param(
+        0.1, "weight of the InfoNCE term against fine-group centroids (paper's scale, applied x d_in)"
+    )
     contrast_temperature: float = param(0.1, "temperature of the InfoNCE term")
     input_layernorm: bool = param(True, "LayerNorm on the encoder input")
     optimizer: str = param("adamw", "'adam' or 'adamw'")
@@ -113,9 +124,13 @@ def hierarchical_ortho(f: Tensor, fine_id: Tensor, n_coarse: int, n_fine: int) -
 class ContrastiveHier(LinearSAE):
     Config = ContrastiveHierConfig
     description = "ReLU SAE with 8x8 learnt latent groups: hierarchical co-activation orthogonality + InfoNCE"
-    architecture = "contrastive_hier"
-    term_coefficients = {"l1": "l1_coeff", "ortho_coarse": "coarse_ortho_coeff", "ortho_fine": "fine_ortho_coeff",
-                         "contrast": "contrast_coeff", "entropy": "entropy_coeff"}
+    term_coefficients = {
+        "l1": "l1_coeff",
+        "ortho_coarse": "coarse_ortho_coeff",
+        "ortho_fine": "fine_ortho_coeff",
+        "contrast": "contrast_coeff",
+        "entropy": "entropy_coeff",
+    }
 
     def __init__(self, cfg: ContrastiveHierConfig):
         super().__init__(cfg)
@@ -123,8 +138,9 @@ class ContrastiveHier(LinearSAE):
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.W_key = nn.Parameter(torch.randn(cfg.d_in, cfg.key_dim, generator=gen) / math.sqrt(cfg.d_in))
         self.q_coarse = nn.Parameter(torch.randn(cfg.n_coarse, cfg.key_dim, generator=gen) / math.sqrt(cfg.key_dim))
-        self.q_fine = nn.Parameter(torch.randn(cfg.n_coarse * cfg.n_fine, cfg.key_dim, generator=gen)
-                                   / math.sqrt(cfg.key_dim))
+        self.q_fine = nn.Parameter(
+            torch.randn(cfg.n_coarse * cfg.n_fine, cfg.key_dim, generator=gen) / math.sqrt(cfg.key_dim)
+        )
         self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.assign_temperature_init)))
         self.register_buffer("assignment", torch.zeros(cfg.d_sae, dtype=torch.long))
         self.refresh_assignment()
@@ -161,8 +177,12 @@ class ContrastiveHier(LinearSAE):
         coarse_m, fine_m = self.membership()
         coarse_ortho, fine_ortho = hierarchical_ortho(f.reshape(-1, c.d_sae), self.assignment, c.n_coarse, c.n_fine)
         centroids = membership_centroids(self.W_dec, fine_m)
-        entropy_gap = (math.log(c.n_coarse) - categorical_entropy(coarse_m.mean(0))
-                       + math.log(self.n_groups) - categorical_entropy(fine_m.mean(0)))
+        entropy_gap = (
+            math.log(c.n_coarse)
+            - categorical_entropy(coarse_m.mean(0))
+            + math.log(self.n_groups)
+            - categorical_entropy(fine_m.mean(0))
+        )
         contrast = info_nce_to_centroids(self.W_dec, centroids, self.assignment, c.contrast_temperature)
         terms = {
             "mse": mse_loss(x_hat, x),

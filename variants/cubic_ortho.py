@@ -42,8 +42,11 @@ from variants.common import correlation_matrix, gram_matrix, linear_ramp, paper_
 @dataclass(kw_only=True)
 class CubicOrthoConfig(VariantConfig):
     l1_coeff: float = param(0.04, "weight lambda of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
-    ortho_alpha: float = param(0.001, "final weight alpha of Omega (paper's scale, applied x d_in); gamma(t) ramps "
-                                      "0 -> alpha over warmup_steps, capped like the lr warm-up")
+    ortho_alpha: float = param(
+        0.001,
+        "final weight alpha of Omega (paper's scale, applied x d_in); gamma(t) ramps "
+        "0 -> alpha over warmup_steps, capped like the lr warm-up",
+    )
     power: float = param(3.0, "exponent on |c_ij|: 3 the paper's cubic form, 2 its quadratic ablation")
     eps0: float = param(0.0, "base tolerance on |<w_i, w_j>|; 0 gives the paper's plain cubic form")
     beta: float = param(1.0, "activation-aware tolerance eps_ij = eps0 * (1 + a_i a_j)^(-beta)")
@@ -56,8 +59,7 @@ class CubicOrthoConfig(VariantConfig):
             raise ConfigError("omega_max_latents must be >= 2")
 
 
-def omega(f: Tensor, w_dec: Tensor, power: float, eps0: float, beta: float,
-          max_latents: int | None = None) -> Tensor:
+def omega(f: Tensor, w_dec: Tensor, power: float, eps0: float, beta: float, max_latents: int | None = None) -> Tensor:
     """The orthogonality penalty Omega on latents f (N, d_sae) and decoder rows w_dec (d_sae, d_in)."""
     counts = (f.detach() > 0).sum(0)
     active = torch.nonzero(counts).squeeze(-1)
@@ -79,7 +81,6 @@ def omega(f: Tensor, w_dec: Tensor, power: float, eps0: float, beta: float,
 class CubicOrtho(LinearSAE):
     Config = CubicOrthoConfig
     description = "ReLU SAE + gamma(t) * sum |c_ij|^3 |<w_i,w_j>| orthogonality of correlated latents"
-    architecture = "cubic_ortho"
     term_coefficients = {"l1": "l1_coeff", "ortho": "ortho_alpha"}
 
     def __init__(self, cfg: CubicOrthoConfig):
@@ -107,8 +108,10 @@ class CubicOrtho(LinearSAE):
         if self.training:
             self.last_step.fill_(step)
         d_in = self.cfg.d_in
-        return {"l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
-                "ortho": paper_weight(self.gamma(step), d_in) * self.omega(f)}
+        return {
+            "l1": paper_weight(self.cfg.l1_coeff, d_in) * f.sum(-1).mean(),
+            "ortho": paper_weight(self.gamma(step), d_in) * self.omega(f),
+        }
 
     @torch.no_grad()
     def diagnostics(self, x, mask=None):

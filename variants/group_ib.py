@@ -58,8 +58,16 @@ from torch.nn import functional as F
 
 from variants import register
 from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
-from variants.common import (categorical_entropy, correlation_matrix, info_nce_to_centroids, mean_abs_correlation,
-                             mean_offdiag_cosine, membership_centroids, mse_loss, paper_weight)
+from variants.common import (
+    categorical_entropy,
+    correlation_matrix,
+    info_nce_to_centroids,
+    mean_abs_correlation,
+    mean_offdiag_cosine,
+    membership_centroids,
+    mse_loss,
+    paper_weight,
+)
 
 
 @dataclass(kw_only=True)
@@ -67,8 +75,9 @@ class GroupIBConfig(VariantConfig):
     group_size: int = param(32, "latents per group; d_sae must be a multiple of it (G = d_sae / group_size)")
     membership_temperature: float = param(0.1, "tau of the soft group membership softmax(A / tau)")
     identity_dropout: float = param(0.2, "dropout on the identity path of the group transform, in training")
-    group_layernorm: bool = param(False, "LayerNorm per group in the group transform (paper: on; scale-invariant, "
-                                         "so off by default)")
+    group_layernorm: bool = param(
+        False, "LayerNorm per group in the group transform (paper: on; scale-invariant, so off by default)"
+    )
     window: int = param(32, "consecutive tokens per window of the independence term")
     window_stride: int = param(32, "tokens between window starts (1: every sliding window)")
     l1_coeff: float = param(0.2, "weight of the group-wise L1 sum_g ||f_g||_1 (paper's scale, applied x d_in)")
@@ -116,7 +125,6 @@ def window_live_groups(active: Tensor, mask: Tensor, window: int, stride: int) -
 class GroupIB(LinearSAE):
     Config = GroupIBConfig
     description = "Group-wise information bottleneck: 32-latent groups, window MI independence, InfoNCE"
-    architecture = "group_ib"
     batch_layout = "contexts"
     term_coefficients = {"l1": "l1_coeff", "mi": "mi_coeff", "contrast": "contrast_coeff"}
 
@@ -178,8 +186,9 @@ class GroupIB(LinearSAE):
 
     def contrast(self) -> Tensor:
         m = self.membership()
-        return info_nce_to_centroids(self.W_dec, membership_centroids(self.W_dec, m), m.argmax(-1),
-                                     self.cfg.contrast_temperature)
+        return info_nce_to_centroids(
+            self.W_dec, membership_centroids(self.W_dec, m), m.argmax(-1), self.cfg.contrast_temperature
+        )
 
     def loss(self, x, step=0, mask=None):
         c = self.cfg

@@ -51,8 +51,9 @@ from variants.common import geometric_median, gram_matrix, mse_loss, paper_weigh
 class HSAEConfig(VariantConfig):
     l1_level1: float = param(0.03, "lambda_1: L1 weight on the level-1 latents z1 (paper's scale, applied x d_in)")
     l1_level2: float = param(0.05, "lambda_2: L1 weight on the level-2 latents z2 (paper's scale, applied x d_in)")
-    gram_coeff: float = param(0.02, "lambda_d: weight of ||G1 * G2||_F^2 summed over the B x B token pairs "
-                                    "(paper's scale, applied x d_in)")
+    gram_coeff: float = param(
+        0.02, "lambda_d: weight of ||G1 * G2||_F^2 summed over the B x B token pairs (paper's scale, applied x d_in)"
+    )
     optimizer: str = param("adamw", "'adam' or 'adamw'")
     weight_decay: float = param(0.01, "AdamW weight decay (the paper names AdamW only: PyTorch's default)")
     lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
@@ -69,14 +70,13 @@ class HSAEConfig(VariantConfig):
 class HSAE(Variant):
     Config = HSAEConfig
     description = "Two-level hierarchical SAE (d_sae / 2 latents per level, d_sae even) with a skip connection"
-    architecture = "hsae"
     term_coefficients = {"l1_level1": "l1_level1", "l1_level2": "l1_level2", "gram": "gram_coeff"}
 
     def __init__(self, cfg: HSAEConfig):
         super().__init__(cfg)
         half = cfg.d_sae // 2
-        self.W1, self.Ws = tied_init(cfg.d_in, half, cfg.seed)
-        self.W2, self.Wd2 = tied_init(half, half, cfg.seed + 1)
+        self.W1, self.Ws = tied_init(cfg.d_in, half, cfg.seed, cfg.init_norm)
+        self.W2, self.Wd2 = tied_init(half, half, cfg.seed + 1, cfg.init_norm)
         # Level 2 starts out decoding through the same dictionary as level 1's skip path.
         self.Wd1 = nn.Parameter(self.Ws.detach().clone())
         self.b1 = nn.Parameter(torch.zeros(half))
@@ -108,8 +108,8 @@ class HSAE(Variant):
             "mse": mse_loss(x_hat, x),
             "l1_level1": paper_weight(c.l1_level1, c.d_in) * z1.sum(-1).mean(),
             "l1_level2": paper_weight(c.l1_level2, c.d_in) * z2.sum(-1).mean(),
-            "gram": paper_weight(c.gram_coeff, c.d_in) * self.gram_penalty(z1.reshape(-1, z1.shape[-1]),
-                                                                          z2.reshape(-1, z2.shape[-1])),
+            "gram": paper_weight(c.gram_coeff, c.d_in)
+            * self.gram_penalty(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1])),
         }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
@@ -154,6 +154,8 @@ class HSAE(Variant):
     @torch.no_grad()
     def diagnostics(self, x, mask=None):
         z1, z2 = self.levels(x)
-        return {"zero_fraction_level1": float((z1 == 0).float().mean()),
-                "zero_fraction_level2": float((z2 == 0).float().mean()),
-                "gram_penalty": float(self.gram_penalty(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1])))}
+        return {
+            "zero_fraction_level1": float((z1 == 0).float().mean()),
+            "zero_fraction_level2": float((z2 == 0).float().mean()),
+            "gram_penalty": float(self.gram_penalty(z1.reshape(-1, z1.shape[-1]), z2.reshape(-1, z2.shape[-1]))),
+        }

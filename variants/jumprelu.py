@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from variants import register
 from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
-from variants.common import mse_loss, linear_ramp
+from variants.common import linear_ramp, mse_loss
 
 
 @dataclass(kw_only=True)
@@ -37,8 +37,9 @@ class JumpReLUConfig(VariantConfig):
     bandwidth: float = param(0.001, "width epsilon of the rectangle kernel of the thresholds' gradient estimator")
     threshold_init: float = param(0.001, "initial threshold theta of every latent")
     l0_coeff: float = param(1.0, "weight lambda of the L0 penalty (tuned per model and layer; 1.0 is a starting point)")
-    l0_warmup_steps: int = param(10_000, "steps over which lambda ramps linearly from 0 (Rajamanoharan et al.; "
-                                 "capped at 10% of the run)")
+    l0_warmup_steps: int = param(
+        10_000, "steps over which lambda ramps linearly from 0 (Rajamanoharan et al.; capped at 10% of the run)"
+    )
     lr: float = param(7.0e-5, "learning rate")
     batch_size: int = param(4096, "activation tokens per optimiser step")
 
@@ -97,7 +98,7 @@ def step_fn(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 class JumpReLU(LinearSAE):
     Config = JumpReLUConfig
     description = "JumpReLU SAE: learnt thresholds via straight-through estimators, L0 penalty"
-    architecture = "jumprelu"
+    saelens_architecture = "jumprelu"
     term_coefficients = {"l0": "l0_coeff"}
 
     def __init__(self, cfg: JumpReLUConfig):
@@ -105,7 +106,9 @@ class JumpReLU(LinearSAE):
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.threshold_init)))
 
     def saelens_tensors(self) -> dict[str, Tensor]:
-        return {"threshold": self.jumprelu_threshold().detach()}
+        """SAELens's jumprelu tensors: the linear ones folded, and the thresholds, which are in
+        pre-activation units and so unchanged by the fold."""
+        return {**super().saelens_tensors(), "threshold": self.jumprelu_threshold()}
 
     def jumprelu_threshold(self) -> Tensor:
         """(d_sae,) thresholds theta, as saved in the jumprelu format."""

@@ -51,8 +51,9 @@ class MIOrthoConfig(VariantConfig):
     l1_coeff: float = param(0.04, "weight of the L1 penalty ||f||_1 (paper's scale, applied x d_in)")
     mi_scale: float = param(2.0, "tau_ij = base_weight * exp(mi_scale * I_ij)")
     base_weight: float = param(0.5, "tau_ij = base_weight * exp(mi_scale * I_ij)")
-    bandwidth_factor: float = param(0.15, "KDE bandwidth h = bandwidth_factor * n^(-1/5) on standardised latents, "
-                                          "n = tokens used")
+    bandwidth_factor: float = param(
+        0.15, "KDE bandwidth h = bandwidth_factor * n^(-1/5) on standardised latents, n = tokens used"
+    )
     pair_percentile: float = param(90.0, "keep candidate pairs whose MI is above this percentile")
     refresh_interval: int = param(20, "steps between refreshes of the penalised pair set")
     n_candidates: int = param(1024, "most correlated active pairs whose MI is estimated (also the pair buffer size)")
@@ -82,7 +83,6 @@ def standardise(a: Tensor) -> Tensor:
 class MIOrtho(LinearSAE):
     Config = MIOrthoConfig
     description = "ReLU SAE + MI-scaled co-activation penalty on the KDE-most-dependent latent pairs"
-    architecture = "mi_ortho"
     term_coefficients = {"l1": "l1_coeff", "mi_ortho": "base_weight"}
 
     def __init__(self, cfg: MIOrthoConfig):
@@ -156,8 +156,10 @@ class MIOrtho(LinearSAE):
     @torch.no_grad()
     def diagnostics(self, x, mask=None):
         pairs, stored_mi = self.active_pairs()
-        out = {"pair_count": float(pairs.shape[0]),
-               "stored_pair_mi": float(stored_mi.mean()) if pairs.shape[0] else 0.0}
+        out = {
+            "pair_count": float(pairs.shape[0]),
+            "stored_pair_mi": float(stored_mi.mean()) if pairs.shape[0] else 0.0,
+        }
         if pairs.shape[0]:
             f = self.encode(x).reshape(-1, self.cfg.d_sae)
             out["pair_mi"] = float(self.estimate_pair_mi(f, pairs).mean())

@@ -7,7 +7,8 @@ Conventions: MSE summed over d_in, averaged over tokens; the L1 summed over late
 over tokens. l1_coeff is on the seed papers' per-element scale (their baseline 0.04 weighs the
 L1 against an MSE averaged over d_in), so the code applies l1_coeff * d_in (`paper_weight`):
 0.04 is about 25.6 at d_in 640. Anthropic's April 2024 recipe (lambda ~5, our MSE convention,
-with an L1 warm-up) is l1_coeff = 5 / d_in here. The default that measurably gives a sparse,
+with an L1 warm-up: `l1_warmup_steps`, capped at 10% of a run like every penalty warm-up) is
+l1_coeff = 5 / d_in here. The default that measurably gives a sparse,
 faithful SAE in the default run's budget is left to the recipe sweep.
 
 Rescaling: the L1 weighs each latent by its decoder norm, so scaling f_i by c and w_i by 1/c
@@ -20,12 +21,13 @@ from dataclasses import dataclass
 
 from variants import register
 from variants.base import LinearSAE, VariantConfig, param
-from variants.common import decoder_norm_weighted_l1, paper_weight
+from variants.common import decoder_norm_weighted_l1, linear_ramp, paper_weight
 
 
 @dataclass(kw_only=True)
 class ReluConfig(VariantConfig):
     l1_coeff: float = param(0.04, "weight of sum_i f_i ||w_i|| on the papers' per-element scale (applied x d_in)")
+    l1_warmup_steps: int = param(0, "steps over which the L1 weight ramps from 0 (capped at 10% of a run); 0: none")
     normalize_decoder: bool = param(False, "the L1 is weighted by decoder norms instead")
 
 
@@ -33,8 +35,9 @@ class ReluConfig(VariantConfig):
 class Relu(LinearSAE):
     Config = ReluConfig
     description = "ReLU SAE, loss = MSE + l1_coeff * sum_i f_i ||w_i|| (standard baseline)"
-    architecture = "standard"
+    saelens_architecture = "standard"
     term_coefficients = {"l1": "l1_coeff"}
 
     def penalties(self, x, f, x_hat, step):
-        return {"l1": paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * decoder_norm_weighted_l1(f, self.W_dec)}
+        ramp = linear_ramp(step, self.penalty_warmup(self.cfg.l1_warmup_steps))
+        return {"l1": ramp * paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * decoder_norm_weighted_l1(f, self.W_dec)}

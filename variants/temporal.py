@@ -83,7 +83,6 @@ def shift_back(x: Tensor, offset: int) -> Tensor:
 class Temporal(LinearSAE):
     Config = TemporalConfig
     description = "Multi-scale temporal SAE: encoder reads the token plus dilated causal convolutions (1, 2, 4)"
-    architecture = "temporal"
     batch_layout = "contexts"
     term_coefficients = {"l1": "l1_coeff"}
 
@@ -113,8 +112,10 @@ class Temporal(LinearSAE):
             mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         f = self.encode(x, mask)
         x_hat = self.decode(f)
-        terms = {"mse": mse_loss(x_hat[mask], x[mask]),
-                 "l1": paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * f[mask].sum(-1).mean()}
+        terms = {
+            "mse": mse_loss(x_hat[mask], x[mask]),
+            "l1": paper_weight(self.cfg.l1_coeff, self.cfg.d_in) * f[mask].sum(-1).mean(),
+        }
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
     @torch.no_grad()
@@ -123,5 +124,7 @@ class Temporal(LinearSAE):
             mask = torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
         u = self.encoder_input(x, mask)
         temporal = (u - x)[mask].norm(dim=-1) / x[mask].norm(dim=-1).clamp_min(1e-8)
-        return {"temporal_input_ratio": float(temporal.mean()),
-                "zero_fraction": float((self.encode(x, mask)[mask] == 0).float().mean())}
+        return {
+            "temporal_input_ratio": float(temporal.mean()),
+            "zero_fraction": float((self.encode(x, mask)[mask] == 0).float().mean()),
+        }

@@ -48,7 +48,7 @@ class TopKConfig(VariantConfig):
 class TopK(LinearSAE):
     Config = TopKConfig
     description = "TopK SAE: k largest pre-activations per token, AuxK loss on dead latents"
-    architecture = "topk"
+    saelens_architecture = "topk"
     term_coefficients = {"auxk": "aux_coeff"}
 
     def aux_latents(self) -> int:
@@ -74,4 +74,5 @@ class TopK(LinearSAE):
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
 
     def saelens_fields(self) -> dict:
-        return {"activation_fn_kwargs": {"k": self.cfg.k}}
+        """SAELens 6.x reads k from the top level (without it, k silently becomes 100)."""
+        return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}

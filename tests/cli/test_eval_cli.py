@@ -13,8 +13,16 @@ import pytest
 
 from saeforge.cli import main
 
-FAST = ["--suite", "core,disentanglement", "--set", "core.contexts=2", "--set", "disentanglement.contexts=2",
-        "--set", "disentanglement.kde_tokens=64"]
+FAST = [
+    "--suite",
+    "core,disentanglement",
+    "--set",
+    "core.contexts=2",
+    "--set",
+    "disentanglement.contexts=2",
+    "--set",
+    "disentanglement.kde_tokens=64",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -45,21 +53,26 @@ def test_eval_a_saved_folder_logs_only_with_a_run_id(tiny_run, tmp_path, capsys,
     assert main(["eval", folder, "--suite", "core", "--set", "core.contexts=2"]) == 0
     assert "not logged to MLflow" in capsys.readouterr().out
     assert (tmp_path / "eval_sae.json").is_file()  # the default report name
-    assert main(["eval", folder, "--suite", "core", "--set", "core.contexts=2", "--json", "--run-id",
-                 tiny_run["run_id"]]) == 0
+    assert (
+        main(["eval", folder, "--suite", "core", "--set", "core.contexts=2", "--json", "--run-id", tiny_run["run_id"]])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["logged"] is True
 
 
-@pytest.mark.parametrize("args, message", [
-    (["./no/such/sae"], "cannot read './no/such/sae'"),
-    (["models:/no-such-model/1"], "cannot read 'models:/no-such-model/1'"),
-    (["runs:/0123456789abcdef"], "cannot read 'runs:/0123456789abcdef'"),
-    (["models:/x"], "use models:/NAME@ALIAS"),
-    (["./x", "--suite", "core,nope"], "unknown evaluation suite 'nope' (known: absorption, core,"),
-    (["./x", "--set", "probing.bogus=1"], "unknown option 'bogus' for suite 'probing'"),
-    (["./x", "--set", "core.contexts=lots"], "core.contexts expects int"),
-    (["SAE_FOLDER", "--run-id", "0123456789abcdef"], "cannot log to run '0123456789abcdef'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["./no/such/sae"], "cannot read './no/such/sae'"),
+        (["models:/no-such-model/1"], "cannot read 'models:/no-such-model/1'"),
+        (["runs:/0123456789abcdef"], "cannot read 'runs:/0123456789abcdef'"),
+        (["models:/x"], "use models:/NAME@ALIAS"),
+        (["./x", "--suite", "core,nope"], "unknown evaluation suite 'nope' (known: absorption, core,"),
+        (["./x", "--set", "probing.bogus=1"], "unknown option 'bogus' for suite 'probing'"),
+        (["./x", "--set", "core.contexts=lots"], "core.contexts expects int"),
+        (["SAE_FOLDER", "--run-id", "0123456789abcdef"], "cannot log to run '0123456789abcdef'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tiny_run, args, message, capsys):
     folder = str(Path(tiny_run["checkpoint"]) / "sae")
     assert main(["eval", *[folder if a == "SAE_FOLDER" else a for a in args]]) == 2
@@ -69,8 +82,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, args, message, capsys):
 
 def test_bad_input_from_the_command_line_leaves_nothing_behind(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run([sys.executable, "-m", "saeforge.cli", "eval", "models:/anything@champion"],
-                            cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "saeforge.cli", "eval", "models:/anything@champion"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no MLflow store" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "mlflow.db").exists()  # no empty store created as a side effect
@@ -78,8 +97,22 @@ def test_bad_input_from_the_command_line_leaves_nothing_behind(tmp_path):
 
 def test_eval_a_run_reads_the_sae_it_logged(tiny_run, tmp_path, capsys):
     out = tmp_path / "run.json"
-    assert main(["eval", f"runs:/{tiny_run['run_id']}", "--suite", "core", "--set", "core.contexts=2",
-                 "--out", str(out), "--no-log"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                f"runs:/{tiny_run['run_id']}",
+                "--suite",
+                "core",
+                "--set",
+                "core.contexts=2",
+                "--out",
+                str(out),
+                "--no-log",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["run_id"] == tiny_run["run_id"]
     assert "not logged to MLflow (--no-log)" in capsys.readouterr().out

@@ -11,17 +11,21 @@ import pytest
 def cli(args, cwd, env_extra=None):
     env = {**os.environ, **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "saeforge.cli", *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "saeforge.cli", *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--variant", "nope"], "unknown variant 'nope' (known: "),
-    (["--layer", "42"], "layer 42 is out of range: tiny has 8 layers"),
-    (["--model", "./no/such/model"], "cannot read a model"),
-    (["--set", "l1_coeff=abc"], "l1_coeff expects float"),
-    (["--resume", "/no/such/run"], "cannot resume"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--variant", "nope"], "unknown variant 'nope' (known: "),
+        (["--layer", "42"], "layer 42 is out of range: tiny has 8 layers"),
+        (["--model", "./no/such/model"], "cannot read a model"),
+        (["--set", "l1_coeff=abc"], "l1_coeff expects float"),
+        (["--resume", "/no/such/run"], "cannot resume"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path, args, message):
     result = cli(["train", "--model", "tiny", *args], tmp_path)
     assert result.returncode == 2, result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,6 +33,7 @@ def relu_sae(d_in: int, d_sae: int) -> variants.Variant:
 
 # -- registry ------------------------------------------------------------------------------------
 
+
 def test_registry_is_the_only_list_of_suites():
     names = eval_suites.names()
     assert eval_suites.parse_suites("all") == names == eval_suites.parse_suites(None)
@@ -49,6 +49,7 @@ def test_registry_is_the_only_list_of_suites():
 
 
 # -- planted cases -------------------------------------------------------------------------------
+
 
 def test_latent_that_is_the_class_direction_probes_as_well_as_the_model():
     rng = np.random.default_rng(0)
@@ -138,8 +139,8 @@ def tiny_ctx(tiny_model):
 
 
 def _token_acts(ctx, texts):
-    from saeforge.core.eval_suites.context import hook_activations, pack_texts
     from saeforge.core.corpus import valid_mask
+    from saeforge.core.eval_suites.context import hook_activations, pack_texts
 
     ids = torch.from_numpy(pack_texts(ctx, texts, 64).astype(np.int64))
     return hook_activations(ctx.model, ctx.hook, ids)[valid_mask(ids, ctx.special_ids)]
@@ -151,8 +152,12 @@ def test_clamping_a_planted_forget_only_latent_raises_forget_loss_only(tiny_ctx)
     def spell(letters: str, n: int) -> list[str]:  # n texts of 12 five-letter random words
         return [" ".join("".join(rng.choice(list(letters), 5)) for _ in range(12)) for _ in range(n)]
 
-    texts = {"forget_train": spell("zqxjk", 6), "forget_test": spell("zqxjk", 4),
-             "retain_train": spell("aeiotns", 6), "retain_test": spell("aeiotns", 4)}
+    texts = {
+        "forget_train": spell("zqxjk", 6),
+        "forget_test": spell("zqxjk", 4),
+        "retain_train": spell("aeiotns", 6),
+        "retain_test": spell("aeiotns", 4),
+    }
     ctx = tiny_ctx
     forget = _token_acts(ctx, texts["forget_train"] + texts["forget_test"])
     retain = _token_acts(ctx, texts["retain_train"] + texts["retain_test"])
@@ -168,8 +173,17 @@ def test_clamping_a_planted_forget_only_latent_raises_forget_loss_only(tiny_ctx)
         sae.W_dec[0] = u
     assert ((forget @ u + sae.b_enc[0]) > 0).float().mean() > 0.3  # ...and on many forget tokens
     m = 20 * forget.norm(dim=-1).mean().item()
-    result = unlearn_texts(ctx, texts, n_latents=(1,), multipliers=(m,), retain_threshold=0.0, retain_keep=0.99,
-                           train_contexts=8, eval_contexts=8, batch_contexts=4)
+    result = unlearn_texts(
+        ctx,
+        texts,
+        n_latents=(1,),
+        multipliers=(m,),
+        retain_threshold=0.0,
+        retain_keep=0.99,
+        train_contexts=8,
+        eval_contexts=8,
+        batch_contexts=4,
+    )
     (setting,) = result.tables["unlearning grid"]
     assert setting["latents_used"] == 1 and result.metrics["candidate_latents"] == 1
     # The random tiny model predicts almost uniformly (CE near log 259), so even a large edit moves
@@ -223,15 +237,24 @@ def test_probing_tasks_from_local_files_use_the_datasets_code_path(tiny_ctx, tmp
     rows = [{"body": {"en": f"sport match {i} goal team win"}, "label": 1} for i in range(60)]
     rows += [{"body": {"en": f"market price {i} bank trade"}, "label": 0} for i in range(60)]
     (tmp_path / "news.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    tasks = [{"name": "sport_vs_business", "dataset": str(tmp_path / "news.jsonl"), "text_column": "body.en",
-              "label_column": "label", "positive": [1], "fields": {"source": "local"}}]
+    tasks = [
+        {
+            "name": "sport_vs_business",
+            "dataset": str(tmp_path / "news.jsonl"),
+            "text_column": "body.en",
+            "label_column": "label",
+            "positive": [1],
+            "fields": {"source": "local"},
+        }
+    ]
     (tmp_path / "tasks.json").write_text(json.dumps(tasks))
     from saeforge.core.eval_suites.probing import select_tasks
 
     (task,) = select_tasks("file", 5, str(tmp_path / "tasks.json"))
     assert all(r["source"] == "local" for r in task.sources[0].records())
-    result = eval_suites.get("probing").run(tiny_ctx, tasks="file", task_file=str(tmp_path / "tasks.json"),
-                                             train_size=40, test_size=10, ks=(1,))
+    result = eval_suites.get("probing").run(
+        tiny_ctx, tasks="file", task_file=str(tmp_path / "tasks.json"), train_size=40, test_size=10, ks=(1,)
+    )
     (row,) = result.tables["probing"]
     assert row["task"] == "sport_vs_business" and row["test"] >= 4
     assert row["llm_acc"] > 0.9  # the two classes differ in every word

@@ -29,7 +29,9 @@ def naive_metrics(model, sae, contexts, special):
         ids = torch.from_numpy(row.astype(np.int64))[None]
         real = [int(t) not in special for t in row]
         seen = {}
-        handle = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("x", o[0] if isinstance(o, tuple) else o))
+        handle = layer.register_forward_hook(
+            lambda m, i, o, seen=seen: seen.update(x=o[0] if isinstance(o, tuple) else o)
+        )
         clean = model(input_ids=ids).logits[0].double()
         handle.remove()
         x = seen["x"][0]
@@ -40,7 +42,9 @@ def naive_metrics(model, sae, contexts, special):
         for t in range(len(row)):
             if real[t]:
                 one = x[t : t + 1] * sae.act_scale
-                edited[t] = whole[t] if sae.batch_layout == "contexts" else sae.decode(sae.encode(one))[0] / sae.act_scale
+                edited[t] = (
+                    whole[t] if sae.batch_layout == "contexts" else sae.decode(sae.encode(one))[0] / sae.act_scale
+                )
                 rows.append(x[t].double().numpy())
                 recons.append(edited[t].double().numpy())
         logits = {"clean": clean}
@@ -60,13 +64,22 @@ def naive_metrics(model, sae, contexts, special):
     x, x_hat = np.array(rows), np.array(recons)
     ev = 1 - ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
     means = {k: np.mean(v) for k, v in ce.items()}
-    return {"explained_variance": ev, "ce_loss_clean": means["clean"], "ce_loss_sae": means["sae"],
-            "ce_loss_zero": means["zero"], "kl_div_sae": np.mean(kl_sae), "kl_div_zero": np.mean(kl_zero),
-            "ce_loss_recovered": (means["zero"] - means["sae"]) / (means["zero"] - means["clean"]),
-            "mse": ((x - x_hat) ** 2).sum(-1).mean(), "eval_tokens": len(x)}
+    return {
+        "explained_variance": ev,
+        "ce_loss_clean": means["clean"],
+        "ce_loss_sae": means["sae"],
+        "ce_loss_zero": means["zero"],
+        "kl_div_sae": np.mean(kl_sae),
+        "kl_div_zero": np.mean(kl_zero),
+        "ce_loss_recovered": (means["zero"] - means["sae"]) / (means["zero"] - means["clean"]),
+        "mse": ((x - x_hat) ** 2).sum(-1).mean(),
+        "eval_tokens": len(x),
+    }
 
 
-@pytest.mark.parametrize("name", ["relu", next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")])
+@pytest.mark.parametrize(
+    "name", ["relu", next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")]
+)
 def test_core_metrics_match_an_independent_computation(name):
     tok = ByteTokenizer()
     special = corpus.special_ids(tok)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from saeforge.errors import UserError
 from saeforge.core.hooks import HookPoint, capture, layers_needed, replace
 from saeforge.core.model import ByteTokenizer, build_tiny_model, load_config, load_model, resolve_model, run_slice
+from saeforge.errors import UserError
 
 
 def full_and_sliced(spec, hook, ids):

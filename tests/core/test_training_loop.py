@@ -1,19 +1,21 @@
 """The Ray-free training loop on planted sparse features (batches of whole contexts, as the stream
-makes them), and the SAE file layout."""
+makes them)."""
 
-import json
 import math
 
 import pytest
 import torch
 
 import variants
-from saeforge.core import sae_files
-from saeforge.core.sae_files import SaeMeta
-from saeforge.core.training import (LoopSettings, LoopState, effective_warmup, estimate_act_scale, lr_factor,
-                                    start_fresh, train_loop)
-
-META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki")
+from saeforge.core.training import (
+    LoopSettings,
+    LoopState,
+    effective_warmup,
+    estimate_act_scale,
+    lr_factor,
+    start_fresh,
+    train_loop,
+)
 
 
 def planted_batches(n_batches, contexts=8, length=33, d=16, n_features=48, scale=50.0, seed=0):
@@ -37,8 +39,12 @@ def test_loop_lowers_the_loss_on_planted_features(name):
     overrides = {"lr": "3e-3", "warmup_steps": "10"} | ({"k": "4"} if name == "topk" else {})
     variant = variants.build(name, d_in=16, d_sae=64, overrides=overrides)
     logs = []
-    state = train_loop(variant, start_fresh(variant, planted_batches(300)), LoopSettings(300, log_every=30),
-                       on_log=lambda s, m: logs.append(m))
+    state = train_loop(
+        variant,
+        start_fresh(variant, planted_batches(300)),
+        LoopSettings(300, log_every=30),
+        on_log=lambda s, m: logs.append(m),
+    )
     assert state.step == 300 and state.tokens_seen == 300 * 256
     assert logs[-1]["loss"] < 0.5 * logs[0]["loss"]
     assert logs[-1]["explained_variance"] > 0.7
@@ -87,34 +93,3 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
     assert effective_warmup(variants.build("relu", d_in=4, d_sae=8), 200) == 20
-
-
-@pytest.mark.parametrize("name", ["relu", "topk"])
-def test_sae_folder_round_trip_in_saelens_layout(tmp_path, name):
-    variant = variants.build(name, d_in=16, d_sae=64, overrides={"seed": "3"})
-    variant.act_scale.fill_(0.25)
-    with torch.no_grad():
-        variant.b_enc.add_(0.1)
-    folder = sae_files.save_sae(variant, tmp_path / "sae", META)
-    cfg = json.loads((folder / "cfg.json").read_text())
-    assert {"architecture", "d_in", "d_sae", "hook_name", "model_name", "normalize_activations"} <= set(cfg)
-    assert cfg["saeforge"]["act_scale"] == 0.25 and cfg["saeforge"]["variant"] == name
-    loaded, _ = sae_files.load_sae(folder)
-    x = torch.randn(10, 16) * 4
-    torch.testing.assert_close(loaded.encode_raw(x), variant.eval().encode_raw(x))
-    torch.testing.assert_close(loaded.decode(loaded.encode_raw(x)), variant.decode(variant.encode_raw(x)))
-    assert not list(tmp_path.glob(".sae-*"))  # no staging folder left behind
-
-
-def test_jumprelu_style_variants_save_saelens_threshold(tmp_path):
-    from safetensors.torch import load_file
-
-    for name in variants.names():
-        variant = variants.build(name, d_in=16, d_sae=128)
-        if variant.architecture != "jumprelu":
-            continue
-        folder = sae_files.save_sae(variant, tmp_path / name, META)
-        tensors = load_file(str(folder / "sae_weights.safetensors"))
-        assert {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"} <= set(tensors)
-        assert tensors["threshold"].shape == (128,)
-        sae_files.load_sae(folder)  # extras do not disturb our own loader

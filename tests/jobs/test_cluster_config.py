@@ -30,5 +30,7 @@ def test_cluster_yaml_is_valid_for_the_launcher():
 def test_validation_rejects_unknown_keys():
     cfg = load()
     cfg["not_a_ray_key"] = 1
-    with pytest.raises(Exception):
+    from jsonschema.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="not_a_ray_key"):
         validate(cfg)

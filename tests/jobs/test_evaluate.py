@@ -16,6 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 # -- end to end on the tiny Gemma with a trained SAE ---------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def trained(tiny_run):
     return load_sae(Path(tiny_run["checkpoint"]) / "sae")
@@ -43,7 +44,8 @@ def test_every_suite_end_to_end_on_the_tiny_gemma(trained):
 
 def test_suites_fan_out_as_ray_tasks(trained, ray_session):
     sae, cfg = trained
-    results = run_suites(sae, cfg, "disentanglement", options={"disentanglement": SMALL["disentanglement"]},
-                         use_ray=True)
+    results = run_suites(
+        sae, cfg, "disentanglement", options={"disentanglement": SMALL["disentanglement"]}, use_ray=True
+    )
     local = run_suites(sae, cfg, "disentanglement", options={"disentanglement": SMALL["disentanglement"]})
     assert results["disentanglement"].metrics == pytest.approx(local["disentanglement"].metrics, rel=1e-4)

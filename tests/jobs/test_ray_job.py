@@ -35,13 +35,33 @@ def ray_head(tmp_path):
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rayhead{os.getpid()}"  # short: unix socket paths have a length limit
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", f"--node-manager-port={nm}", f"--object-manager-port={om}",
-         f"--min-worker-port={base}", f"--max-worker-port={base + 99}", f"--temp-dir={temp}", "--num-cpus=8"],
-        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={gcs}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--node-manager-port={nm}",
+            f"--object-manager-port={om}",
+            f"--min-worker-port={base}",
+            f"--max-worker-port={base + 99}",
+            f"--temp-dir={temp}",
+            "--num-cpus=8",
+        ],
+        env=env,
+        stdout=open(tmp_path / "head.log", "w"),  # noqa: SIM115 (open while the head runs)
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -69,13 +89,45 @@ def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
 
     url, env = ray_head
     store = f"sqlite:///{tmp_path / 'jobs.db'}"
-    runtime_env = ('{"env_vars": {"MLFLOW_TRACKING_URI": "%s", "RAY_AUTH_MODE": "disabled"}}' % store)
+    runtime_env = f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{store}", "RAY_AUTH_MODE": "disabled"}}}}'
     submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
-         "--runtime-env-json", runtime_env, "--submission-id", "saeforge-test-job", "--",
-         str(BIN / "saeforge"), "train", "--model", "tiny", "--layer", "2", "--tokens", "6000", "--d-sae", "128",
-         "--set", "batch_size=512", "--eval-contexts", "4", "--max-l0", "1000000", "--storage", str(tmp_path / "runs")],
-        env=env, capture_output=True, text=True, timeout=500)
+        [
+            str(BIN / "ray"),
+            "job",
+            "submit",
+            "--address",
+            url,
+            "--working-dir",
+            str(REPO),
+            "--runtime-env-json",
+            runtime_env,
+            "--submission-id",
+            "saeforge-test-job",
+            "--",
+            str(BIN / "saeforge"),
+            "train",
+            "--model",
+            "tiny",
+            "--layer",
+            "2",
+            "--tokens",
+            "6000",
+            "--d-sae",
+            "128",
+            "--set",
+            "batch_size=512",
+            "--eval-contexts",
+            "4",
+            "--max-l0",
+            "1000000",
+            "--storage",
+            str(tmp_path / "runs"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     status = JobSubmissionClient(url).get_job_status("saeforge-test-job")
     assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
     assert "registered model" in submit.stdout

@@ -15,7 +15,9 @@ def test_real_gemma_slice_equals_full_model_at_layer_6():
     spec = resolve_model(DEFAULT_MODEL)
     assert load_config(spec).num_hidden_layers == 18
     tok = load_tokenizer(spec)
-    ids = torch.from_numpy(corpus.pack_contexts(list(corpus.split_texts(corpus.BUILTIN, "eval"))[:4], tok, 32, 2)).long()
+    ids = torch.from_numpy(
+        corpus.pack_contexts(list(corpus.split_texts(corpus.BUILTIN, "eval"))[:4], tok, 32, 2)
+    ).long()
     hook = HookPoint(6)
     full = load_model(spec)
     with torch.no_grad(), capture(full, [hook]) as want:
@@ -31,8 +33,15 @@ def test_real_gemma_slice_equals_full_model_at_layer_6():
 def test_short_end_to_end_run_on_real_gemma(ray_session, mlflow_store, session_dir):
     from saeforge.jobs.train import run_train
 
-    args = tiny_args(session_dir, model=DEFAULT_MODEL, layer="6", tokens=4000, d_sae=1024, eval_contexts=2,
-                     run_name="real-gemma-short")
+    args = tiny_args(
+        session_dir,
+        model=DEFAULT_MODEL,
+        layer="6",
+        tokens=4000,
+        d_sae=1024,
+        eval_contexts=2,
+        run_name="real-gemma-short",
+    )
     summary = run_train(args, progress=lambda *_: None)
     m = summary["metrics"]
     assert m["ce_loss_zero"] > m["ce_loss_clean"] + 1  # deleting the residual stream wrecks the model

@@ -8,8 +8,8 @@ import pytest
 
 import variants
 from saeforge.core.reporting import pareto_front
-from saeforge.jobs import search_space as tune_space
 from saeforge.errors import UserError
+from saeforge.jobs import search_space as tune_space
 
 GOOD = """\
 variant: relu
@@ -56,26 +56,45 @@ def test_good_space(tmp_path):
 
 
 BAD = [  # (change to GOOD, key the message must name, what it must say was expected)
-    (("values: [1.0e-4, 3.0e-4]", "values: [1e-4, 3.0e-4]"), "params.lr.values[0]",
-     "expected a float for relu's 'lr', got '1e-4' (a string: YAML reads numbers like 1e-4 as text; write 1.0e-4)"),
+    (
+        ("values: [1.0e-4, 3.0e-4]", "values: [1e-4, 3.0e-4]"),
+        "params.lr.values[0]",
+        "expected a float for relu's 'lr', got '1e-4' (a string: YAML reads numbers like 1e-4 as text; write 1.0e-4)",
+    ),
     (("  lr: {", "  nope: {"), "params.nope", "expected a config field of relu"),
     (("sampler: loguniform", "sampler: normal"), "params.l1_coeff.sampler", "expected one of choice, grid, uniform"),
     (("low: 0.01, high: 0.2", "low: 0.01"), "params.l1_coeff.high", "expected 'high'"),
     (("low: 0.01, high: 0.2", "low: 0.3, high: 0.2"), "params.l1_coeff.high", "expected a value > low (0.3)"),
     (("low: 0.01, high: 0.2", "low: 0.0, high: 0.2"), "params.l1_coeff.low", "expected a value > 0 (loguniform)"),
-    (("sampler: randint, low: 1, high: 10", "sampler: uniform, low: 1, high: 10"), "params.warmup_steps.sampler",
-     "expected randint or choice for the int field"),
+    (
+        ("sampler: randint, low: 1, high: 10", "sampler: uniform, low: 1, high: 10"),
+        "params.warmup_steps.sampler",
+        "expected randint or choice for the int field",
+    ),
     (("batch_size: 256", "batch_size: 256.5"), "fixed.batch_size", "expected an int for relu's 'batch_size'"),
     (("batch_size: 256", "lr: 1.0e-3"), "fixed.lr", "expected a field that is not also searched"),
-    (("metric: ce_loss_recovered", "metric: ce_loss_recoverd"), "objective.metric", "expected one of ce_loss_recovered"),
+    (
+        ("metric: ce_loss_recovered", "metric: ce_loss_recoverd"),
+        "objective.metric",
+        "expected one of ce_loss_recovered",
+    ),
     (("mode: max, l0_max", "mode: maximum, l0_max"), "objective.mode", "expected one of min, max"),
-    (("metric: ce_loss_recovered, mode: max", "metric: [l0, mse], mode: [min, min]"), "objective",
-     "expected the Pareto pair"),
+    (
+        ("metric: ce_loss_recovered, mode: max", "metric: [l0, mse], mode: [min, min]"),
+        "objective",
+        "expected the Pareto pair",
+    ),
     (("l0_max: 32", "l0_max: '32'"), "objective.l0_max", "expected a number, got '32' (a string: remove the quotes)"),
-    (("[{metric: dead_fraction, max: 0.5}]", "[{metric: dead_fraction}]"), "constraints[0]",
-     "expected a min and/or a max"),
-    (("metric: explained_variance, mode: max, grace", "metric: accuracy, mode: max, grace"), "early_stopping.metric",
-     "expected a training metric"),
+    (
+        ("[{metric: dead_fraction, max: 0.5}]", "[{metric: dead_fraction}]"),
+        "constraints[0]",
+        "expected a min and/or a max",
+    ),
+    (
+        ("metric: explained_variance, mode: max, grace", "metric: accuracy, mode: max, grace"),
+        "early_stopping.metric",
+        "expected a training metric",
+    ),
     (("variant: relu", "variant: topk"), "variant", "expected 'relu' (the variant being searched)"),
     (("fixed:", "fixd:"), "fixd", "expected one of the keys variant, objective"),
 ]
@@ -102,8 +121,9 @@ def test_broken_yaml_and_missing_file(tmp_path):
 
 
 def test_sizes_that_cannot_build_name_the_file(tmp_path):
-    text = GOOD.replace("variant: relu", "variant: group_ib").replace("  warmup_steps: {sampler: randint, low: 1, "
-                                                                      "high: 10}\n", "")
+    text = GOOD.replace("variant: relu", "variant: group_ib").replace(
+        "  warmup_steps: {sampler: randint, low: 1, high: 10}\n", ""
+    )
     space = tune_space.load(write(tmp_path, text), "group_ib")
     with pytest.raises(UserError, match="space.yaml: params/fixed: expected values that build group_ib"):
         tune_space.check_builds(space, d_in=64, d_sae=100)  # not a multiple of the group size
@@ -117,9 +137,12 @@ def test_objective_constraints_and_champion_rule(tmp_path):
     assert space.score(ok) == 0.9
     assert space.score(dense) == pytest.approx(0.97 - 0.5)  # 50% over the L0 bound
     assert math.isnan(space.score({"ce_loss_recovered": math.nan, "l0": 3.0, "dead_fraction": 0.0}))
-    rows = [{"trial_id": "a", "status": "completed", **ok}, {"trial_id": "b", "status": "completed", **dense},
-            {"trial_id": "c", "status": "early_stopped", **ok, "ce_loss_recovered": 0.99},
-            {"trial_id": "d", "status": "completed", "ce_loss_recovered": 0.95, "l0": 30.0, "dead_fraction": 0.0}]
+    rows = [
+        {"trial_id": "a", "status": "completed", **ok},
+        {"trial_id": "b", "status": "completed", **dense},
+        {"trial_id": "c", "status": "early_stopped", **ok, "ce_loss_recovered": 0.99},
+        {"trial_id": "d", "status": "completed", "ce_loss_recovered": 0.95, "l0": 30.0, "dead_fraction": 0.0},
+    ]
     assert tune_space.best_trial(rows, space)["trial_id"] == "d"  # b is denser than allowed, c never finished
     assert tune_space.best_trial(rows, space.as_pareto())["trial_id"] == "d"  # the same rule for a Pareto search
     # none within the constraints: the closest is the search's best (registered, not a champion candidate)

@@ -6,7 +6,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import tiny_args
@@ -17,8 +16,21 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     from mlflow.tracking import MlflowClient
 
     m = tiny_run["metrics"]
-    for key in ("mse", "explained_variance", "cossim", "l0", "l1", "dead_fraction", "dense_fraction",
-                "ce_loss_clean", "ce_loss_sae", "ce_loss_zero", "ce_loss_recovered", "kl_div_sae", "mean_abs_corr"):
+    for key in (
+        "mse",
+        "explained_variance",
+        "cossim",
+        "l0",
+        "l1",
+        "dead_fraction",
+        "dense_fraction",
+        "ce_loss_clean",
+        "ce_loss_sae",
+        "ce_loss_zero",
+        "ce_loss_recovered",
+        "kl_div_sae",
+        "mean_abs_corr",
+    ):
         assert math.isfinite(m[key]), key
     client = MlflowClient()
     run = client.get_run(tiny_run["run_id"])
@@ -41,7 +53,7 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     sae, _ = load_sae(Path(tiny_run["checkpoint"]) / "sae")
     x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32) * 10
     np.testing.assert_allclose(pyfunc.predict(x), sae.encode_raw(torch.from_numpy(x)).detach().numpy(), rtol=1e-5)
-    artifacts = Path(mlflow_store[len("sqlite:///"):]).parent / "mlartifacts"
+    artifacts = Path(mlflow_store[len("sqlite:///") :]).parent / "mlartifacts"
     assert artifacts.is_dir()  # artifacts beside the store, not in Ray's session folder
 
 
@@ -61,12 +73,14 @@ def test_champion_moves_only_for_a_good_sae_that_beats_it(tiny_run):
     good = {"explained_variance": 0.9, "l0": 10}
     moved, reason = tracking.promote_if_better(name, worse, {**good, "ce_loss_recovered": best - 0.01}, max_l0=32)
     assert not moved and "does not beat champion" in reason
-    moved, reason = tracking.promote_if_better(name, better_but_dense, {**good, "ce_loss_recovered": best + 1,
-                                                                       "l0": 50}, max_l0=32)
+    moved, reason = tracking.promote_if_better(
+        name, better_but_dense, {**good, "ce_loss_recovered": best + 1, "l0": 50}, max_l0=32
+    )
     assert not moved and reason == "L0 50.0 is outside the sane range [1, 32]"
     # sparse but worse than deleting the activation (the l1 30 run): never a champion
-    moved, reason = tracking.promote_if_better(name, worse, {"ce_loss_recovered": -0.035, "explained_variance": -2.6,
-                                                             "l0": 20}, max_l0=32)
+    moved, reason = tracking.promote_if_better(
+        name, worse, {"ce_loss_recovered": -0.035, "explained_variance": -2.6, "l0": 20}, max_l0=32
+    )
     assert not moved and "ce_loss_recovered -0.0350 is not above 0" in reason
     assert "explained variance -2.6000 is not above 0" in reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
@@ -79,8 +93,10 @@ def test_resume_continues_from_a_checkpoint(tiny_run, session_dir):
     from saeforge.jobs.train import run_train
 
     run_dir = Path(tiny_run["checkpoint"]).parent
-    checkpoints = sorted((p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
-                         key=lambda p: json.loads((p / RUN_INFO_FILE).read_text())["step"])
+    checkpoints = sorted(
+        (p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
+        key=lambda p: json.loads((p / RUN_INFO_FILE).read_text())["step"],
+    )
     assert len(checkpoints) == 2  # num_to_keep
     earlier = checkpoints[0]
     info = json.loads((earlier / RUN_INFO_FILE).read_text())

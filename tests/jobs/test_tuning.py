@@ -13,7 +13,6 @@ import math
 
 import pytest
 
-
 SPACE = """\
 variant: relu
 objective: {metric: ce_loss_recovered, mode: max, l0_max: 128}
@@ -30,9 +29,23 @@ LAYER = "2"  # a registered model of its own: the champion of this test does not
 def search_args(tmp, **changes):
     from saeforge.jobs.arguments import TuneArgs
 
-    base = dict(variant="relu", space=str(tmp / "space.yaml"), samples=1, max_concurrent=1, scheduler="asha",
-                search_alg="random", tokens_per_trial=6000, activations=str(tmp / "acts"), model="tiny", layer=LAYER,
-                d_sae=128, context_size=32, eval_contexts=4, report_every=4, storage=str(tmp / "runs"))
+    base = {
+        "variant": "relu",
+        "space": str(tmp / "space.yaml"),
+        "samples": 1,
+        "max_concurrent": 1,
+        "scheduler": "asha",
+        "search_alg": "random",
+        "tokens_per_trial": 6000,
+        "activations": str(tmp / "acts"),
+        "model": "tiny",
+        "layer": LAYER,
+        "d_sae": 128,
+        "context_size": 32,
+        "eval_contexts": 4,
+        "report_every": 4,
+        "storage": str(tmp / "runs"),
+    }
     base.update(changes)
     return TuneArgs(**base)
 
@@ -84,12 +97,13 @@ def test_search_leaves_a_parent_run_with_one_child_run_per_trial(search):
     assert parent.info.status == "FINISHED" and parent.data.params["variant"] == "relu"
     assert parent.data.metrics["trials_failed"] == 1 and parent.data.metrics["trials_early_stopped"] == 1
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "search")} == {
-        "search/trials.csv", "search/trials.json", "search/l0_vs_ce_loss_recovered.png"}
-    children = client.search_runs([parent.info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+        "search/trials.csv",
+        "search/trials.json",
+        "search/l0_vs_ce_loss_recovered.png",
+    }
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     status = {float(c.data.params["sae.lr"]): (c.info.status, c.data.tags["saeforge.status"]) for c in children}
-    assert status == {3e-3: ("FINISHED", "completed"), 1e30: ("FAILED", "failed"),
-                      1e-7: ("KILLED", "early_stopped")}
+    assert status == {3e-3: ("FINISHED", "completed"), 1e30: ("FAILED", "failed"), 1e-7: ("KILLED", "early_stopped")}
     for child in children:
         assert child.data.params["variant"] == "relu" and child.data.params["sae.batch_size"] == "256"
     good = next(c for c in children if c.data.tags["saeforge.status"] == "completed")

@@ -36,8 +36,9 @@ def stream(ray_session):
     """One materialised activation stream, produced by Ray Data actors, read by every variant."""
     tok = ByteTokenizer()
     contexts = corpus.pack_contexts(corpus.split_texts(corpus.BUILTIN, "train"), tok, CONTEXT, 96)
-    spec = StreamSpec(resolve_model("tiny"), (HOOK,), tuple(corpus.special_ids(tok)), CONTEXT,
-                      contexts_per_step(256, CONTEXT, 1), 1)
+    spec = StreamSpec(
+        resolve_model("tiny"), (HOOK,), tuple(corpus.special_ids(tok)), CONTEXT, contexts_per_step(256, CONTEXT, 1), 1
+    )
     return spec, activation_dataset(contexts, spec, producers=1).materialize()
 
 
@@ -49,8 +50,9 @@ def test_variant_trains_on_the_producer_stream(name, stream, tmp_path):
     assert len(batches) >= 4 and batches[0][0].shape == (spec.contexts_per_step, CONTEXT, 64)
     assert not batches[0][1][:, 0].any()  # BOS is masked out
     logs = []
-    state = train_loop(sae, start_fresh(sae, batches), LoopSettings(len(batches), log_every=2),
-                       on_log=lambda s, m: logs.append(m))
+    state = train_loop(
+        sae, start_fresh(sae, batches), LoopSettings(len(batches), log_every=2), on_log=lambda s, m: logs.append(m)
+    )
     assert state.step == len(batches) and all(torch.isfinite(torch.tensor(m["loss"])) for m in logs)
     assert "mean_abs_corr" in logs[-1] and "decoder_cos_mean" in logs[-1]
     assert sae.act_scale.item() != 1.0  # estimated from the first batch
@@ -65,8 +67,15 @@ def test_a_context_layout_variant_through_ray_train(ray_session, session_dir):
     from saeforge.jobs.validate import plan_train
 
     name = next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")
-    args = tiny_args(session_dir, variant=name, tokens=3000, context_size=CONTEXT, overrides=fast_overrides(name),
-                     checkpoint_every=1000, log_every=2)
+    args = tiny_args(
+        session_dir,
+        variant=name,
+        tokens=3000,
+        context_size=CONTEXT,
+        overrides=fast_overrides(name),
+        checkpoint_every=1000,
+        log_every=2,
+    )
     plan, contexts = plan_train(args)
     checkpoint = Path(train_on_ray(plan, contexts, f"pipeline-{name}").checkpoint.path)
     assert json.loads((checkpoint / RUN_INFO_FILE).read_text())["step"] == plan.loop.total_steps >= 2

@@ -79,8 +79,9 @@ class StepBudget:
         return self.total_steps < self.wanted_steps
 
 
-def step_budget(tokens: int, batch_tokens: int, context_size: int, workers: int,
-                available_contexts: int | None = None) -> StepBudget:
+def step_budget(
+    tokens: int, batch_tokens: int, context_size: int, workers: int, available_contexts: int | None = None
+) -> StepBudget:
     """The one rule for a run's length: `tokens` real tokens in steps of whole contexts (at least
     one step), never more contexts than `available_contexts` when that is known."""
     per_step = contexts_per_step(batch_tokens, context_size, workers)

@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -50,8 +50,11 @@ def builtin_documents(language: str = "en-us") -> list[Document]:
     data = builtin_data_dir()
     summaries = json.loads((data / f"summaries_{language}.json").read_text("utf-8"))
     topics = json.loads((data / f"titles_{language}.json").read_text("utf-8"))
-    docs = [Document(entry["extract"], topics.get(title, ""), language[:2])
-            for title, entry in sorted(summaries.items()) if entry.get("extract")]
+    docs = [
+        Document(entry["extract"], topics.get(title, ""), language[:2])
+        for title, entry in sorted(summaries.items())
+        if entry.get("extract")
+    ]
     return docs
 
 

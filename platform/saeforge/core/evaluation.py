@@ -61,20 +61,27 @@ def _ce_recovered(s: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate_core(model, variant: variants.Variant, hook: HookPoint, contexts: np.ndarray,
-                  special_ids: list[int], batch_contexts: int = 4, progress=None) -> dict[str, float]:
+def evaluate_core(
+    model,
+    variant: variants.Variant,
+    hook: HookPoint,
+    contexts: np.ndarray,
+    special_ids: list[int],
+    batch_contexts: int = 4,
+    progress=None,
+) -> dict[str, float]:
     """Every core metric of one SAE on held-out contexts ((n, context_size) token ids)."""
     variant.eval()
     device = next(model.parameters()).device
     scale = variant.act_scale.item()
     per = {k: [] for k in (*PER_CONTEXT, "x_sum")}
-    sums = {k: 0.0 for k in ("l1", "l0", "cos", "kl_zero")}
+    sums = dict.fromkeys(("l1", "l0", "cos", "kl_zero"), 0.0)
     fire_counts = torch.zeros(variant.cfg.d_sae)
     corr_rows: list[torch.Tensor] = []
     diag_sums: dict[str, float] = {}
     n_batches = 0
     for start in range(0, len(contexts), batch_contexts):
-        ids = torch.from_numpy(contexts[start:start + batch_contexts].astype(np.int64)).to(device)
+        ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
         scored = real[:, :-1]  # predictions made at real tokens (entry i predicts token i + 1)
         with capture(model, [hook]) as captured:
@@ -89,8 +96,9 @@ def evaluate_core(model, variant: variants.Variant, hook: HookPoint, contexts: n
         per["tokens"].append(counts.double())
         per["resid_sq"].append(_by_context((xr - xh).pow(2).sum(-1), owner, len(counts)))
         per["x_sq"].append(_by_context(xr.pow(2).sum(-1), owner, len(counts)))
-        per["x_sum"].append(torch.zeros(len(counts), xr.shape[-1], dtype=torch.float64).index_add_(
-            0, owner, xr.double()))
+        per["x_sum"].append(
+            torch.zeros(len(counts), xr.shape[-1], dtype=torch.float64).index_add_(0, owner, xr.double())
+        )
         sums["l1"] += fr.abs().sum().item()
         sums["l0"] += (fr > 0).sum().item()
         sums["cos"] += F.cosine_similarity(xr, xh, dim=-1).sum().item()

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
-from saeforge.errors import UserError
 from saeforge.core.model import decoder_layers
+from saeforge.errors import UserError
 
 # site -> how to find the module whose output is the activation, given the decoder block
 SITES: dict[str, Callable[[torch.nn.Module], torch.nn.Module]] = {
@@ -36,7 +36,7 @@ class HookPoint:
         return f"blocks.{self.layer}.hook_{self.site}"
 
     @classmethod
-    def parse(cls, text: str) -> "HookPoint":
+    def parse(cls, text: str) -> HookPoint:
         """Accept '6', 'resid_post:6', 'mlp_out:3' or 'blocks.6.hook_resid_post'."""
         text = str(text).strip()
         match = re.fullmatch(r"blocks\.(\d+)\.hook_(\w+)", text) or re.fullmatch(r"(?:(\w+):)?(\d+)", text)
@@ -52,7 +52,9 @@ class HookPoint:
 
     def check(self, n_layers: int, model_name: str) -> None:
         if not 0 <= self.layer < n_layers:
-            raise UserError(f"layer {self.layer} is out of range: {model_name} has {n_layers} layers (0-{n_layers - 1})")
+            raise UserError(
+                f"layer {self.layer} is out of range: {model_name} has {n_layers} layers (0-{n_layers - 1})"
+            )
 
     def module(self, model) -> torch.nn.Module:
         return SITES[self.site](decoder_layers(model)[self.layer])
@@ -73,8 +75,10 @@ def capture(model, hooks: list[HookPoint]) -> Iterator[dict[str, torch.Tensor]]:
     captured: dict[str, torch.Tensor] = {}
     handles = []
     for hook in hooks:
+
         def record(module, inputs, output, name=hook.name):
             captured[name] = _output_tensor(output)
+
         handles.append(hook.module(model).register_forward_hook(record))
     try:
         yield captured
@@ -87,6 +91,7 @@ def capture(model, hooks: list[HookPoint]) -> Iterator[dict[str, torch.Tensor]]:
 def replace(model, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
     """Replace the hook point's output with fn(output) during forward passes inside the block
     (splicing an SAE in, or ablating the site)."""
+
     def swap(module, inputs, output):
         if isinstance(output, tuple):
             return (fn(output[0]), *output[1:])

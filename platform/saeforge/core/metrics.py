@@ -40,8 +40,11 @@ def decoder_cosine_stats(directions: Tensor, max_rows: int = 4096) -> dict[str, 
     cos = (w @ w.T).abs()
     off = ~torch.eye(len(w), dtype=torch.bool, device=w.device)
     values = cos[off]
-    return {"decoder_cos_mean": values.mean().item(), "decoder_cos_max": values.max().item(),
-            "decoder_cos_frac_above_0.5": (values > 0.5).float().mean().item()}
+    return {
+        "decoder_cos_mean": values.mean().item(),
+        "decoder_cos_max": values.max().item(),
+        "decoder_cos_frac_above_0.5": (values > 0.5).float().mean().item(),
+    }
 
 
 class RunningMeans:

@@ -100,13 +100,23 @@ def prepare_packaged_gemma() -> Path:
 
 # -- tiny random models (tests and smoke runs) -------------------------------------------------
 
+
 def _tiny_config(kind: str):
     from transformers import Gemma2Config, Gemma3TextConfig
 
-    common = dict(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=8,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
-                  bos_token_id=ByteTokenizer.bos_token_id, eos_token_id=ByteTokenizer.eos_token_id,
-                  pad_token_id=ByteTokenizer.pad_token_id)
+    common = {
+        "vocab_size": ByteTokenizer.vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 16,
+        "bos_token_id": ByteTokenizer.bos_token_id,
+        "eos_token_id": ByteTokenizer.eos_token_id,
+        "pad_token_id": ByteTokenizer.pad_token_id,
+    }
     return Gemma3TextConfig(**common) if kind == "tiny" else Gemma2Config(**common)
 
 
@@ -136,6 +146,7 @@ class ByteTokenizer:
 
 # -- loading -----------------------------------------------------------------------------------
 
+
 def load_config(spec: ModelSpec):
     """The (text) config of a model, without loading weights: layer count and width."""
     if spec.is_tiny:
@@ -163,8 +174,9 @@ def _truncate_config(config, n_layers: int) -> None:
         config.layer_types = list(config.layer_types[:n_layers])
 
 
-def load_model(spec: ModelSpec, n_layers: int | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
+def load_model(
+    spec: ModelSpec, n_layers: int | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     """Load the causal LM; with `n_layers`, only the embeddings and the first n_layers layers."""
     if spec.is_tiny:
         model = build_tiny_model(spec.source)

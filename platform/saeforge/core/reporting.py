@@ -41,9 +41,13 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points (l0, ce_loss_recovered) no other point beats on both (lower L0,
     higher CE loss recovered), sorted by L0."""
     finite = [i for i, (x, y) in enumerate(points) if math.isfinite(x) and math.isfinite(y)]
-    front = [i for i in finite
-             if not any(points[j][0] <= points[i][0] and points[j][1] >= points[i][1] and points[j] != points[i]
-                        for j in finite)]
+    front = [
+        i
+        for i in finite
+        if not any(
+            points[j][0] <= points[i][0] and points[j][1] >= points[i][1] and points[j] != points[i] for j in finite
+        )
+    ]
     return sorted(front, key=lambda i: points[i])
 
 
@@ -59,8 +63,11 @@ def plot_l0_vs_ce(points: list[dict], path: str | Path, title: str = "", l0_max:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    finite = [p for p in points if math.isfinite(p.get("l0", math.nan)) and math.isfinite(
-        p.get("ce_loss_recovered", math.nan))]
+    finite = [
+        p
+        for p in points
+        if math.isfinite(p.get("l0", math.nan)) and math.isfinite(p.get("ce_loss_recovered", math.nan))
+    ]
     by_variant: dict[str, list[dict]] = {}
     for p in finite:
         by_variant.setdefault(p["variant"], []).append(p)
@@ -71,12 +78,26 @@ def plot_l0_vs_ce(points: list[dict], path: str | Path, title: str = "", l0_max:
         ax.scatter(xs, ys, color=colour, alpha=0.75, label=variant, s=28)
         front = pareto_front(list(zip(xs, ys)))
         if front:
-            ax.step([xs[j] for j in front], [ys[j] for j in front], where="post", color=colour, linewidth=1.2,
-                    linestyle="--")
+            ax.step(
+                [xs[j] for j in front],
+                [ys[j] for j in front],
+                where="post",
+                color=colour,
+                linewidth=1.2,
+                linestyle="--",
+            )
         for p in pts:
             if p.get("best") or p.get("champion"):
-                ax.scatter([p["l0"]], [p["ce_loss_recovered"]], marker="*", s=220, color=colour,
-                           edgecolors="black", linewidths=0.8, zorder=5)
+                ax.scatter(
+                    [p["l0"]],
+                    [p["ce_loss_recovered"]],
+                    marker="*",
+                    s=220,
+                    color=colour,
+                    edgecolors="black",
+                    linewidths=0.8,
+                    zorder=5,
+                )
     if l0_max:
         ax.axvline(l0_max, color="grey", linestyle=":", linewidth=1, label=f"L0 bound {l0_max:g}")
     xs = [p["l0"] for p in finite]

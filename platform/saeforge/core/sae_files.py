@@ -49,9 +49,8 @@ class SaeMeta:
     context_size: int
     dataset_path: str
 
-
     @classmethod
-    def from_cfg(cls, cfg: dict) -> "SaeMeta":
+    def from_cfg(cls, cfg: dict) -> SaeMeta:
         m = cfg["metadata"]
         return cls(m["model_name"], m["hook_name"], int(m["hook_layer"]), int(m["context_size"]), m["dataset_path"])
 
@@ -68,8 +67,13 @@ def sae_cfg(variant: variants.Variant, meta: SaeMeta) -> dict:
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",  # the activation scale is folded into the weights
         "reshape_activations": "none",
-        "metadata": {**asdict(meta), "hook_head_index": None, "prepend_bos": True,
-                     "sae_lens_version": SAELENS_FORMAT, "sae_lens_training_version": None},
+        "metadata": {
+            **asdict(meta),
+            "hook_head_index": None,
+            "prepend_bos": True,
+            "sae_lens_version": SAELENS_FORMAT,
+            "sae_lens_training_version": None,
+        },
         **variant.saelens_fields(),
         "saeforge": {
             "variant": variant.name,
@@ -107,11 +111,14 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Pa
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    with torch.no_grad():
-        save_file(_plain(variant.saelens_tensors()), str(staging / WEIGHTS_FILE))
-    save_file(_plain(variant.state_dict()), str(staging / STATE_FILE))
-    (staging / CFG_FILE).write_text(json.dumps(sae_cfg(variant, meta), indent=2))
-    replace_folder(staging, folder)
+    try:
+        with torch.no_grad():
+            save_file(_plain(variant.saelens_tensors()), str(staging / WEIGHTS_FILE))
+        save_file(_plain(variant.state_dict()), str(staging / STATE_FILE))
+        (staging / CFG_FILE).write_text(json.dumps(sae_cfg(variant, meta), indent=2))
+        replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
     return folder
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -21,6 +21,7 @@ from torch import Tensor
 from saeforge.core import metrics
 from saeforge.core.batches import real_rows, sae_input
 from variants import Variant
+from variants.common import capped_warmup
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
@@ -53,8 +54,9 @@ def make_optimizer(variant: Variant) -> torch.optim.Optimizer:
 
 
 def effective_warmup(variant: Variant, total_steps: int) -> int:
-    """The paper's warm-up, capped at 10% of the run so short runs still train at full lr."""
-    return min(variant.cfg.warmup_steps, max(1, total_steps // 10))
+    """The paper's warm-up, capped at 10% of the run so short runs still train at full lr (the
+    same rule caps every penalty warm-up: variants.common.capped_warmup)."""
+    return capped_warmup(variant.cfg.warmup_steps, total_steps)
 
 
 def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
@@ -74,8 +76,9 @@ def estimate_act_scale(acts: Tensor, mask: Tensor | None = None) -> float:
 
 
 @torch.no_grad()
-def start_fresh(variant: Variant, batches: Iterable[tuple[Tensor, Tensor]],
-                average: Callable[[float], float] = lambda v: v) -> Iterator[tuple[Tensor, Tensor]]:
+def start_fresh(
+    variant: Variant, batches: Iterable[tuple[Tensor, Tensor]], average: Callable[[float], float] = lambda v: v
+) -> Iterator[tuple[Tensor, Tensor]]:
     """A fresh SAE's data-dependent start, from its first batch: the activation scale (averaged
     over data-parallel workers by `average`), then the variant's own initialisation. Returns the
     batches, the first one included. Call it before wrapping the variant for DDP, which then
@@ -113,7 +116,8 @@ def train_loop(
     optimizer = make_optimizer(variant)
     warmup = effective_warmup(variant, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, variant.cfg.lr_schedule))
+        optimizer, lambda s: lr_factor(s, warmup, total_steps, variant.cfg.lr_schedule)
+    )
     if state.optimizer:
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
@@ -145,9 +149,11 @@ def train_loop(
             logged = window.means()
             logged.update(metrics.periodic_metrics(variant, x, out.latents, m))
             logged.update(
-                tokens_seen=state.tokens_seen, lr=scheduler.get_last_lr()[0],
+                tokens_seen=state.tokens_seen,
+                lr=scheduler.get_last_lr()[0],
                 tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                dead_fraction=metrics.dead_fraction(variant.tokens_since_fired, state.tokens_seen))
+                dead_fraction=metrics.dead_fraction(variant.tokens_since_fired, state.tokens_seen),
+            )
             on_log(state.step, logged)
             window = metrics.RunningMeans()
             window_start, window_tokens = time.perf_counter(), 0

@@ -69,8 +69,11 @@ class ActivationProducer:
             import ray
 
             ray.get(self.counter.add.remote(len(ids)))
-        return {ID_COLUMN: np.asarray(batch[ID_COLUMN]), **{name: a.cpu().numpy() for name, a in acts.items()},
-                MASK_COLUMN: valid_mask(ids, list(self.spec.special_ids)).cpu().numpy()}
+        return {
+            ID_COLUMN: np.asarray(batch[ID_COLUMN]),
+            **{name: a.cpu().numpy() for name, a in acts.items()},
+            MASK_COLUMN: valid_mask(ids, list(self.spec.special_ids)).cpu().numpy(),
+        }
 
 
 def context_dataset(contexts: np.ndarray, first_id: int = 0, blocks: int = 1):
@@ -80,14 +83,22 @@ def context_dataset(contexts: np.ndarray, first_id: int = 0, blocks: int = 1):
     from ray.data.extensions import ArrowTensorArray
 
     ids = np.arange(first_id, first_id + len(contexts), dtype=np.int64)
-    parts = [p for p in np.array_split(np.arange(len(contexts)), min(max(1, blocks), max(1, len(contexts))))
-             if len(p)]
-    return ray.data.from_arrow([pa.table({ID_COLUMN: ids[p], TOKENS_COLUMN: ArrowTensorArray.from_numpy(contexts[p])})
-                                for p in parts])
+    parts = [p for p in np.array_split(np.arange(len(contexts)), min(max(1, blocks), max(1, len(contexts)))) if len(p)]
+    return ray.data.from_arrow(
+        [pa.table({ID_COLUMN: ids[p], TOKENS_COLUMN: ArrowTensorArray.from_numpy(contexts[p])}) for p in parts]
+    )
 
 
-def activation_dataset(contexts: np.ndarray, spec: StreamSpec, *, producers: int, threads: int = 1,
-                       gpus_per_producer: float = 0.0, first_id: int = 0, count: bool = False):
+def activation_dataset(
+    contexts: np.ndarray,
+    spec: StreamSpec,
+    *,
+    producers: int,
+    threads: int = 1,
+    gpus_per_producer: float = 0.0,
+    first_id: int = 0,
+    count: bool = False,
+):
     """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids), in order;
     `count`: producers count their forwards in the `forward_counter` actor (the caller creates it
     and holds its handle while the dataset runs)."""

@@ -29,12 +29,18 @@ def opt(default: Any, help: str, **meta) -> Any:
 class SourceArgs:
     """Where the activations come from: the model, the hook point and the text."""
 
-    model: str = opt(DEFAULT_MODEL, "'gemma-3-270m' (packaged, default), 'tiny' / 'tiny-gemma2' (random, for tests), "
-                                    "a Hugging Face id (e.g. google/gemma-2-2b) or a local model folder")
+    model: str = opt(
+        DEFAULT_MODEL,
+        "'gemma-3-270m' (packaged, default), 'tiny' / 'tiny-gemma2' (random, for tests), "
+        "a Hugging Face id (e.g. google/gemma-2-2b) or a local model folder",
+    )
     layer: str = opt("6", "layer whose output is hooked (default %(default)s)", metavar="LAYER")
     site: str = opt("resid_post", "what to read at that layer (default %(default)s)", choices=tuple(SITES))
-    dataset: str = opt(BUILTIN, "'wiki' (built-in Wikipedia summaries), a datasets Hub id, "
-                                "or local .txt/.jsonl/.parquet files (default %(default)s)")
+    dataset: str = opt(
+        BUILTIN,
+        "'wiki' (built-in Wikipedia summaries), a datasets Hub id, "
+        "or local .txt/.jsonl/.parquet files (default %(default)s)",
+    )
     text_column: str = opt("text", "text column of a dataset (default %(default)s)")
     context_size: int = opt(128, "tokens per context, BOS included (default %(default)s)", minimum=2)
 
@@ -61,11 +67,20 @@ class TrainArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
     """Everything `saeforge train` accepts."""
 
     variant: str = opt("relu", "SAE variant (default %(default)s; `saeforge variants` lists them)")
-    overrides: list = opt([], "set a variant config field (repeatable; `saeforge variants NAME` lists them)",
-                          flag="--set", metavar="NAME=VALUE", pairs=True)
+    overrides: list = opt(
+        [],
+        "set a variant config field (repeatable; `saeforge variants NAME` lists them)",
+        flag="--set",
+        metavar="NAME=VALUE",
+        pairs=True,
+    )
     tokens: int = opt(250_000, "activation tokens to train on (default %(default)s)", minimum=1)
-    eval_suites: str = opt("", "more evaluation suites after the core one, e.g. probing,unlearning or all "
-                               "(see `saeforge eval --help`)", flag="--eval", metavar="SUITES")
+    eval_suites: str = opt(
+        "",
+        "more evaluation suites after the core one, e.g. probing,unlearning or all (see `saeforge eval --help`)",
+        flag="--eval",
+        metavar="SUITES",
+    )
     checkpoint_every: int = opt(100, "steps between checkpoints (default %(default)s)", minimum=1)
     log_every: int = opt(10, "steps between progress lines and logged metrics (default %(default)s)", minimum=1)
     run_name: str = opt("", "name of the run (default: variant-hook-time)")
@@ -80,18 +95,24 @@ class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
     space: str = opt("", "tune-space YAML (default tune_spaces/VARIANT.yaml)", metavar="FILE")
     samples: int = opt(8, "trials per variant (default %(default)s)", minimum=1)
     max_concurrent: int = opt(0, "trials at once (default: from the resources)", minimum=0)
-    scheduler: str = opt("asha", "asha stops bad trials early (default); fifo runs every trial to the end",
-                         choices=("asha", "fifo"))
+    scheduler: str = opt(
+        "asha", "asha stops bad trials early (default); fifo runs every trial to the end", choices=("asha", "fifo")
+    )
     search_alg: str = opt("optuna", "search algorithm (default %(default)s)", choices=("optuna", "random"))
-    objective: str = opt("space", "space: as the space file says (default); single: CE loss recovered under the "
-                                  "constraints; pareto: (L0 min, CE loss recovered max)",
-                         choices=("space", "single", "pareto"))
+    objective: str = opt(
+        "space",
+        "space: as the space file says (default); single: CE loss recovered under the "
+        "constraints; pareto: (L0 min, CE loss recovered max)",
+        choices=("space", "single", "pareto"),
+    )
     tokens_per_trial: int = opt(100_000, "activation tokens each trial trains on (default %(default)s)", minimum=1)
-    activations: str = opt("", "activation cache folder: reused if it holds one, else written "
-                               "(default: object store only)", metavar="PATH")
+    activations: str = opt(
+        "", "activation cache folder: reused if it holds one, else written (default: object store only)", metavar="PATH"
+    )
     report_every: int = opt(0, "steps between intermediate reports (default: ~10 per trial)", minimum=0)
-    grace_period: int = opt(0, "steps before ASHA may stop a trial (default: the space's, else a quarter of a "
-                               "trial)", minimum=0)
+    grace_period: int = opt(
+        0, "steps before ASHA may stop a trial (default: the space's, else a quarter of a trial)", minimum=0
+    )
     seed: int = opt(0, "seed of the search algorithm (default %(default)s)")
     name: str = opt("", "prefix of the search names (default 'tune')")
 
@@ -100,17 +121,23 @@ class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
 class EvalArgs:
     """Everything `saeforge eval` accepts."""
 
-    uri: str = opt("", "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
-                   positional=True, metavar="MODEL_URI")
+    uri: str = opt(
+        "",
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
+        positional=True,
+        metavar="MODEL_URI",
+    )
     suites: str = opt("all", "comma-separated suites, or 'all' (default)", flag="--suite")
     out: str = opt("", "JSON report file (default ./eval_<name>.json)")
     run_id: str = opt("", "MLflow run to log to (required to log a bare SAE folder)")
     log: bool = opt(True, "log the metrics to MLflow (--no-log: do not)")
     model: str = opt("", "model to run (default: model_name in the SAE's cfg.json)")
-    dataset: str = opt("", "text source of the held-out contexts of core and disentanglement "
-                           "(default: the SAE's training source)")
-    options: list = opt([], "a suite option (repeatable; options listed below)", flag="--set",
-                        metavar="SUITE.OPTION=VALUE", pairs=True)
+    dataset: str = opt(
+        "", "text source of the held-out contexts of core and disentanglement (default: the SAE's training source)"
+    )
+    options: list = opt(
+        [], "a suite option (repeatable; options listed below)", flag="--set", metavar="SUITE.OPTION=VALUE", pairs=True
+    )
     batch_contexts: int = opt(8, "sequences per activation forward pass (default %(default)s)", minimum=1)
     use_ray: bool = opt(False, "run each suite as its own Ray task", flag="--ray")
     address: str = opt("", "Ray cluster address with --ray (default: RAY_ADDRESS, else local)")
@@ -122,8 +149,9 @@ class CompareArgs:
 
     model: str = opt("", "only this model's registered SAEs (e.g. gemma-3-270m)")
     hook: str = opt("", "only this hook point (e.g. blocks.6.hook_resid_post)")
-    search: str = opt("", "also list and plot this search's trials (the parent run id `saeforge tune` prints)",
-                      metavar="RUN_ID")
+    search: str = opt(
+        "", "also list and plot this search's trials (the parent run id `saeforge tune` prints)", metavar="RUN_ID"
+    )
     out: str = opt("l0_vs_ce_loss_recovered.png", "plot file (default %(default)s)")
     log: bool = opt(True, "log the plot to MLflow (--no-log: do not)")
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from saeforge.core.corpus import valid_mask
-from saeforge.core.training import LoopSettings, make_optimizer, start_fresh, train_loop
+from saeforge.core.training import make_optimizer, start_fresh, train_loop
 from saeforge.jobs.activation_stream import BATCH_CONTEXTS, MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.arguments import BenchArgs, TrainArgs
 from saeforge.jobs.plan import RunPlan
@@ -35,7 +35,7 @@ def _forward(producer: ActivationProducer, contexts: np.ndarray) -> list[tuple[t
     column = producer.spec.hooks[0].name
     out = []
     for i in range(0, len(contexts), BATCH_CONTEXTS):
-        block = contexts[i:i + BATCH_CONTEXTS]
+        block = contexts[i : i + BATCH_CONTEXTS]
         rows = producer({"context_id": np.arange(len(block)), "input_ids": block})
         out.append((torch.from_numpy(rows[column]), torch.from_numpy(rows[MASK_COLUMN])))
     return out
@@ -46,13 +46,13 @@ def _steps(blocks: list[tuple[torch.Tensor, torch.Tensor]], per_step: int):
     acts = torch.cat([a for a, _ in blocks])
     mask = torch.cat([m for _, m in blocks])
     for i in range(0, len(acts) - per_step + 1, per_step):
-        yield acts[i:i + per_step], mask[i:i + per_step]
+        yield acts[i : i + per_step], mask[i : i + per_step]
 
 
 def _plain_stream(producer: ActivationProducer, contexts: np.ndarray, per_step: int):
     """Forward contexts and cut the activations into steps, in one process (the plain loop)."""
     for i in range(0, len(contexts) - per_step + 1, per_step):
-        yield from _steps(_forward(producer, contexts[i:i + per_step]), per_step)
+        yield from _steps(_forward(producer, contexts[i : i + per_step]), per_step)
 
 
 def _train_tokens_per_s(plan: RunPlan, batches) -> float:
@@ -64,14 +64,31 @@ def _train_tokens_per_s(plan: RunPlan, batches) -> float:
 
 def run_bench(args: BenchArgs) -> dict:
     torch.set_num_threads(cores())
-    plan, contexts = plan_train(TrainArgs(model=args.model, layer=args.layer, variant=args.variant,
-                                          tokens=args.tokens, d_sae=args.d_sae, producers=args.producers,
-                                          eval_contexts=1, log_every=10_000, checkpoint_every=10_000,
-                                          storage="/tmp/saeforge_bench"))
+    plan, contexts = plan_train(
+        TrainArgs(
+            model=args.model,
+            layer=args.layer,
+            variant=args.variant,
+            tokens=args.tokens,
+            d_sae=args.d_sae,
+            producers=args.producers,
+            eval_contexts=1,
+            log_every=10_000,
+            checkpoint_every=10_000,
+            storage="/tmp/saeforge_bench",
+        )
+    )
     per_step = plan.stream.contexts_per_step
-    figures: dict = {"model": args.model, "hook": plan.hook.name, "variant": args.variant, "d_sae": plan.variant.d_sae,
-                     "contexts_per_step": per_step, "tokens": args.tokens, "cpu_cores": cores(),
-                     "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    figures: dict = {
+        "model": args.model,
+        "hook": plan.hook.name,
+        "variant": args.variant,
+        "d_sae": plan.variant.d_sae,
+        "contexts_per_step": per_step,
+        "tokens": args.tokens,
+        "cpu_cores": cores(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     real_tokens = int(valid_mask(contexts.train, list(plan.stream.special_ids)).sum())
 
     _say("1/4 plain single-process forward of the slice")
@@ -96,8 +113,9 @@ def run_bench(args: BenchArgs) -> dict:
     plan = dataclasses.replace(plan, resources=share_resources(args.producers, 1))
     start = time.perf_counter()
     first, rows = None, 0
-    for batch in activation_dataset(contexts.train, plan.stream, producers=args.producers,
-                                    threads=plan.resources.producer_threads).iter_batches(batch_size=None):
+    for batch in activation_dataset(
+        contexts.train, plan.stream, producers=args.producers, threads=plan.resources.producer_threads
+    ).iter_batches(batch_size=None):
         if first is None:
             first = time.perf_counter()
         else:
@@ -113,7 +131,8 @@ def run_bench(args: BenchArgs) -> dict:
     figures["ratio_ray_producer_vs_plain_forward"] = figures["ray_producer_tok_s"] / figures["plain_forward_tok_s"]
     figures["ratio_end_to_end_vs_plain_loop"] = figures["ray_end_to_end_tok_s"] / figures["plain_loop_tok_s"]
     figures["ratio_end_to_end_with_startup_vs_plain_loop"] = (
-        figures["ray_end_to_end_with_startup_tok_s"] / figures["plain_loop_tok_s"])
+        figures["ray_end_to_end_with_startup_tok_s"] / figures["plain_loop_tok_s"]
+    )
     width = max(map(len, figures))
     for key, value in figures.items():
         _say(f"{key:<{width}}  {value:,.3f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
@@ -126,19 +145,36 @@ def run_variant_table(args: BenchArgs, names: list[str]) -> list[dict]:
     rows = []
     for name in names:
         _say(f"variant {name}")
-        summary = run_train(TrainArgs(model=args.model, layer=args.layer, variant=name, tokens=args.tokens,
-                                      d_sae=args.d_sae, eval_contexts=args.eval_contexts,
-                                      run_name=f"table-{name}-{int(time.time())}"))
+        summary = run_train(
+            TrainArgs(
+                model=args.model,
+                layer=args.layer,
+                variant=name,
+                tokens=args.tokens,
+                d_sae=args.d_sae,
+                eval_contexts=args.eval_contexts,
+                run_name=f"table-{name}-{int(time.time())}",
+            )
+        )
         m = summary["metrics"]
-        rows.append({"variant": name, "l0": m["l0"], "explained_variance": m["explained_variance"],
-                     "ce_loss_recovered": m["ce_loss_recovered"], "mean_abs_corr": m["mean_abs_corr"],
-                     "train_tok_s": summary["train_tokens_per_s"],
-                     "diagnostics": {k[5:]: round(v, 4) for k, v in m.items() if k.startswith("diag/")}})
+        rows.append(
+            {
+                "variant": name,
+                "l0": m["l0"],
+                "explained_variance": m["explained_variance"],
+                "ce_loss_recovered": m["ce_loss_recovered"],
+                "mean_abs_corr": m["mean_abs_corr"],
+                "train_tok_s": summary["train_tokens_per_s"],
+                "diagnostics": {k[5:]: round(v, 4) for k, v in m.items() if k.startswith("diag/")},
+            }
+        )
     print("| variant | L0 | explained var. | CE loss recovered | mean abs corr | train tok/s | variant diagnostics |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['l0']:.1f} | {r['explained_variance']:.3f} | {r['ce_loss_recovered']:.3f} | "
-              f"{r['mean_abs_corr']:.3f} | {r['train_tok_s']:,.0f} | {r['diagnostics']} |")
+        print(
+            f"| {r['variant']} | {r['l0']:.1f} | {r['explained_variance']:.3f} | {r['ce_loss_recovered']:.3f} | "
+            f"{r['mean_abs_corr']:.3f} | {r['train_tok_s']:,.0f} | {r['diagnostics']} |"
+        )
     return rows
 
 
@@ -149,8 +185,15 @@ def run_step_costs(args: BenchArgs, batch_tokens: int = 1024) -> dict:
     from saeforge.core.batches import sae_input
 
     torch.set_num_threads(1)  # one core each, as a Ray Train worker beside a producer gets
-    plan, contexts = plan_train(TrainArgs(model=args.model, layer=args.layer, tokens=batch_tokens * 2,
-                                          eval_contexts=1, overrides={"batch_size": str(batch_tokens)}))
+    plan, contexts = plan_train(
+        TrainArgs(
+            model=args.model,
+            layer=args.layer,
+            tokens=batch_tokens * 2,
+            eval_contexts=1,
+            overrides={"batch_size": str(batch_tokens)},
+        )
+    )
     acts = torch.cat([a for a, _ in _forward(ActivationProducer(plan.stream, threads=cores()), contexts.train)])
     mask = torch.from_numpy(valid_mask(contexts.train, list(plan.stream.special_ids)))
     per_step = plan.stream.contexts_per_step

@@ -26,8 +26,15 @@ RUN_INFO_FILE = "run.json"
 
 def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, meta: SaeMeta, info: dict) -> None:
     sae_files.save_sae(variant, folder / SAE_DIR, meta)
-    torch.save({"step": state.step, "tokens_seen": state.tokens_seen, "optimizer": state.optimizer,
-                "scheduler": state.scheduler}, folder / LOOP_STATE_FILE)
+    torch.save(
+        {
+            "step": state.step,
+            "tokens_seen": state.tokens_seen,
+            "optimizer": state.optimizer,
+            "scheduler": state.scheduler,
+        },
+        folder / LOOP_STATE_FILE,
+    )
     (folder / RUN_INFO_FILE).write_text(json.dumps({**info, "step": state.step, "tokens_seen": state.tokens_seen}))
 
 
@@ -39,8 +46,9 @@ def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState]:
 
 def is_checkpoint(folder: str | Path) -> bool:
     folder = Path(folder)
-    return all((folder / name).is_file() for name in (LOOP_STATE_FILE, RUN_INFO_FILE)) and \
-        sae_files.is_sae_folder(folder / SAE_DIR)
+    return all((folder / name).is_file() for name in (LOOP_STATE_FILE, RUN_INFO_FILE)) and sae_files.is_sae_folder(
+        folder / SAE_DIR
+    )
 
 
 def run_info(args: TrainArgs, run_id: str, total_steps: int) -> dict:
@@ -74,7 +82,8 @@ def resumed_args(checkpoint: Path, info: dict) -> TrainArgs:
     try:
         args = TrainArgs(**{k: v for k, v in info["train_args"].items() if k in known})
     except TypeError:
-        raise UserError(f"cannot resume from '{checkpoint}': its {RUN_INFO_FILE} does not hold saeforge's "
-                        "train arguments") from None
+        raise UserError(
+            f"cannot resume from '{checkpoint}': its {RUN_INFO_FILE} does not hold saeforge's train arguments"
+        ) from None
     args.resume = str(checkpoint)
     return args

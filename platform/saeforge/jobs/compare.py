@@ -16,8 +16,8 @@ from saeforge.errors import UserError
 from saeforge.jobs import tracking
 from saeforge.jobs.arguments import CompareArgs
 
-
 # -- reading MLflow --------------------------------------------------------------------------------
+
 
 def _float(text) -> float:
     try:
@@ -39,15 +39,29 @@ def registered_rows(client, model: str = "", hook: str = "") -> tuple[list[dict]
             continue
         champion = tracking.champion_version(client, rm.name)
         shown = champion or max(versions, key=lambda v: int(v.version))
-        rows.append({"name": rm.name, "version": int(shown.version), "alias": "champion" if champion else "(latest)",
-                     "variant": parts[2], "hook": parts[1],
-                     "ce_loss_recovered": _float(shown.tags.get(tracking.CHAMPION_METRIC)),
-                     "l0": _float(shown.tags.get(tracking.L0_TAG)), "run_id": shown.run_id})
+        rows.append(
+            {
+                "name": rm.name,
+                "version": int(shown.version),
+                "alias": "champion" if champion else "(latest)",
+                "variant": parts[2],
+                "hook": parts[1],
+                "ce_loss_recovered": _float(shown.tags.get(tracking.CHAMPION_METRIC)),
+                "l0": _float(shown.tags.get(tracking.L0_TAG)),
+                "run_id": shown.run_id,
+            }
+        )
         for v in versions:
-            points.append({"variant": parts[2], "l0": _float(v.tags.get(tracking.L0_TAG)),
-                           "ce_loss_recovered": _float(v.tags.get(tracking.CHAMPION_METRIC)),
-                           "label": f"{rm.name} v{v.version}", "run_id": v.run_id,
-                           "champion": champion is not None and v.version == champion.version})
+            points.append(
+                {
+                    "variant": parts[2],
+                    "l0": _float(v.tags.get(tracking.L0_TAG)),
+                    "ce_loss_recovered": _float(v.tags.get(tracking.CHAMPION_METRIC)),
+                    "label": f"{rm.name} v{v.version}",
+                    "run_id": v.run_id,
+                    "champion": champion is not None and v.version == champion.version,
+                }
+            )
     return rows, points
 
 
@@ -59,24 +73,31 @@ def search_rows(client, parent_run_id: str) -> tuple[dict, list[dict]]:
         parent = client.get_run(parent_run_id)
     except MlflowException:
         raise UserError(f"--search {parent_run_id}: no such MLflow run") from None
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  max_results=10_000)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
+    )
     if not children:
         raise UserError(f"--search {parent_run_id}: the run has no child runs (is it a `saeforge tune` search?)")
     best = parent.data.tags.get("saeforge.best_run_id")
     children = sorted(children, key=lambda r: r.info.start_time)
-    sae_params = [{k[len("sae."):]: v for k, v in r.data.params.items() if k.startswith("sae.")} for r in children]
+    sae_params = [{k[len("sae.") :]: v for k, v in r.data.params.items() if k.startswith("sae.")} for r in children]
     varying = sorted({k for p in sae_params for k in p if len({q.get(k) for q in sae_params}) > 1})
     rows = []
     for run, params in zip(children, sae_params):
         m, tags = run.data.metrics, run.data.tags
-        rows.append({"trial_id": tags.get(tracking.TRIAL_TAG, ""), "run_id": run.info.run_id,
-                     "variant": tags.get(tracking.VARIANT_TAG, run.data.params.get("variant", "")),
-                     "status": tags.get(tracking.STATUS_TAG, run.info.status.lower()),
-                     **{k: params.get(k, "") for k in varying},
-                     "l0": m.get("eval/l0", math.nan), "ce_loss_recovered": m.get("eval/ce_loss_recovered", math.nan),
-                     "explained_variance": m.get("eval/explained_variance", math.nan),
-                     "best": run.info.run_id == best})
+        rows.append(
+            {
+                "trial_id": tags.get(tracking.TRIAL_TAG, ""),
+                "run_id": run.info.run_id,
+                "variant": tags.get(tracking.VARIANT_TAG, run.data.params.get("variant", "")),
+                "status": tags.get(tracking.STATUS_TAG, run.info.status.lower()),
+                **{k: params.get(k, "") for k in varying},
+                "l0": m.get("eval/l0", math.nan),
+                "ce_loss_recovered": m.get("eval/ce_loss_recovered", math.nan),
+                "explained_variance": m.get("eval/explained_variance", math.nan),
+                "best": run.info.run_id == best,
+            }
+        )
     return parent, rows
 
 
@@ -93,7 +114,8 @@ def run_compare(args: CompareArgs) -> dict:
         champion_runs = {p["run_id"] for p in points if p["champion"]}
         trial_runs = {t["run_id"] for t in trials}
         points = [p for p in points if p["run_id"] not in trial_runs] + [  # one marker per run
-            {**t, "champion": t["run_id"] in champion_runs} for t in trials if t["status"] == "completed"]
+            {**t, "champion": t["run_id"] in champion_runs} for t in trials if t["status"] == "completed"
+        ]
     title = "registered SAEs" + (f" + search {parent.info.run_name}" if parent else "")
     plot = plot_l0_vs_ce(points, args.out, title=title)
     logged_to = None

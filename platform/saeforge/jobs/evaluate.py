@@ -15,19 +15,25 @@ Input mistakes (unknown suite or option, unreadable URI) raise UserError before 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import variants
 from saeforge.core import eval_suites, sae_files
 from saeforge.core.eval_suites import SuiteResult
-from saeforge.core.eval_suites.runner import build_context, flat_metrics, format_report, parse_options, run_local, run_one
+from saeforge.core.eval_suites.runner import (
+    build_context,
+    flat_metrics,
+    format_report,
+    parse_options,
+    run_local,
+    run_one,
+)
 from saeforge.core.sae_files import CFG_FILE, SaeMeta, load_sae
 from saeforge.errors import UserError
 from saeforge.jobs import tracking
@@ -40,6 +46,7 @@ REPORT_ARTIFACT = "eval/report.json"
 
 
 # -- what MODEL_URI names ----------------------------------------------------------------------------
+
 
 @dataclass
 class ResolvedSAE:
@@ -107,6 +114,7 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
 
 # -- running suites ----------------------------------------------------------------------------------
 
+
 def _suite_task(payload: dict, suite: str, options: dict, context_kwargs: dict, threads: int) -> dict:
     """One suite in a Ray task: rebuild the SAE from its bytes, load the model, run, return a dict."""
     import torch
@@ -116,10 +124,21 @@ def _suite_task(payload: dict, suite: str, options: dict, context_kwargs: dict, 
     return run_one(ctx, suite, options).to_dict()
 
 
-def run_suites(sae: variants.Variant, cfg: dict, suites: str | list[str] | None = None, model=None, *,
-               tokenizer=None, options: dict | list | None = None, model_name: str = "", dataset: str = "",
-               batch_contexts: int = 8, use_ray: bool = False, address: str = "",
-               progress: Callable[[str], None] | None = None) -> dict[str, SuiteResult]:
+def run_suites(
+    sae: variants.Variant,
+    cfg: dict,
+    suites: str | list[str] | None = None,
+    model=None,
+    *,
+    tokenizer=None,
+    options: dict | list | None = None,
+    model_name: str = "",
+    dataset: str = "",
+    batch_contexts: int = 8,
+    use_ray: bool = False,
+    address: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, SuiteResult]:
     """Run evaluation suites on an SAE (its cfg.json dict says which model, hook and context size).
 
     suites: names, 'a,b' or None/'all'; options: {suite: {option: value}} or [('suite.option', 'value')];
@@ -128,8 +147,16 @@ def run_suites(sae: variants.Variant, cfg: dict, suites: str | list[str] | None 
     names = eval_suites.parse_suites(suites)
     opts = parse_options(options or {})
     if not use_ray:
-        ctx = build_context(sae, cfg, model, tokenizer, model_name=model_name, dataset=dataset,
-                            batch_contexts=batch_contexts, progress=progress)
+        ctx = build_context(
+            sae,
+            cfg,
+            model,
+            tokenizer,
+            model_name=model_name,
+            dataset=dataset,
+            batch_contexts=batch_contexts,
+            progress=progress,
+        )
         return run_local(ctx, names, opts, progress)
     import ray
 
@@ -145,6 +172,7 @@ def run_suites(sae: variants.Variant, cfg: dict, suites: str | list[str] | None 
 
 
 # -- reporting ---------------------------------------------------------------------------------------
+
 
 def write_json(path: Path, data: dict) -> None:
     """Write atomically: a reader never sees a half-written report."""
@@ -168,7 +196,7 @@ def log_to_run(run_id: str, results: dict[str, SuiteResult], report: dict) -> No
     now = int(time.time() * 1000)
     metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(results).items()]
     for start in range(0, len(metrics), 500):  # MLflow caps one batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start:start + 500])
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
     client.log_dict(run_id, report, REPORT_ARTIFACT)
 
 
@@ -189,16 +217,34 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
             raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
     meta = SaeMeta.from_cfg(resolved.cfg)
     if progress:
-        progress(f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "
-                 f"{resolved.cfg['d_sae']}, {meta.hook_name} of {args.model or meta.model_name}) on {', '.join(names)}")
-    results = run_suites(resolved.sae, resolved.cfg, names, options=options, model_name=args.model,
-                         dataset=args.dataset, batch_contexts=args.batch_contexts, use_ray=args.use_ray,
-                         address=args.address, progress=progress)
+        progress(
+            f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "
+            f"{resolved.cfg['d_sae']}, {meta.hook_name} of {args.model or meta.model_name}) on {', '.join(names)}"
+        )
+    results = run_suites(
+        resolved.sae,
+        resolved.cfg,
+        names,
+        options=options,
+        model_name=args.model,
+        dataset=args.dataset,
+        batch_contexts=args.batch_contexts,
+        use_ray=args.use_ray,
+        address=args.address,
+        progress=progress,
+    )
     report = {
-        "uri": args.uri, "run_id": resolved.run_id, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "sae": {**asdict(meta), "d_in": resolved.cfg["d_in"], "d_sae": resolved.cfg["d_sae"],
-                "variant": resolved.cfg["saeforge"]["variant"]},
-        "model": args.model or meta.model_name, "options": options,
+        "uri": args.uri,
+        "run_id": resolved.run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sae": {
+            **asdict(meta),
+            "d_in": resolved.cfg["d_in"],
+            "d_sae": resolved.cfg["d_sae"],
+            "variant": resolved.cfg["saeforge"]["variant"],
+        },
+        "model": args.model or meta.model_name,
+        "options": options,
         "suites": {name: result.to_dict() for name, result in results.items()},
     }
     out = Path(args.out or f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '-', resolved.label)}.json")
@@ -211,7 +257,9 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
         try:
             log_to_run(resolved.run_id, results, report)
         except MlflowException as err:
-            raise UserError(f"report written to {out}, but logging to MLflow run {resolved.run_id} failed: "
-                            f"{str(err).splitlines()[0]}") from None
+            raise UserError(
+                f"report written to {out}, but logging to MLflow run {resolved.run_id} failed: "
+                f"{str(err).splitlines()[0]}"
+            ) from None
     report["table"] = format_report(results)
     return report

@@ -29,8 +29,14 @@ def connect_ray(address: str = "") -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before init: Ray's processes inherit it
-    ray.init(address="local", num_cpus=max(8, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, logging_level="WARNING")
+    ray.init(
+        address="local",
+        num_cpus=max(8, 2 * (os.cpu_count() or 1)),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        logging_level="WARNING",
+    )
 
 
 def cores() -> int:
@@ -45,5 +51,9 @@ def share_resources(producers: int, workers: int) -> Resources:
 
     gpus = ray.cluster_resources().get("GPU", 0)
     each = 0.0 if gpus <= 0 else (1.0 if gpus >= producers + workers else gpus / (producers + workers))
-    return Resources(gpus_per_producer=each, gpus_per_worker=each,
-                     producer_threads=max(1, cores() // producers), worker_threads=max(1, cores() // workers))
+    return Resources(
+        gpus_per_producer=each,
+        gpus_per_worker=each,
+        producer_threads=max(1, cores() // producers),
+        worker_threads=max(1, cores() // workers),
+    )

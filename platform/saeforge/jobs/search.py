@@ -56,11 +56,16 @@ def load_spaces(args: TuneArgs) -> list[TuneSpace]:
         if not path.is_file():
             raise UserError(f"{path}: no tune space for variant '{name}' (pass --space FILE)")
         space = search_space.load(path, name)
-        space = {"pareto": space.as_pareto, "single": space.as_single}.get(args.objective, lambda: space)()
+        if args.objective == "pareto":
+            space = space.as_pareto()
+        elif args.objective == "single":
+            space = space.as_single()
         if args.search_alg == "optuna" and space.has_grid:
             field_name = next(k for k, v in space.params.items() if v["sampler"] == "grid")
-            raise UserError(f"{path}: params.{field_name}.sampler: expected a sampler Optuna can draw from "
-                            "(choice, uniform, loguniform, randint); grid needs --search-alg random")
+            raise UserError(
+                f"{path}: params.{field_name}.sampler: expected a sampler Optuna can draw from "
+                "(choice, uniform, loguniform, randint); grid needs --search-alg random"
+            )
         spaces.append(space)
     return spaces
 
@@ -102,8 +107,14 @@ def make_scheduler(args: TuneArgs, space: TuneSpace, grace: int, max_t: int):
 
     if args.scheduler == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="step", metric=ES_SCORE, mode=space.early_stopping.mode, grace_period=grace,
-                         max_t=max_t, reduction_factor=space.early_stopping.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        metric=ES_SCORE,
+        mode=space.early_stopping.mode,
+        grace_period=grace,
+        max_t=max_t,
+        reduction_factor=space.early_stopping.reduction_factor,
+    )
 
 
 def make_search_alg(args: TuneArgs, space: TuneSpace, max_concurrent: int):
@@ -153,18 +164,32 @@ def trial_rows(grid, space: TuneSpace, ctx: TrialContext) -> list[dict]:
     """One row per trial (status, sampled values, final metrics); child runs of trials that were
     stopped early or died are closed with their status."""
     uri = ctx.plan.tracking.uri
-    children = {r.data.tags.get(tracking.TRIAL_TAG): r
-                for r in tracking.child_runs(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id)}
+    children = {
+        r.data.tags.get(tracking.TRIAL_TAG): r
+        for r in tracking.child_runs(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id)
+    }
     rows = []
     for result in grid:
         m = result.metrics or {}
         trial_id = _trial_id(result, [k for k in children if k])
         run = children.get(trial_id)
         status = "failed" if result.error else "completed" if m.get("trial_done") else "early_stopped"
-        row = {"trial_id": trial_id, "run_id": run.info.run_id if run else "", "status": status,
-               **{k: (result.config or {}).get(k) for k in space.params}}
-        for key in ("l0", "ce_loss_recovered", "explained_variance", "kl_div_sae", "dead_fraction", "objective",
-                    "train_seconds", "eval_seconds"):
+        row = {
+            "trial_id": trial_id,
+            "run_id": run.info.run_id if run else "",
+            "status": status,
+            **{k: (result.config or {}).get(k) for k in space.params},
+        }
+        for key in (
+            "l0",
+            "ce_loss_recovered",
+            "explained_variance",
+            "kl_div_sae",
+            "dead_fraction",
+            "objective",
+            "train_seconds",
+            "eval_seconds",
+        ):
             row[key] = float(m[key]) if status == "completed" and key in m else math.nan
         row["step"] = m.get("step", 0)
         row["train_explained_variance"] = m.get("explained_variance", math.nan) if status != "completed" else math.nan
@@ -200,8 +225,17 @@ def register_best(best: dict, space: TuneSpace, plan: RunPlan, l0_max: float) ->
     return name, version, False, f"no trial met the constraints ({', '.join(missed)}); this is the closest"
 
 
-def search_variant(space: TuneSpace, base: RunPlan, acts: SharedActivations, eval_contexts, args: TuneArgs, *,
-                   concurrency: tuple[int, int, float], progress=print, verbose: int = 1) -> dict:
+def search_variant(
+    space: TuneSpace,
+    base: RunPlan,
+    acts: SharedActivations,
+    eval_contexts,
+    args: TuneArgs,
+    *,
+    concurrency: tuple[int, int, float],
+    progress=print,
+    verbose: int = 1,
+) -> dict:
     """One variant's search: a Tuner over its space on the shared activations, under a parent
     MLflow run; ends by registering the best trial's SAE."""
     import mlflow
@@ -209,40 +243,79 @@ def search_variant(space: TuneSpace, base: RunPlan, acts: SharedActivations, eva
 
     n, threads, gpu_per_worker = concurrency
     cfg = variant_config(space.variant, base.variant.d_in, base.variant.d_sae, space.fixed)
-    plan = dataclasses.replace(base, variant_name=space.variant, variant=cfg,
-                               resources=dataclasses.replace(base.resources, worker_threads=threads,
-                                                             gpus_per_worker=gpu_per_worker))
+    plan = dataclasses.replace(
+        base,
+        variant_name=space.variant,
+        variant=cfg,
+        resources=dataclasses.replace(base.resources, worker_threads=threads, gpus_per_worker=gpu_per_worker),
+    )
     report_every, grace, max_t = cadence(args, space, plan)
     plan = dataclasses.replace(plan, loop=LoopSettings(1, log_every=report_every, report_every=report_every))
     l0_max = space.l0_max() or plan.max_l0
     search_name = f"{args.name or 'tune'}-{space.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(args.storage).expanduser().resolve()
-    objective = ("pareto: " + ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes))
-                 if space.multi_objective else f"{space.metrics[0]} {space.modes[0]}")
-    progress(f"saeforge: searching {space.variant} ({args.samples} sample(s), {args.search_alg} search, "
-             f"{args.scheduler} scheduler, up to {n} trial(s) at once, {objective}, constraints: "
-             f"{', '.join(map(str, space.constraints)) or 'none'})")
+    objective = (
+        "pareto: " + ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes))
+        if space.multi_objective
+        else f"{space.metrics[0]} {space.modes[0]}"
+    )
+    progress(
+        f"saeforge: searching {space.variant} ({args.samples} sample(s), {args.search_alg} search, "
+        f"{args.scheduler} scheduler, up to {n} trial(s) at once, {objective}, constraints: "
+        f"{', '.join(map(str, space.constraints)) or 'none'})"
+    )
     started = time.time()
-    with mlflow.start_run(experiment_id=plan.tracking.experiment_id, run_name=search_name,
-                          tags={"saeforge.kind": "tune_search", tracking.VARIANT_TAG: space.variant}) as parent:
-        mlflow.log_params({
-            "variant": space.variant, "space": str(space.path), "samples": args.samples,
-            "search_alg": args.search_alg, "scheduler": args.scheduler, "objective": objective,
-            "constraints": "; ".join(map(str, space.constraints)), "max_concurrent": n,
-            "tokens_per_trial": args.tokens_per_trial, "report_every": report_every, "grace_period": grace,
-            "model": args.model, "hook": plan.hook.name, "d_sae": plan.variant.d_sae, "seed": args.seed,
-            "activations": acts.source, **{f"fixed.{k}": v for k, v in space.fixed.items()}})
+    with mlflow.start_run(
+        experiment_id=plan.tracking.experiment_id,
+        run_name=search_name,
+        tags={"saeforge.kind": "tune_search", tracking.VARIANT_TAG: space.variant},
+    ) as parent:
+        mlflow.log_params(
+            {
+                "variant": space.variant,
+                "space": str(space.path),
+                "samples": args.samples,
+                "search_alg": args.search_alg,
+                "scheduler": args.scheduler,
+                "objective": objective,
+                "constraints": "; ".join(map(str, space.constraints)),
+                "max_concurrent": n,
+                "tokens_per_trial": args.tokens_per_trial,
+                "report_every": report_every,
+                "grace_period": grace,
+                "model": args.model,
+                "hook": plan.hook.name,
+                "d_sae": plan.variant.d_sae,
+                "seed": args.seed,
+                "activations": acts.source,
+                **{f"fixed.{k}": v for k, v in space.fixed.items()},
+            }
+        )
         mlflow.log_metrics(acts.log_dict())
         mlflow.log_artifact(str(space.path), artifact_path="space")
-        ctx = TrialContext(plan, space, acts.dataset, acts.contexts, eval_contexts, args.tokens_per_trial, l0_max,
-                           parent.info.run_id, str(storage / search_name / "trials"))
+        ctx = TrialContext(
+            plan,
+            space,
+            acts.dataset,
+            acts.contexts,
+            eval_contexts,
+            args.tokens_per_trial,
+            l0_max,
+            parent.info.run_id,
+            str(storage / search_name / "trials"),
+        )
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
         tuner = tune.Tuner(
-            trainable, param_space=space.param_space(),
-            tune_config=tune.TuneConfig(num_samples=args.samples, max_concurrent_trials=n,
-                                        search_alg=make_search_alg(args, space, n),
-                                        scheduler=make_scheduler(args, space, grace, max_t)),
-            run_config=tune.RunConfig(name=search_name, storage_path=str(storage), verbose=verbose))
+            trainable,
+            param_space=space.param_space(),
+            tune_config=tune.TuneConfig(
+                num_samples=args.samples,
+                max_concurrent_trials=n,
+                search_alg=make_search_alg(args, space, n),
+                scheduler=make_scheduler(args, space, grace, max_t),
+            ),
+            run_config=tune.RunConfig(name=search_name, storage_path=str(storage), verbose=verbose),
+        )
         rows = trial_rows(tuner.fit(), space, ctx)
         seconds = time.time() - started
         best = search_space.best_trial(rows, space)
@@ -250,27 +323,65 @@ def search_variant(space: TuneSpace, base: RunPlan, acts: SharedActivations, eva
         out_dir.mkdir(parents=True, exist_ok=True)
         table = write_csv(rows, out_dir / "trials.csv")
         mlflow.log_artifact(str(table), artifact_path="search")
-        mlflow.log_dict({"rows": rows, "best_trial": best and best["trial_id"],
-                         "pareto": [r["trial_id"] for r in rows if r["pareto"]]}, "search/trials.json")
-        points = [{"variant": space.variant, "l0": r["l0"], "ce_loss_recovered": r["ce_loss_recovered"],
-                   "label": r["trial_id"], "best": best is not None and r is best} for r in rows
-                  if r["status"] == "completed"]
-        plot = plot_l0_vs_ce(points, out_dir / "l0_vs_ce_loss_recovered.png",
-                             title=f"{space.variant} search on {plan.hook.name} ({len(rows)} trials)", l0_max=l0_max)
+        mlflow.log_dict(
+            {
+                "rows": rows,
+                "best_trial": best and best["trial_id"],
+                "pareto": [r["trial_id"] for r in rows if r["pareto"]],
+            },
+            "search/trials.json",
+        )
+        points = [
+            {
+                "variant": space.variant,
+                "l0": r["l0"],
+                "ce_loss_recovered": r["ce_loss_recovered"],
+                "label": r["trial_id"],
+                "best": best is not None and r is best,
+            }
+            for r in rows
+            if r["status"] == "completed"
+        ]
+        plot = plot_l0_vs_ce(
+            points,
+            out_dir / "l0_vs_ce_loss_recovered.png",
+            title=f"{space.variant} search on {plan.hook.name} ({len(rows)} trials)",
+            l0_max=l0_max,
+        )
         mlflow.log_artifact(str(plot), artifact_path="search")
         counts = {s: sum(r["status"] == s for r in rows) for s in ("completed", "early_stopped", "failed")}
         mlflow.log_metrics({**{f"trials_{k}": v for k, v in counts.items()}, "search_seconds": seconds})
-        summary = {"variant": space.variant, "parent_run_id": parent.info.run_id, "search_name": search_name,
-                   "params": list(space.params), "trials": len(rows),
-                   **{f"trials_{k}": v for k, v in counts.items()}, "rows": rows,
-                   "best": best, "pareto": [r["trial_id"] for r in rows if r["pareto"]], "seconds": seconds,
-                   "table": str(table), "plot": str(plot), "registered_model": None, "version": None,
-                   "champion": False, "champion_reason": "no trial completed"}
+        summary = {
+            "variant": space.variant,
+            "parent_run_id": parent.info.run_id,
+            "search_name": search_name,
+            "params": list(space.params),
+            "trials": len(rows),
+            **{f"trials_{k}": v for k, v in counts.items()},
+            "rows": rows,
+            "best": best,
+            "pareto": [r["trial_id"] for r in rows if r["pareto"]],
+            "seconds": seconds,
+            "table": str(table),
+            "plot": str(plot),
+            "registered_model": None,
+            "version": None,
+            "champion": False,
+            "champion_reason": "no trial completed",
+        }
         if best is None:
             progress(f"saeforge: {space.variant}: no trial completed; nothing registered")
             return summary
-        mlflow.log_metrics({**{f"best/{k}": best[k] for k in ("l0", "ce_loss_recovered", "explained_variance")
-                               if math.isfinite(best[k])}, "best/feasible": int(best["feasible"])})
+        mlflow.log_metrics(
+            {
+                **{
+                    f"best/{k}": best[k]
+                    for k in ("l0", "ce_loss_recovered", "explained_variance")
+                    if math.isfinite(best[k])
+                },
+                "best/feasible": int(best["feasible"]),
+            }
+        )
         mlflow.set_tag("saeforge.best_run_id", best["run_id"])
         name, version, moved, reason = register_best(best, space, plan, l0_max)
         summary.update(registered_model=name, version=version, champion=moved, champion_reason=reason)
@@ -280,8 +391,9 @@ def search_variant(space: TuneSpace, base: RunPlan, acts: SharedActivations, eva
 def shared_train_args(args: TuneArgs, space: TuneSpace) -> TrainArgs:
     """The search's arguments as a training run's: the groups the two verbs share, the first
     space's variant and fixed values, and a trial's token budget."""
-    shared = {f.name: getattr(args, f.name) for cls in (SourceArgs, ClusterArgs, SaeSizeArgs)
-              for f in dataclasses.fields(cls)}
+    shared = {
+        f.name: getattr(args, f.name) for cls in (SourceArgs, ClusterArgs, SaeSizeArgs) for f in dataclasses.fields(cls)
+    }
     return TrainArgs(**shared, variant=space.variant, overrides=dict(space.fixed), tokens=args.tokens_per_trial)
 
 
@@ -297,17 +409,29 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
         check_cache(args.activations, plan)
 
     uri = tracking.use_store()
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(plan.stream.model.short_name,
-                                                                        plan.hook.name), uri)
+    experiment_id = tracking.ensure_experiment(
+        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
+    )
     connect_ray(args.address)
     # Trials report the objective only at their end and the early-stopping score only while they
     # train: Tune must not insist on every metric in every report.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    plan = dataclasses.replace(plan, resources=share_resources(args.producers, 1),
-                               tracking=TrackingTarget(uri, experiment_id))
+    plan = dataclasses.replace(
+        plan, resources=share_resources(args.producers, 1), tracking=TrackingTarget(uri, experiment_id)
+    )
     acts = shared_activations(plan, contexts, args.activations, progress)
     concurrency = trial_concurrency(args)
-    searches = [search_variant(space, plan, acts, contexts.eval, args, concurrency=concurrency, progress=progress,
-                               verbose=verbose) for space in spaces]
-    return {"searches": searches, "activations": acts.summary(), "max_concurrent": concurrency[0],
-            "tracking_uri": uri, "experiment_id": experiment_id, "seconds": time.time() - started}
+    searches = [
+        search_variant(
+            space, plan, acts, contexts.eval, args, concurrency=concurrency, progress=progress, verbose=verbose
+        )
+        for space in spaces
+    ]
+    return {
+        "searches": searches,
+        "activations": acts.summary(),
+        "max_concurrent": concurrency[0],
+        "tracking_uri": uri,
+        "experiment_id": experiment_id,
+        "seconds": time.time() - started,
+    }

@@ -31,16 +31,32 @@ from saeforge.errors import UserError
 
 # What core.evaluation.evaluate_core returns (objectives and constraints are judged on these).
 EVAL_METRICS = (
-    "ce_loss_recovered", "l0", "l1", "mse", "explained_variance", "cossim", "dead_fraction", "dense_fraction",
-    "ce_loss_sae", "kl_div_sae", "mean_abs_corr", "decoder_cos_mean", "decoder_cos_max",
+    "ce_loss_recovered",
+    "l0",
+    "l1",
+    "mse",
+    "explained_variance",
+    "cossim",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_loss_sae",
+    "kl_div_sae",
+    "mean_abs_corr",
+    "decoder_cos_mean",
+    "decoder_cos_max",
 )
 # What the training loop logs (and reports to Tune every `report_every` steps): early stopping
 # reads one of these, or a named loss term (loss/...) or a variant diagnostic (diag/...).
 TRAIN_METRICS = ("loss", "explained_variance", "l0", "dead_fraction", "mean_abs_corr")
 MODES = ("min", "max")
 PARETO = (("l0", "min"), ("ce_loss_recovered", "max"))  # the multi-objective pair SAEs are judged on
-SAMPLERS = {"choice": ("values",), "grid": ("values",), "uniform": ("low", "high"),
-            "loguniform": ("low", "high"), "randint": ("low", "high")}
+SAMPLERS = {
+    "choice": ("values",),
+    "grid": ("values",),
+    "uniform": ("low", "high"),
+    "loguniform": ("low", "high"),
+    "randint": ("low", "high"),
+}
 TOP_KEYS = ("variant", "objective", "constraints", "early_stopping", "params", "fixed")
 _NUMBER_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -100,16 +116,25 @@ class TuneSpace:
     def has_grid(self) -> bool:
         return any(spec["sampler"] == "grid" for spec in self.params.values())
 
-    def as_pareto(self) -> "TuneSpace":
+    def as_pareto(self) -> TuneSpace:
         """The same space searched over (L0 min, CE loss recovered max)."""
         metrics, modes = zip(*PARETO)
-        return TuneSpace(self.path, self.variant, metrics, modes, self.constraints, self.early_stopping,
-                         self.params, self.fixed)
+        return TuneSpace(
+            self.path, self.variant, metrics, modes, self.constraints, self.early_stopping, self.params, self.fixed
+        )
 
-    def as_single(self) -> "TuneSpace":
+    def as_single(self) -> TuneSpace:
         """The same space searched on CE loss recovered alone (the constraints still apply)."""
-        return TuneSpace(self.path, self.variant, ("ce_loss_recovered",), ("max",), self.constraints,
-                         self.early_stopping, self.params, self.fixed)
+        return TuneSpace(
+            self.path,
+            self.variant,
+            ("ce_loss_recovered",),
+            ("max",),
+            self.constraints,
+            self.early_stopping,
+            self.params,
+            self.fixed,
+        )
 
     def l0_max(self) -> float | None:
         bounds = [c.max for c in self.constraints if c.metric == "l0" and c.max is not None]
@@ -178,6 +203,7 @@ def best_trial(rows: list[dict], space: TuneSpace) -> dict | None:
 
 # -- parsing -------------------------------------------------------------------------------------
 
+
 class _Reader:
     """Error messages that name the file, the key and what was expected."""
 
@@ -214,8 +240,9 @@ class _Reader:
     def config_field(self, key: str, field_name: str, searchable: dict, variant: str) -> str:
         """`key` when `field_name` is a searchable config field of the variant."""
         if field_name not in searchable:
-            raise self.fail(key, f"a config field of {variant} ({', '.join(sorted(searchable))})", None,
-                            " (unknown field)")
+            raise self.fail(
+                key, f"a config field of {variant} ({', '.join(sorted(searchable))})", None, " (unknown field)"
+            )
         return key
 
     def typed(self, value: Any, kind: type, key: str, field_name: str, variant: str) -> Any:
@@ -224,15 +251,19 @@ class _Reader:
         ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
         if not ok:
             article = "an" if kind.__name__[0] in "aeiou" else "a"
-            raise self.fail(key, f"{article} {kind.__name__} for {variant}'s '{field_name}'", value,
-                            _string_hint(value))
+            raise self.fail(
+                key, f"{article} {kind.__name__} for {variant}'s '{field_name}'", value, _string_hint(value)
+            )
         return float(value) if kind is float else value
 
 
 def _string_hint(value: Any) -> str:
     if isinstance(value, str) and _NUMBER_TEXT.match(value.strip()):
-        return (" (a string: YAML reads numbers like 1e-4 as text; write 1.0e-4)" if "e" in value.lower()
-                else " (a string: remove the quotes)")
+        return (
+            " (a string: YAML reads numbers like 1e-4 as text; write 1.0e-4)"
+            if "e" in value.lower()
+            else " (a string: remove the quotes)"
+        )
     return ""
 
 
@@ -308,8 +339,11 @@ def _objective(r: _Reader, raw: Any) -> tuple[tuple, tuple, list[Constraint]]:
     for i, m in enumerate(modes):
         r.choice(m, "objective.mode" + (f"[{i}]" if len(modes) > 1 else ""), MODES)
     if len(metrics) == 2 and set(zip(metrics, modes)) != set(PARETO):
-        raise r.fail("objective", "the Pareto pair metric: [l0, ce_loss_recovered], mode: [min, max]",
-                     {"metric": metric, "mode": mode})
+        raise r.fail(
+            "objective",
+            "the Pareto pair metric: [l0, ce_loss_recovered], mode: [min, max]",
+            {"metric": metric, "mode": mode},
+        )
     constraints = []
     if "l0_max" in raw:
         constraints.append(Constraint("l0", max=r.number(raw["l0_max"], "objective.l0_max", positive=True)))
@@ -345,8 +379,11 @@ def _early_stopping(r: _Reader, raw: Any) -> EarlyStopping:
     d = EarlyStopping()
     metric = raw.get("metric", d.metric)
     if not (metric in TRAIN_METRICS or (isinstance(metric, str) and metric.startswith(("loss/", "diag/")))):
-        raise r.fail("early_stopping.metric", "a training metric (" + ", ".join(TRAIN_METRICS)
-                     + ", loss/TERM or diag/NAME)", metric)
+        raise r.fail(
+            "early_stopping.metric",
+            "a training metric (" + ", ".join(TRAIN_METRICS) + ", loss/TERM or diag/NAME)",
+            metric,
+        )
     mode = r.choice(raw.get("mode", d.mode), "early_stopping.mode", MODES)
     grace = raw.get("grace_period", d.grace_period)
     if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
@@ -369,8 +406,10 @@ def _sampler(r: _Reader, spec: Any, key: str, field_name: str, kind: type, varia
         values = spec["values"]
         if not isinstance(values, list) or not values:
             raise r.fail(f"{key}.values", "a non-empty list", values)
-        return {"sampler": sampler,
-                "values": [r.typed(v, kind, f"{key}.values[{i}]", field_name, variant) for i, v in enumerate(values)]}
+        return {
+            "sampler": sampler,
+            "values": [r.typed(v, kind, f"{key}.values[{i}]", field_name, variant) for i, v in enumerate(values)],
+        }
     if kind in (str, bool):
         raise r.fail(f"{key}.sampler", f"choice or grid for the {kind.__name__} field '{field_name}'", sampler)
     if sampler == "randint":
@@ -392,5 +431,7 @@ def check_builds(space: TuneSpace, d_in: int, d_sae: int) -> None:
     try:
         cls(cls.Config.build(d_in=d_in, d_sae=d_sae, overrides={**space.fixed, **space.representative()}))
     except (variants.ConfigError, ValueError) as err:
-        raise UserError(f"{space.path}: params/fixed: expected values that build {space.variant} at "
-                        f"d_in {d_in}, d_sae {d_sae}: {err}") from None
+        raise UserError(
+            f"{space.path}: params/fixed: expected values that build {space.variant} at "
+            f"d_in {d_in}, d_sae {d_sae}: {err}"
+        ) from None

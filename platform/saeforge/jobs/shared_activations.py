@@ -53,8 +53,10 @@ def check_cache(path: str, plan: RunPlan) -> dict | None:
     manifest = folder / CACHE_MANIFEST
     if not manifest.is_file():
         if folder.exists() and any(folder.iterdir()):
-            raise UserError(f"--activations {path}: the folder exists but holds no complete activation cache "
-                            f"(no {CACHE_MANIFEST}); delete it or choose another path")
+            raise UserError(
+                f"--activations {path}: the folder exists but holds no complete activation cache "
+                f"(no {CACHE_MANIFEST}); delete it or choose another path"
+            )
         return None
     try:
         info = json.loads(manifest.read_text())
@@ -62,8 +64,10 @@ def check_cache(path: str, plan: RunPlan) -> dict | None:
         raise UserError(f"--activations {path}: {CACHE_MANIFEST} is not readable JSON") from None
     for key, value in cache_identity(plan).items():
         if info.get(key) != value:
-            raise UserError(f"--activations {path}: the cache holds {key} {info.get(key)!r}, this search needs "
-                            f"{value!r}; choose another path")
+            raise UserError(
+                f"--activations {path}: the cache holds {key} {info.get(key)!r}, this search needs "
+                f"{value!r}; choose another path"
+            )
     return info
 
 
@@ -82,17 +86,26 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
     cached = check_cache(cache, plan) if cache else None
     batches = forwarded = 0
     if cached is not None:
-        progress(f"saeforge: reading the activation cache {cache} ({cached['tokens']:,} tokens); the model does not run")
+        progress(
+            f"saeforge: reading the activation cache {cache} ({cached['tokens']:,} tokens); the model does not run"
+        )
         produced = ray.data.read_parquet(str(Path(cache).expanduser().resolve() / CACHE_ROWS)).materialize()
         n_contexts, tokens, source = int(cached["contexts"]), int(cached["tokens"]), f"cache:{cache}"
     else:
-        progress(f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
-                 f"({plan.args.producers} producer(s))...")
+        progress(
+            f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
+            f"({plan.args.producers} producer(s))..."
+        )
         res = plan.resources
         counter = forward_counter()
-        dataset = activation_dataset(contexts.train, plan.stream, producers=plan.args.producers,
-                                     threads=res.producer_threads, gpus_per_producer=res.gpus_per_producer,
-                                     count=True)
+        dataset = activation_dataset(
+            contexts.train,
+            plan.stream,
+            producers=plan.args.producers,
+            threads=res.producer_threads,
+            gpus_per_producer=res.gpus_per_producer,
+            count=True,
+        )
         before = ray.get(counter.read.remote())
         produced = dataset.materialize()
         after = ray.get(counter.read.remote())
@@ -101,11 +114,17 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
         if cache:
             folder = Path(cache).expanduser().resolve()
             produced.write_parquet(str(folder / CACHE_ROWS))
-            info = {**cache_identity(plan), "tokens": tokens, "contexts": n_contexts,
-                    "written": time.strftime("%Y-%m-%d %H:%M:%S")}
+            info = {
+                **cache_identity(plan),
+                "tokens": tokens,
+                "contexts": n_contexts,
+                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+            }
             (folder / CACHE_MANIFEST).write_text(json.dumps(info, indent=2))  # last: marks the cache complete
             progress(f"saeforge: activation cache written to {folder}")
     seconds = time.time() - started
-    progress(f"saeforge: {tokens:,} activation tokens ready in {seconds:.0f}s "
-             f"({batches} producer batches, {forwarded} contexts forwarded)")
+    progress(
+        f"saeforge: {tokens:,} activation tokens ready in {seconds:.0f}s "
+        f"({batches} producer batches, {forwarded} contexts forwarded)"
+    )
     return SharedActivations(produced, tokens, n_contexts, source, batches, forwarded, seconds)

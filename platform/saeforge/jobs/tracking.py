@@ -39,7 +39,7 @@ def artifact_root(uri: str, workdir: Path | None = None) -> str | None:
     """Where a new experiment's artifacts go: next to a SQLite/file store; the server's choice
     for an http(s) tracking server."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     if uri.startswith(("http://", "https://", "databricks")):
         return None
     return ((workdir or Path.cwd()).resolve() / "mlartifacts").as_uri()
@@ -74,9 +74,11 @@ def use_store(workdir: Path | None = None) -> str:
 def require_store(what: str) -> str:
     """The store, refusing (instead of creating an empty SQLite file) when none is there."""
     store = tracking_uri()
-    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///"):]).is_file():
-        raise UserError(f"cannot read '{what}': no MLflow store at {store} (set MLFLOW_TRACKING_URI or run where "
-                        "the SAE was trained)")
+    if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).is_file():
+        raise UserError(
+            f"cannot read '{what}': no MLflow store at {store} (set MLFLOW_TRACKING_URI or run where "
+            "the SAE was trained)"
+        )
     return use_store()
 
 
@@ -129,10 +131,15 @@ def log_and_register(sae_folder: Path, name: str, run_id: str | None = None) -> 
     cfg = read_cfg(sae_folder)
     warnings.filterwarnings("ignore", message=".*(type hints|input_example).*", category=UserWarning)
     signature = infer_signature(np.zeros((1, cfg["d_in"]), np.float32), np.zeros((1, cfg["d_sae"]), np.float32))
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) if run_id else contextlib.nullcontext():
+    with (
+        mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) if run_id else contextlib.nullcontext()
+    ):
         info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME, python_model=SAEPyfunc(), artifacts={"sae": str(sae_folder)},
-            signature=signature, registered_model_name=name,
+            name=MODEL_NAME,
+            python_model=SAEPyfunc(),
+            artifacts={"sae": str(sae_folder)},
+            signature=signature,
+            registered_model_name=name,
             pip_requirements=["saeforge", "torch", "safetensors", "numpy"],  # skips slow inference
         )
     return int(info.registered_model_version)
@@ -197,8 +204,11 @@ def start_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
     """A child run of a search's parent run (one per trial); returns its id."""
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri).create_run(experiment_id, run_name=name,
-                                        tags={"mlflow.parentRunId": parent_run_id, **tags}).info.run_id
+    return (
+        MlflowClient(uri)
+        .create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, **tags})
+        .info.run_id
+    )
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:
@@ -214,5 +224,6 @@ def close_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> N
 def child_runs(uri: str, experiment_id: str, parent_run_id: str) -> list:
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri).search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                         max_results=10_000)
+    return MlflowClient(uri).search_runs(
+        [experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=10_000
+    )

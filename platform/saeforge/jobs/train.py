@@ -42,18 +42,28 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str):
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
     res = plan.resources
     first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
-    dataset = activation_dataset(contexts.train, plan.stream, producers=plan.args.producers,
-                                 threads=res.producer_threads, gpus_per_producer=res.gpus_per_producer,
-                                 first_id=first_id)
+    dataset = activation_dataset(
+        contexts.train,
+        plan.stream,
+        producers=plan.args.producers,
+        threads=res.producer_threads,
+        gpus_per_producer=res.gpus_per_producer,
+        first_id=first_id,
+    )
     return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
 
 
 def log_params(plan: RunPlan) -> None:
     import mlflow
 
-    mlflow.log_params({**{k: v for k, v in asdict(plan.args).items() if k != "overrides"},
-                       **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
-                       "total_steps": plan.loop.total_steps, "contexts_per_step": plan.stream.contexts_per_step})
+    mlflow.log_params(
+        {
+            **{k: v for k, v in asdict(plan.args).items() if k != "overrides"},
+            **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+            "total_steps": plan.loop.total_steps,
+            "contexts_per_step": plan.stream.contexts_per_step,
+        }
+    )
 
 
 def run_train(args: TrainArgs, progress=print) -> dict:
@@ -64,20 +74,26 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     plan, contexts = plan_train(args, progress)
     args = plan.args
     name = run_name(plan)
-    progress(f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
-             f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
-             f"({len(contexts.train)} contexts to train), {args.producers} producer(s), {args.workers} worker(s)")
+    progress(
+        f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
+        f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
+        f"({len(contexts.train)} contexts to train), {args.producers} producer(s), {args.workers} worker(s)"
+    )
     uri = tracking.use_store()
-    experiment_id = tracking.ensure_experiment(tracking.experiment_name(plan.stream.model.short_name,
-                                                                        plan.hook.name), uri)
+    experiment_id = tracking.ensure_experiment(
+        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
+    )
     connect_ray(args.address)
     resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
-    with mlflow.start_run(run_id=resumed_run, experiment_id=None if resumed_run else experiment_id,
-                          run_name=None if resumed_run else name) as run:
+    with mlflow.start_run(
+        run_id=resumed_run, experiment_id=None if resumed_run else experiment_id, run_name=None if resumed_run else name
+    ) as run:
         registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
         plan = dataclasses.replace(
-            plan, resources=share_resources(args.producers, args.workers),
-            tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered))
+            plan,
+            resources=share_resources(args.producers, args.workers),
+            tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
+        )
         if not resumed_run:
             log_params(plan)
         result = train_on_ray(plan, contexts, name)
@@ -90,25 +106,41 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
         device, dtype = compute_device()
         model = load_model(plan.stream.model, dtype=dtype, device=device)
-        results = evaluate_core(model, variant, plan.hook, contexts.eval, list(plan.stream.special_ids),
-                                progress=lambda done, total: progress(f"  eval {done}/{total} contexts"))
+        results = evaluate_core(
+            model,
+            variant,
+            plan.hook,
+            contexts.eval,
+            list(plan.stream.special_ids),
+            progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
+        )
         mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
         results["dead_fraction_train"] = result.metrics["dead_fraction"]  # silent over the last 50k training tokens
-        mlflow.log_metrics({"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s,
-                            "train/dead_fraction_last_50k": results["dead_fraction_train"]})
+        mlflow.log_metrics(
+            {
+                "train_seconds": train_seconds,
+                "train_tokens_per_s": train_tokens_per_s,
+                "train/dead_fraction_last_50k": results["dead_fraction_train"],
+            }
+        )
         mlflow.log_dict(results, "eval/core.json")
         if plan.eval_suites:
             ctx = build_context(variant, cfg, model, dataset=args.dataset)
-            for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {},
-                                            progress).items():
+            for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
                 mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
                 mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
         version = tracking.log_and_register(sae_folder, registered)
         moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
     return {
-        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": uri,
-        "registered_model": registered, "version": version, "champion": moved, "champion_reason": reason,
-        "checkpoint": str(checkpoint), "metrics": results, "seconds": time.time() - started,
+        "run_id": run.info.run_id,
+        "experiment_id": run.info.experiment_id,
+        "tracking_uri": uri,
+        "registered_model": registered,
+        "version": version,
+        "champion": moved,
+        "champion_reason": reason,
+        "checkpoint": str(checkpoint),
+        "metrics": results,
+        "seconds": time.time() - started,
         "train_tokens_per_s": train_tokens_per_s,
     }
-

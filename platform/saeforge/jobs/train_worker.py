@@ -31,10 +31,12 @@ def _all_reduce(value: float, average: bool) -> float:
 
 
 def progress_line(step: int, total_steps: int, values: dict[str, float], eta: float) -> str:
-    return (f"[saeforge] step {step}/{total_steps} ({100 * step // total_steps}%) "
-            f"tokens {values['tokens_seen']:,.0f} | {values['tokens_per_s']:,.0f} tok/s | "
-            f"loss {values['loss']:.4g} | L0 {values['l0']:.1f} | expl.var {values['explained_variance']:.3f} | "
-            f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s")
+    return (
+        f"[saeforge] step {step}/{total_steps} ({100 * step // total_steps}%) "
+        f"tokens {values['tokens_seen']:,.0f} | {values['tokens_per_s']:,.0f} tok/s | "
+        f"loss {values['loss']:.4g} | L0 {values['l0']:.1f} | expl.var {values['explained_variance']:.3f} | "
+        f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s"
+    )
 
 
 def worker_loop(config: dict) -> None:
@@ -77,10 +79,20 @@ def worker_loop(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
                 checkpoints.save_checkpoint(Path(tmp), variant, snapshot, plan.sae_meta, info)
-            progress = {"step": snapshot.step, "tokens_seen": snapshot.tokens_seen,
-                        "train_seconds": time.perf_counter() - started,  # from the first batch on
-                        "dead_fraction": metrics.dead_fraction(variant.tokens_since_fired, snapshot.tokens_seen)}
+            progress = {
+                "step": snapshot.step,
+                "tokens_seen": snapshot.tokens_seen,
+                "train_seconds": time.perf_counter() - started,  # from the first batch on
+                "dead_fraction": metrics.dead_fraction(variant.tokens_since_fired, snapshot.tokens_seen),
+            }
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
-    train_loop(model, batches, settings, state=state, on_log=on_log, on_checkpoint=on_checkpoint,
-               count_tokens=lambda n: int(_all_reduce(n, average=False)))
+    train_loop(
+        model,
+        batches,
+        settings,
+        state=state,
+        on_log=on_log,
+        on_checkpoint=on_checkpoint,
+        count_tokens=lambda n: int(_all_reduce(n, average=False)),
+    )

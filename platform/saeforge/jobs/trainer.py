@@ -9,8 +9,9 @@ from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.train_worker import worker_loop
 
 
-def make_trainer(plan: RunPlan, dataset, *, name: str, storage: str | Path, callbacks: tuple = (),
-                 num_to_keep: int = 2):
+def make_trainer(
+    plan: RunPlan, dataset, *, name: str, storage: str | Path, callbacks: tuple = (), num_to_keep: int = 2
+):
     """A TorchTrainer whose workers run `worker_loop` on `dataset` with the whole plan."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -20,13 +21,17 @@ def make_trainer(plan: RunPlan, dataset, *, name: str, storage: str | Path, call
     return TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"plan": plan},
-        scaling_config=ray.train.ScalingConfig(num_workers=plan.stream.workers, use_gpu=res.gpus_per_worker > 0,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.stream.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources
+        ),
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(Path(storage).expanduser().resolve()), callbacks=list(callbacks),
+            name=name,
+            storage_path=str(Path(storage).expanduser().resolve()),
+            callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=0)),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
     )
 
 

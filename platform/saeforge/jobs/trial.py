@@ -51,14 +51,21 @@ def trial_plan(ctx: TrialContext, sampled: dict, run_id: str) -> RunPlan:
     follows), Tune's report cadence, its MLflow child run."""
     plan = ctx.plan
     cfg = variant_config(plan.variant_name, plan.variant.d_in, plan.variant.d_sae, {**ctx.space.fixed, **sampled})
-    budget = step_budget(ctx.tokens_per_trial, cfg.batch_size, plan.stream.context_size, plan.stream.workers,
-                         available_contexts=ctx.available_contexts)
+    budget = step_budget(
+        ctx.tokens_per_trial,
+        cfg.batch_size,
+        plan.stream.context_size,
+        plan.stream.workers,
+        available_contexts=ctx.available_contexts,
+    )
     report_every = plan.loop.report_every
     return dataclasses.replace(
-        plan, variant=cfg,
+        plan,
+        variant=cfg,
         stream=dataclasses.replace(plan.stream, contexts_per_step=budget.contexts_per_step),
         loop=LoopSettings(budget.total_steps, log_every=report_every, checkpoint_every=0, report_every=report_every),
-        tracking=dataclasses.replace(plan.tracking, run_id=run_id))
+        tracking=dataclasses.replace(plan.tracking, run_id=run_id),
+    )
 
 
 def early_stop_callback(stopping: EarlyStopping, l0_max: float):
@@ -98,38 +105,75 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
 
     space, uri = ctx.space, ctx.plan.tracking.uri
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.start_child_run(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id,
-                                      f"{space.variant}-{trial_id}",
-                                      {tracking.TRIAL_TAG: trial_id, tracking.VARIANT_TAG: space.variant})
+    run_id = tracking.start_child_run(
+        uri,
+        ctx.plan.tracking.experiment_id,
+        ctx.parent_run_id,
+        f"{space.variant}-{trial_id}",
+        {tracking.TRIAL_TAG: trial_id, tracking.VARIANT_TAG: space.variant},
+    )
     # No terminal status is written on failure here: a trial that ASHA stops also raises, and its
     # actor can still run after tuner.fit() returns. The driver closes every unfinished child run
     # from Tune's own view of the trial (search.trial_rows).
     plan = trial_plan(ctx, config, run_id)
     total_steps = plan.loop.total_steps
     client = MlflowClient(uri)
-    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in
-                                     {**{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
-                                      "variant": space.variant, "total_steps": total_steps}.items()])
+    client.log_batch(
+        run_id,
+        params=[
+            Param(k, str(v))
+            for k, v in {
+                **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+                "variant": space.variant,
+                "total_steps": total_steps,
+            }.items()
+        ],
+    )
     started = time.time()
     dataset = ctx.dataset.limit(total_steps * plan.stream.contexts_per_step)
-    result = fit(make_trainer(plan, dataset, name=trial_id, storage=ctx.storage, num_to_keep=1,
-                              callbacks=(early_stop_callback(space.early_stopping, ctx.l0_max),)))
+    result = fit(
+        make_trainer(
+            plan,
+            dataset,
+            name=trial_id,
+            storage=ctx.storage,
+            num_to_keep=1,
+            callbacks=(early_stop_callback(space.early_stopping, ctx.l0_max),),
+        )
+    )
     train_seconds = time.time() - started
     checkpoint = Path(result.checkpoint.path)
     torch.set_num_threads(plan.resources.worker_threads)
     sae, _ = load_sae(checkpoint / SAE_DIR)
-    metrics = evaluate_core(_eval_model(plan.stream.model), sae, plan.hook, ctx.eval_contexts,
-                            list(plan.stream.special_ids))
+    metrics = evaluate_core(
+        _eval_model(plan.stream.model), sae, plan.hook, ctx.eval_contexts, list(plan.stream.special_ids)
+    )
     eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
     final = tracking.finite(metrics)
     objective = space.score(metrics) if not space.multi_objective else math.nan
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
-                     + [Metric("train_seconds", train_seconds, now, total_steps),
-                        Metric("eval_seconds", eval_seconds, now, total_steps)]
-                     + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []))
-    tracking.close_run(uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint),
-                                                 tracking.STATUS_TAG: "completed"})
-    tune.report({**final, "objective": objective, "feasible": int(space.feasible(metrics)),
-                 "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                 "checkpoint_dir": str(checkpoint), "mlflow_run_id": run_id, "step": total_steps, "trial_done": 1})
+    client.log_batch(
+        run_id,
+        metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
+        + [
+            Metric("train_seconds", train_seconds, now, total_steps),
+            Metric("eval_seconds", eval_seconds, now, total_steps),
+        ]
+        + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []),
+    )
+    tracking.close_run(
+        uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint), tracking.STATUS_TAG: "completed"}
+    )
+    tune.report(
+        {
+            **final,
+            "objective": objective,
+            "feasible": int(space.feasible(metrics)),
+            "train_seconds": train_seconds,
+            "eval_seconds": eval_seconds,
+            "checkpoint_dir": str(checkpoint),
+            "mlflow_run_id": run_id,
+            "step": total_steps,
+            "trial_done": 1,
+        }
+    )

@@ -57,7 +57,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         info = checkpoints.read_info(checkpoint)
         args = checkpoints.resumed_args(checkpoint, info)
     check_ranges(args)
-    cls = variant_class(args.variant)
+    variant_class(args.variant)
     hooks = hook_points(args)
     if len(hooks) != 1:
         raise UserError("--layer: one layer per training run")
@@ -72,32 +72,43 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     tokenizer = load_tokenizer(spec)
     special = tuple(corpus.special_ids(tokenizer))
     budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers)
-    train = corpus.pack_contexts(corpus.split_texts(args.dataset, "train", args.text_column), tokenizer,
-                                 args.context_size, budget.contexts)
+    train = corpus.pack_contexts(
+        corpus.split_texts(args.dataset, "train", args.text_column), tokenizer, args.context_size, budget.contexts
+    )
     if len(train) < budget.contexts_per_step or not corpus.valid_mask(train, list(special)).any():
-        raise UserError(f"dataset '{args.dataset}' yields too few tokens to train on (one step needs "
-                        f"{budget.contexts_per_step} contexts of {args.context_size} tokens)")
+        raise UserError(
+            f"dataset '{args.dataset}' yields too few tokens to train on (one step needs "
+            f"{budget.contexts_per_step} contexts of {args.context_size} tokens)"
+        )
     budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers, available_contexts=len(train))
     if budget.short:
-        warn(f"dataset '{args.dataset}' holds {len(train)} contexts: training {budget.total_steps} steps instead of "
-             f"the {budget.wanted_steps} that --tokens {args.tokens} asks for", progress)
-    evals = corpus.pack_contexts(corpus.split_texts(args.dataset, "eval", args.text_column), tokenizer,
-                                 args.context_size, args.eval_contexts)
+        warn(
+            f"dataset '{args.dataset}' holds {len(train)} contexts: training {budget.total_steps} steps instead of "
+            f"the {budget.wanted_steps} that --tokens {args.tokens} asks for",
+            progress,
+        )
+    evals = corpus.pack_contexts(
+        corpus.split_texts(args.dataset, "eval", args.text_column), tokenizer, args.context_size, args.eval_contexts
+    )
     if len(evals) == 0:
         raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
     total_steps = info.get("total_steps") or budget.total_steps
     hook = hooks[0]
     plan = RunPlan(
-        args=args, variant_name=args.variant, variant=cfg,
+        args=args,
+        variant_name=args.variant,
+        variant=cfg,
         stream=StreamSpec(spec, hooks, special, args.context_size, budget.contexts_per_step, args.workers),
         loop=LoopSettings(total_steps, args.log_every, args.checkpoint_every),
         sae_meta=SaeMeta(args.model, hook.name, hook.layer, args.context_size, args.dataset),
-        eval_suites=suites, max_l0=args.max_l0 or d_in / 2, resume_from=args.resume,
-        tracking=TrackingTarget(run_id=info.get("run_id", "")))
+        eval_suites=suites,
+        max_l0=args.max_l0 or d_in / 2,
+        resume_from=args.resume,
+        tracking=TrackingTarget(run_id=info.get("run_id", "")),
+    )
     done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained
-    return plan, Contexts(train[done:total_steps * budget.contexts_per_step], evals)
+    return plan, Contexts(train[done : total_steps * budget.contexts_per_step], evals)
 
 
 def warn(message: str, progress=None) -> None:
     (progress or (lambda m: print(m, file=sys.stderr)))(f"saeforge: warning: {message}")
-

@@ -13,13 +13,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from saeforge.errors import UserError
 from saeforge.core.eval_suites.context import EvalContext, SuiteResult
+from saeforge.errors import UserError
 
-_SUITES: dict[str, "Suite"] = {}
+_SUITES: dict[str, Suite] = {}
 _NOT_SUITES = {"context", "runner"}
 
 

@@ -33,11 +33,17 @@ import numpy as np
 import torch
 
 from saeforge.core import corpus
-from saeforge.errors import UserError
-from saeforge.core.eval_suites import register
-from saeforge.core.eval_suites.context import (EvalContext, SuiteResult, hook_activations, pad_id, padded_batches,
-                                          sae_latents)
 from saeforge.core.corpus import valid_mask
+from saeforge.core.eval_suites import register
+from saeforge.core.eval_suites.context import (
+    EvalContext,
+    SuiteResult,
+    hook_activations,
+    pad_id,
+    padded_batches,
+    sae_latents,
+)
+from saeforge.errors import UserError
 
 WORD = re.compile(r"[a-z]{2,12}")
 
@@ -52,8 +58,9 @@ def corpus_words(max_chars: int = 12) -> list[str]:
     return sorted(counts, key=lambda w: (-counts[w], w))
 
 
-def first_letter_words(tokenizer, max_words: int, min_single_token: int = 200,
-                       byte_word_chars: int = 6) -> tuple[list[str], list[list[int]]]:
+def first_letter_words(
+    tokenizer, max_words: int, min_single_token: int = 200, byte_word_chars: int = 6
+) -> tuple[list[str], list[list[int]]]:
     """(words, token ids of ' word') : single-token words when the vocabulary has at least
     min_single_token of them, else short words (<= byte_word_chars letters) spelled by several tokens."""
     words = corpus_words()
@@ -93,8 +100,9 @@ def _f1(predicted: np.ndarray, actual: np.ndarray) -> float:
     return 2 * tp / max(float(predicted.sum() + actual.sum()), 1e-12)
 
 
-def main_latents(latents: np.ndarray, is_letter: np.ndarray, max_main: int, split_f1_gain: float,
-                 candidates: int = 10) -> tuple[list[int], float]:
+def main_latents(
+    latents: np.ndarray, is_letter: np.ndarray, max_main: int, split_f1_gain: float, candidates: int = 10
+) -> tuple[list[int], float]:
     """The letter's main latents (see the module docstring, step 3) and their F1 on these words."""
     diff = latents[is_letter].mean(0) - latents[~is_letter].mean(0)
     ranked = [int(j) for j in np.argsort(-diff, kind="stable")[:candidates] if diff[j] > 0]
@@ -129,9 +137,17 @@ def letter_probe(acts_train: np.ndarray, letters_train: np.ndarray, c: float):
 
 
 @register("absorption")
-def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: int = 10, max_main_latents: int = 3,
-               split_f1_gain: float = 0.03, absorber_cos: float = 0.025, absorber_share: float = 0.4,
-               probe_c: float = 1.0, batch_words: int = 64) -> SuiteResult:
+def absorption(
+    ctx: EvalContext,
+    max_words: int = 3000,
+    min_words_per_letter: int = 10,
+    max_main_latents: int = 3,
+    split_f1_gain: float = 0.03,
+    absorber_cos: float = 0.025,
+    absorber_share: float = 0.4,
+    probe_c: float = 1.0,
+    batch_words: int = 64,
+) -> SuiteResult:
     """First-letter absorption: how often first-letter latents stay silent and another latent absorbs them.
 
     max_words: words read; min_words_per_letter: train words a letter needs to be scored;
@@ -142,7 +158,7 @@ def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: in
     acts, latents = word_features(ctx, token_ids, batch_words)
     first = np.array([w[0] for w in words])
     test = np.array([is_test_word(w) for w in words])
-    letters = sorted(l for l in set(first) if (first[~test] == l).sum() >= min_words_per_letter)
+    letters = sorted(c for c in set(first) if (first[~test] == c).sum() >= min_words_per_letter)
     use = np.isin(first, letters)
     train_idx, test_idx = np.where(use & ~test)[0], np.where(use & test)[0]
     if len(letters) < 2 or len(test_idx) == 0:
@@ -150,7 +166,7 @@ def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: in
     ctx.say(f"absorption: {len(train_idx)} train / {len(test_idx)} test words, {len(letters)} letters")
     probe, directions = letter_probe(acts[train_idx], first[train_idx], probe_c)
     predicted = probe.predict(acts[test_idx])
-    class_row = {l: i for i, l in enumerate(probe[1].classes_)}
+    class_row = {c: i for i, c in enumerate(probe[1].classes_)}
 
     decoder = ctx.sae.decoder_directions().detach().float().cpu().numpy()  # (d_sae, d_in)
     unit_decoder = decoder / np.linalg.norm(decoder, axis=1, keepdims=True).clip(min=1e-12)
@@ -178,9 +194,16 @@ def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: in
         totals["correct"] += n
         totals["false_negative"] += false_neg
         totals["absorbed"] += absorbed
-        table.append({"letter": letter, "main_latents": mains, "main_f1": f1, "test_words_correct": n,
-                      "false_negative_rate": false_neg / n if n else float("nan"),
-                      "absorption_rate": absorbed / n if n else float("nan")})
+        table.append(
+            {
+                "letter": letter,
+                "main_latents": mains,
+                "main_f1": f1,
+                "test_words_correct": n,
+                "false_negative_rate": false_neg / n if n else float("nan"),
+                "absorption_rate": absorbed / n if n else float("nan"),
+            }
+        )
     rates = [r["absorption_rate"] for r in table if r["test_words_correct"]]
     correct = max(totals["correct"], 1)
     metrics = {
@@ -195,7 +218,11 @@ def absorption(ctx: EvalContext, max_words: int = 3000, min_words_per_letter: in
         "test_words": float(len(test_idx)),
         "single_token_words": float(all(len(t) == 1 for t in token_ids)),
     }
-    metrics.update({f"letter/{r['letter']}/absorption_rate": r["absorption_rate"] for r in table
-                    if r["test_words_correct"]})
-    return SuiteResult(metrics, headline=("absorption_rate", "mean_absorption_rate", "false_negative_rate",
-                                          "probe_test_acc"), tables={"absorption by letter": table})
+    metrics.update(
+        {f"letter/{r['letter']}/absorption_rate": r["absorption_rate"] for r in table if r["test_words_correct"]}
+    )
+    return SuiteResult(
+        metrics,
+        headline=("absorption_rate", "mean_absorption_rate", "false_negative_rate", "probe_test_acc"),
+        tables={"absorption by letter": table},
+    )

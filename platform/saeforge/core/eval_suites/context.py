@@ -13,8 +13,8 @@ everywhere (they never reach an SAE in training either).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -39,9 +39,13 @@ class SuiteResult:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SuiteResult":
-        return cls(metrics=d["metrics"], headline=tuple(d.get("headline", ())), tables=d.get("tables", {}),
-                   seconds=d.get("seconds", 0.0))
+    def from_dict(cls, d: dict) -> SuiteResult:
+        return cls(
+            metrics=d["metrics"],
+            headline=tuple(d.get("headline", ())),
+            tables=d.get("tables", {}),
+            seconds=d.get("seconds", 0.0),
+        )
 
 
 @dataclass
@@ -73,6 +77,7 @@ class EvalContext:
 
 # -- token batches -------------------------------------------------------------------------------
 
+
 def heldout_contexts(ctx: EvalContext, n_contexts: int) -> np.ndarray:
     """(n, context_size) packed contexts from the held-out split of the SAE's text source."""
     texts = corpus.split_texts(ctx.dataset, "eval", ctx.text_column)
@@ -87,7 +92,7 @@ def pack_texts(ctx: EvalContext, texts: Iterable[str], n_contexts: int) -> np.nd
 def encode_texts(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     """One sequence per text: BOS + its first max_tokens - 1 tokens."""
     bos = tokenizer.bos_token_id
-    return [[bos, *tokenizer.encode(t, add_special_tokens=False)[:max_tokens - 1]] for t in texts]
+    return [[bos, *tokenizer.encode(t, add_special_tokens=False)[: max_tokens - 1]] for t in texts]
 
 
 def padded_batches(seqs: list[list[int]], batch: int, pad: int) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
@@ -95,11 +100,11 @@ def padded_batches(seqs: list[list[int]], batch: int, pad: int) -> Iterator[tupl
     is causal, so right padding never changes the real positions' activations."""
     order = np.argsort([len(s) for s in seqs], kind="stable")
     for start in range(0, len(order), batch):
-        idx = order[start:start + batch]
+        idx = order[start : start + batch]
         width = max(len(seqs[i]) for i in idx)
         ids = torch.full((len(idx), width), pad, dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
         yield idx, ids
 
 
@@ -108,6 +113,7 @@ def pad_id(tokenizer) -> int:
 
 
 # -- forward passes ------------------------------------------------------------------------------
+
 
 class _ReachedHook(Exception):
     """Raised from the hook to stop the forward pass once the activation is recorded."""
@@ -140,13 +146,14 @@ def sae_latents(sae: variants.Variant, acts: torch.Tensor, mask: torch.Tensor) -
     return x, sae.encode(x)
 
 
-def context_batches(ctx: EvalContext, contexts: np.ndarray,
-                    batch: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def context_batches(
+    ctx: EvalContext, contexts: np.ndarray, batch: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, mask) torch batches of `batch` (default ctx.batch_contexts) contexts; mask is True at
     real tokens."""
     batch = batch or ctx.batch_contexts
     for start in range(0, len(contexts), batch):
-        ids = torch.from_numpy(np.asarray(contexts[start:start + batch], dtype=np.int64))
+        ids = torch.from_numpy(np.asarray(contexts[start : start + batch], dtype=np.int64))
         yield ids, corpus.valid_mask(ids, ctx.special_ids)
 
 

@@ -18,7 +18,15 @@ def core(ctx: EvalContext, contexts: int = 32, batch_contexts: int = 4) -> Suite
     `batch_contexts` is small because whole-model passes hold (batch x tokens x vocabulary) logits.
     """
     ids = heldout_contexts(ctx, contexts)
-    metrics = evaluate_core(ctx.model, ctx.sae, ctx.hook, ids, ctx.special_ids, batch_contexts=batch_contexts,
-                            progress=lambda done, total: ctx.say(f"core: {done}/{total} contexts"))
-    return SuiteResult(metrics, headline=("ce_loss_recovered", "explained_variance", "l0", "kl_div_sae",
-                                          "dead_fraction"))
+    metrics = evaluate_core(
+        ctx.model,
+        ctx.sae,
+        ctx.hook,
+        ids,
+        ctx.special_ids,
+        batch_contexts=batch_contexts,
+        progress=lambda done, total: ctx.say(f"core: {done}/{total} contexts"),
+    )
+    return SuiteResult(
+        metrics, headline=("ce_loss_recovered", "explained_variance", "l0", "kl_div_sae", "dead_fraction")
+    )

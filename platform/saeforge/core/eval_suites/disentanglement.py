@@ -37,6 +37,7 @@ GROUP_DIAGNOSTICS = {
 
 def pair_mutual_information(a: torch.Tensor, b: torch.Tensor, bandwidth_factor: float = SILVERMAN) -> torch.Tensor:
     """KDE mutual information (nats) of sample pairs a[p], b[p] (P, n), each row standardised."""
+
     def standardise(t: torch.Tensor) -> torch.Tensor:
         t = t.float()
         return (t - t.mean(-1, keepdim=True)) / t.std(-1, keepdim=True).clamp_min(1e-8)
@@ -71,29 +72,39 @@ def random_pairs(latents: torch.Tensor, n_pairs: int, seed: int = 0) -> torch.Te
     return torch.stack([active[i], active[j]], -1)
 
 
-def latent_statistics(latents: torch.Tensor, n_pairs: int = 32, kde_tokens: int = 512,
-                      seed: int = 0) -> dict[str, float]:
+def latent_statistics(
+    latents: torch.Tensor, n_pairs: int = 32, kde_tokens: int = 512, seed: int = 0
+) -> dict[str, float]:
     """Correlation and KDE-MI statistics of latent activations (tokens, d_sae)."""
     latents = latents.float().cpu()
     pairs, abs_corr = correlated_pairs(latents, n_pairs)
     rows = torch.linspace(0, latents.shape[0] - 1, min(kde_tokens, latents.shape[0])).round().long()
     sample = latents[rows]
-    out = {"mean_abs_corr": mean_abs_correlation(latents),
-           "firing_latents": float((latents > 0).any(0).sum()),
-           "top_pairs_abs_corr_mean": float(abs_corr.mean()) if len(pairs) else 0.0}
+    out = {
+        "mean_abs_corr": mean_abs_correlation(latents),
+        "firing_latents": float((latents > 0).any(0).sum()),
+        "top_pairs_abs_corr_mean": float(abs_corr.mean()) if len(pairs) else 0.0,
+    }
     if len(pairs):
         mi = pair_mutual_information(sample[:, pairs[:, 0]].T, sample[:, pairs[:, 1]].T)
         out["top_pairs_kde_mi_mean"] = float(mi.mean())
         out["top_pairs_kde_mi_max"] = float(mi.max())
         rand = random_pairs(latents, len(pairs), seed)
         out["random_pairs_kde_mi_mean"] = float(
-            pair_mutual_information(sample[:, rand[:, 0]].T, sample[:, rand[:, 1]].T).mean())
+            pair_mutual_information(sample[:, rand[:, 0]].T, sample[:, rand[:, 1]].T).mean()
+        )
     return out
 
 
 @register("disentanglement")
-def disentanglement(ctx: EvalContext, contexts: int = 32, n_pairs: int = 32, kde_tokens: int = 512,
-                    max_tokens: int = 8192, seed: int = 0) -> SuiteResult:
+def disentanglement(
+    ctx: EvalContext,
+    contexts: int = 32,
+    n_pairs: int = 32,
+    kde_tokens: int = 512,
+    max_tokens: int = 8192,
+    seed: int = 0,
+) -> SuiteResult:
     """Latent independence: mean |corr|, KDE MI of the most correlated pairs, decoder cosines, groups.
 
     contexts: held-out contexts read; n_pairs: most correlated pairs whose MI is estimated;
@@ -105,7 +116,7 @@ def disentanglement(ctx: EvalContext, contexts: int = 32, n_pairs: int = 32, kde
     batches = 0
     for x, f, mask in token_latents(ctx, heldout_contexts(ctx, contexts)):
         if kept < max_tokens:
-            rows.append(f[mask][:max_tokens - kept].cpu())
+            rows.append(f[mask][: max_tokens - kept].cpu())
             kept += len(rows[-1])
         for key, value in ctx.sae.diagnostics(*for_layout(ctx.sae, x, mask)).items():
             if key in GROUP_DIAGNOSTICS:

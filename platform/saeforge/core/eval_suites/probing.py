@@ -22,19 +22,26 @@ import fnmatch
 import json
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from saeforge.core import corpus
-from saeforge.errors import UserError
-from saeforge.core.eval_suites import register
-from saeforge.core.eval_suites.context import (EvalContext, SuiteResult, encode_texts, hook_activations, pad_id,
-                                          padded_batches, sae_latents)
 from saeforge.core.corpus import valid_mask
+from saeforge.core.eval_suites import register
+from saeforge.core.eval_suites.context import (
+    EvalContext,
+    SuiteResult,
+    encode_texts,
+    hook_activations,
+    pad_id,
+    padded_batches,
+    sae_latents,
+)
+from saeforge.errors import UserError
 
 # Built-in topics that are not a concept: no topic, or a catch-all bucket.
 NON_TOPICS = ("", "Uncategorized")
@@ -43,6 +50,7 @@ BUILTIN_LANGUAGES = {"en": "en-us", "es": "es-es", "fr": "fr-fr"}
 
 
 # -- task declarations ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class TextSource:
@@ -111,13 +119,20 @@ def builtin_tasks(n_topics: int = 5) -> list[ProbeTask]:
     for doc in corpus.builtin_documents("en-us"):
         counts[doc.topic] = counts.get(doc.topic, 0) + 1
     topics = [t for t in sorted(counts, key=lambda t: (-counts[t], t)) if t not in (*NON_TOPICS, PERSON_TOPIC)]
-    tasks = [ProbeTask(f"topic_{_slug(t)}", english, LabelRule("topic", (t,), exclude=NON_TOPICS), ("builtin", "topic"))
-             for t in topics[:n_topics]]
-    tasks.append(ProbeTask("person_vs_not", english, LabelRule("topic", (PERSON_TOPIC,), exclude=NON_TOPICS),
-                           ("builtin", "person")))
+    tasks = [
+        ProbeTask(f"topic_{_slug(t)}", english, LabelRule("topic", (t,), exclude=NON_TOPICS), ("builtin", "topic"))
+        for t in topics[:n_topics]
+    ]
+    tasks.append(
+        ProbeTask(
+            "person_vs_not", english, LabelRule("topic", (PERSON_TOPIC,), exclude=NON_TOPICS), ("builtin", "person")
+        )
+    )
     languages = (TextSource(languages=tuple(BUILTIN_LANGUAGES.values())),)
-    tasks += [ProbeTask(f"language_{code}", languages, LabelRule("language", (code,)), ("builtin", "language"))
-              for code in BUILTIN_LANGUAGES]
+    tasks += [
+        ProbeTask(f"language_{code}", languages, LabelRule("language", (code,)), ("builtin", "language"))
+        for code in BUILTIN_LANGUAGES
+    ]
     return tasks
 
 
@@ -127,16 +142,29 @@ def builtin_tasks(n_topics: int = 5) -> list[ProbeTask]:
 _AG_NEWS = (TextSource("fancyzhx/ag_news", text_column="text"),)
 _BIOS = (TextSource("LabHC/bias_in_bios", text_column="hard_text"),)
 _EUROPARL_PAIRS = {"en": "en-fr", "fr": "fr-it", "de": "de-en", "es": "es-fr", "nl": "nl-pt"}
-_EUROPARL = tuple(TextSource("Helsinki-NLP/europarl", config=pair, text_column=f"translation.{lang}",
-                             max_rows=2_000, fields=(("language", lang),))
-                  for lang, pair in _EUROPARL_PAIRS.items())
+_EUROPARL = tuple(
+    TextSource(
+        "Helsinki-NLP/europarl",
+        config=pair,
+        text_column=f"translation.{lang}",
+        max_rows=2_000,
+        fields=(("language", lang),),
+    )
+    for lang, pair in _EUROPARL_PAIRS.items()
+)
 HUB_TASKS: list[ProbeTask] = [
-    *[ProbeTask(f"ag_news_{name}", _AG_NEWS, LabelRule("label", (label,)), ("hub", "ag_news"))
-      for label, name in enumerate(("world", "sports", "business", "scitech"))],
-    *[ProbeTask(f"bias_in_bios_profession_{p}", _BIOS, LabelRule("profession", (p,)), ("hub", "bias_in_bios"))
-      for p in (0, 1, 2, 6, 9)],
-    *[ProbeTask(f"europarl_{lang}", _EUROPARL, LabelRule("language", (lang,)), ("hub", "europarl"))
-      for lang in _EUROPARL_PAIRS],
+    *[
+        ProbeTask(f"ag_news_{name}", _AG_NEWS, LabelRule("label", (label,)), ("hub", "ag_news"))
+        for label, name in enumerate(("world", "sports", "business", "scitech"))
+    ],
+    *[
+        ProbeTask(f"bias_in_bios_profession_{p}", _BIOS, LabelRule("profession", (p,)), ("hub", "bias_in_bios"))
+        for p in (0, 1, 2, 6, 9)
+    ],
+    *[
+        ProbeTask(f"europarl_{lang}", _EUROPARL, LabelRule("language", (lang,)), ("hub", "europarl"))
+        for lang in _EUROPARL_PAIRS
+    ],
 ]
 
 
@@ -144,18 +172,26 @@ def tasks_from_file(path: str | Path) -> list[ProbeTask]:
     """Task declarations from a JSON list of objects: name, label_column, positive, optionally
     negative and exclude, and either `sources` (a list of source objects) or one source's keys
     inline: dataset, text_column, config, split, max_rows, languages, fields (an object)."""
+
     def source(e: dict) -> TextSource:
-        return TextSource(e.get("dataset", corpus.BUILTIN), tuple(e.get("languages", ("en-us",))),
-                          e.get("text_column", "text"), e.get("config"), e.get("split", "train"),
-                          int(e.get("max_rows", 20_000)), tuple(sorted(e.get("fields", {}).items())))
+        return TextSource(
+            e.get("dataset", corpus.BUILTIN),
+            tuple(e.get("languages", ("en-us",))),
+            e.get("text_column", "text"),
+            e.get("config"),
+            e.get("split", "train"),
+            int(e.get("max_rows", 20_000)),
+            tuple(sorted(e.get("fields", {}).items())),
+        )
 
     try:
         entries = json.loads(Path(path).expanduser().read_text())
         tasks = []
         for e in entries:
             sources = tuple(source(s) for s in e["sources"]) if "sources" in e else (source(e),)
-            rule = LabelRule(e["label_column"], tuple(e["positive"]), tuple(e.get("negative", ())),
-                             tuple(e.get("exclude", ())))
+            rule = LabelRule(
+                e["label_column"], tuple(e["positive"]), tuple(e.get("negative", ())), tuple(e.get("exclude", ()))
+            )
             tasks.append(ProbeTask(e["name"], sources, rule, ("file",)))
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise UserError(f"cannot read probing tasks from '{path}': {err}") from None
@@ -198,22 +234,25 @@ def _dataset_records(source: TextSource) -> Iterator[dict]:
         text = row
         for key in source.text_column.split("."):
             if not isinstance(text, dict) or key not in text:
-                raise UserError(f"probing dataset '{source.dataset}' has no '{source.text_column}' column "
-                                f"(has: {', '.join(row)})")
+                raise UserError(
+                    f"probing dataset '{source.dataset}' has no '{source.text_column}' column (has: {', '.join(row)})"
+                )
             text = text[key]
         yield {**row, "text": text}
 
 
 # -- balanced splits -----------------------------------------------------------------------------
 
+
 def _order_key(text: str, seed: int) -> int:
     """A fixed pseudo-random order shared by every task, so tasks reuse each other's texts (the
     costly part, the forward pass, is done once per distinct text)."""
-    return zlib.crc32(f"{seed}:{text}".encode("utf-8"))
+    return zlib.crc32(f"{seed}:{text}".encode())
 
 
-def balanced_split(task: ProbeTask, records: list[dict], n_train: int, n_test: int,
-                   seed: int = 0) -> dict[str, tuple[list[str], np.ndarray]]:
+def balanced_split(
+    task: ProbeTask, records: list[dict], n_train: int, n_test: int, seed: int = 0
+) -> dict[str, tuple[list[str], np.ndarray]]:
     """{'train': (texts, labels), 'test': (texts, labels)}, each with as many positives as
     negatives; test texts are held-out documents, train texts are not."""
     pools: dict[tuple[str, int], list[str]] = {}
@@ -234,14 +273,17 @@ def balanced_split(task: ProbeTask, records: list[dict], n_train: int, n_test: i
         neg = sorted(pools.get((split, 0), []), key=lambda t: _order_key(t, seed))
         half = min(n // 2, len(pos), len(neg))
         if half < 2:
-            raise UserError(f"probing task '{task.name}' has too few {split} examples of one class "
-                            f"({len(pos)} positive, {len(neg)} negative)")
+            raise UserError(
+                f"probing task '{task.name}' has too few {split} examples of one class "
+                f"({len(pos)} positive, {len(neg)} negative)"
+            )
         texts = pos[:half] + neg[:half]
         out[split] = (texts, np.array([1] * half + [0] * half))
     return out
 
 
 # -- features and probes ---------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def pooled_features(ctx: EvalContext, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -265,8 +307,9 @@ def pooled_features(ctx: EvalContext, texts: list[str]) -> tuple[np.ndarray, np.
     return model_out, sae_out
 
 
-def _probe_accuracy(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
-                    c: float) -> float:
+def _probe_accuracy(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, c: float
+) -> float:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -284,8 +327,9 @@ def top_latents_by_mean_difference(latents: np.ndarray, labels: np.ndarray, k: i
     return np.argsort(-diff, kind="stable")[:k]
 
 
-def probe_task(model_train, model_test, sae_train, sae_test, y_train, y_test, ks: tuple[int, ...],
-               c: float = 1.0) -> dict[str, float]:
+def probe_task(
+    model_train, model_test, sae_train, sae_test, y_train, y_test, ks: tuple[int, ...], c: float = 1.0
+) -> dict[str, float]:
     """Accuracies of the model probe and the top-k SAE-latent probes on one task's features."""
     out = {"llm_acc": _probe_accuracy(model_train, y_train, model_test, y_test, c)}
     for k in ks:
@@ -295,9 +339,17 @@ def probe_task(model_train, model_test, sae_train, sae_test, y_train, y_test, ks
 
 
 @register("probing")
-def probing(ctx: EvalContext, tasks: str = "builtin", n_topics: int = 5, train_size: int = 200,
-            test_size: int = 100, ks: tuple[int, ...] = (1, 2, 5, 10), probe_c: float = 1.0,
-            task_file: str = "", seed: int = 0) -> SuiteResult:
+def probing(
+    ctx: EvalContext,
+    tasks: str = "builtin",
+    n_topics: int = 5,
+    train_size: int = 200,
+    test_size: int = 100,
+    ks: tuple[int, ...] = (1, 2, 5, 10),
+    probe_c: float = 1.0,
+    task_file: str = "",
+    seed: int = 0,
+) -> SuiteResult:
     """Sparse probing: logistic probes on the model's activation vs on its top-k SAE latents.
 
     tasks: names, globs or tags ('builtin', 'hub', 'topic', 'language', 'person', 'file');

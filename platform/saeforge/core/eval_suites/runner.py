@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import variants
 from saeforge.core import eval_suites
@@ -36,8 +36,17 @@ def parse_options(pairs: list[tuple[str, str]] | dict) -> dict[str, dict]:
     return out
 
 
-def build_context(sae: variants.Variant, cfg: dict, model=None, tokenizer=None, *, model_name: str = "",
-                  dataset: str = "", batch_contexts: int = 8, progress=None) -> EvalContext:
+def build_context(
+    sae: variants.Variant,
+    cfg: dict,
+    model=None,
+    tokenizer=None,
+    *,
+    model_name: str = "",
+    dataset: str = "",
+    batch_contexts: int = 8,
+    progress=None,
+) -> EvalContext:
     """The EvalContext for an SAE: the model named in its cfg.json (or model_name), loaded whole
     unless an already loaded one is given."""
     meta = SaeMeta.from_cfg(cfg)
@@ -51,10 +60,16 @@ def build_context(sae: variants.Variant, cfg: dict, model=None, tokenizer=None, 
             device, dtype = compute_device()
             model = load_model(spec, dtype=dtype, device=device)
     sae.eval()
-    return EvalContext(model=model, tokenizer=tokenizer, sae=sae, hook=HookPoint.parse(meta.hook_name),
-                       context_size=meta.context_size, dataset=dataset or meta.dataset_path or "wiki",
-                       batch_contexts=batch_contexts,
-                       progress=progress)
+    return EvalContext(
+        model=model,
+        tokenizer=tokenizer,
+        sae=sae,
+        hook=HookPoint.parse(meta.hook_name),
+        context_size=meta.context_size,
+        dataset=dataset or meta.dataset_path or "wiki",
+        batch_contexts=batch_contexts,
+        progress=progress,
+    )
 
 
 def run_one(ctx: EvalContext, suite: str, options: dict | None = None) -> SuiteResult:
@@ -64,8 +79,9 @@ def run_one(ctx: EvalContext, suite: str, options: dict | None = None) -> SuiteR
     return result
 
 
-def run_local(ctx: EvalContext, names: list[str], options: dict[str, dict],
-              progress: Callable[[str], None] | None = None) -> dict[str, SuiteResult]:
+def run_local(
+    ctx: EvalContext, names: list[str], options: dict[str, dict], progress: Callable[[str], None] | None = None
+) -> dict[str, SuiteResult]:
     """Every named suite, one after the other, on one loaded model."""
     results = {}
     for name in names:

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from saeforge.core import corpus
 from saeforge.core.batches import scaled_positions
-from saeforge.errors import UserError
 from saeforge.core.eval_suites import register
 from saeforge.core.eval_suites.context import EvalContext, SuiteResult, context_batches, firing_frequency, pack_texts
 from saeforge.core.hooks import replace
+from saeforge.errors import UserError
 
 DEFAULT_FORGET_TOPIC = "Biology and health sciences"
 NON_TOPICS = ("", "Uncategorized")
@@ -50,14 +50,15 @@ def topic_texts(topic: str, language: str = "en-us") -> dict[str, list[str]]:
     return out
 
 
-def select_latents(forget_freq: torch.Tensor, retain_freq: torch.Tensor, n: int,
-                   retain_threshold: float) -> torch.Tensor:
+def select_latents(
+    forget_freq: torch.Tensor, retain_freq: torch.Tensor, n: int, retain_threshold: float
+) -> torch.Tensor:
     """Up to n latents that fire on at most retain_threshold of retain tokens and more often on
     forget than on retain tokens, most frequent on the forget set first."""
     eligible = (retain_freq <= retain_threshold) & (forget_freq > retain_freq)
     score = torch.where(eligible, forget_freq, torch.full_like(forget_freq, -1.0))
     order = torch.argsort(score, descending=True, stable=True)
-    return order[:min(n, int(eligible.sum()))]
+    return order[: min(n, int(eligible.sum()))]
 
 
 def clamp_edit(sae, latents: torch.Tensor, value: float, mask: torch.Tensor):
@@ -78,8 +79,13 @@ def clamp_edit(sae, latents: torch.Tensor, value: float, mask: torch.Tensor):
 
 
 @torch.no_grad()
-def next_token_scores(ctx: EvalContext, contexts: np.ndarray, latents: torch.Tensor | None = None,
-                      value: float = 0.0, batch_contexts: int = 4) -> dict[str, float]:
+def next_token_scores(
+    ctx: EvalContext,
+    contexts: np.ndarray,
+    latents: torch.Tensor | None = None,
+    value: float = 0.0,
+    batch_contexts: int = 4,
+) -> dict[str, float]:
     """Next-token accuracy and mean CE over real targets, optionally with latents clamped."""
     correct, loss, targets = 0.0, 0.0, 0
     for ids, mask in context_batches(ctx, contexts, batch_contexts):
@@ -99,8 +105,9 @@ def next_token_scores(ctx: EvalContext, contexts: np.ndarray, latents: torch.Ten
     return {"acc": correct / max(targets, 1), "ce": loss / max(targets, 1)}
 
 
-def unlearning_score(grid: list[dict], forget_before: float, retain_before: float,
-                     retain_keep: float) -> tuple[float, dict | None]:
+def unlearning_score(
+    grid: list[dict], forget_before: float, retain_before: float, retain_keep: float
+) -> tuple[float, dict | None]:
     """(score, best setting): 1 - forget_acc / forget_before at the qualifying setting that lowers
     forget accuracy most; 0 and None when no setting keeps retain accuracy >= retain_keep x before."""
     qualifying = [g for g in grid if g["retain_acc"] >= retain_keep * retain_before]
@@ -110,12 +117,23 @@ def unlearning_score(grid: list[dict], forget_before: float, retain_before: floa
     return max(0.0, 1.0 - best["forget_acc"] / forget_before), best
 
 
-def unlearn_texts(ctx: EvalContext, texts: dict[str, list[str]], *, n_latents: tuple[int, ...],
-                  multipliers: tuple[float, ...], retain_threshold: float, retain_keep: float,
-                  train_contexts: int, eval_contexts: int, batch_contexts: int) -> SuiteResult:
+def unlearn_texts(
+    ctx: EvalContext,
+    texts: dict[str, list[str]],
+    *,
+    n_latents: tuple[int, ...],
+    multipliers: tuple[float, ...],
+    retain_threshold: float,
+    retain_keep: float,
+    train_contexts: int,
+    eval_contexts: int,
+    batch_contexts: int,
+) -> SuiteResult:
     """The procedure on given forget/retain x train/test texts (see the module docstring)."""
-    packed = {name: pack_texts(ctx, items, train_contexts if name.endswith("train") else eval_contexts)
-              for name, items in texts.items()}
+    packed = {
+        name: pack_texts(ctx, items, train_contexts if name.endswith("train") else eval_contexts)
+        for name, items in texts.items()
+    }
     for name, ids in packed.items():
         if len(ids) == 0:
             raise UserError(f"unlearning: no {name.replace('_', ' ')} text")
@@ -123,46 +141,76 @@ def unlearn_texts(ctx: EvalContext, texts: dict[str, list[str]], *, n_latents: t
     forget_freq = firing_frequency(ctx, packed["forget_train"])
     retain_freq = firing_frequency(ctx, packed["retain_train"])
     ctx.say("unlearning: baseline next-token scores")
-    before = {side: next_token_scores(ctx, packed[f"{side}_test"], batch_contexts=batch_contexts)
-              for side in ("forget", "retain")}
+    before = {
+        side: next_token_scores(ctx, packed[f"{side}_test"], batch_contexts=batch_contexts)
+        for side in ("forget", "retain")
+    }
     grid = []
     measured: dict[tuple, dict] = {}  # fewer eligible latents than n: settings repeat, measure once
     for n, m in itertools.product(n_latents, multipliers):
         chosen = select_latents(forget_freq, retain_freq, n, retain_threshold)
         key = (tuple(chosen.tolist()), m)
         if key not in measured:
-            measured[key] = before if not len(chosen) else {
-                side: next_token_scores(ctx, packed[f"{side}_test"], chosen, m, batch_contexts)
-                for side in ("forget", "retain")}
+            measured[key] = (
+                before
+                if not len(chosen)
+                else {
+                    side: next_token_scores(ctx, packed[f"{side}_test"], chosen, m, batch_contexts)
+                    for side in ("forget", "retain")
+                }
+            )
         after = measured[key]
-        grid.append({"n_latents": n, "multiplier": m, "latents_used": int(len(chosen)),
-                     "forget_acc": after["forget"]["acc"], "retain_acc": after["retain"]["acc"],
-                     "forget_ce": after["forget"]["ce"], "retain_ce": after["retain"]["ce"],
-                     "forget_acc_ratio": after["forget"]["acc"] / max(before["forget"]["acc"], 1e-12),
-                     "retain_acc_ratio": after["retain"]["acc"] / max(before["retain"]["acc"], 1e-12)})
-        ctx.say(f"unlearning: n={n} m={m:g}: forget acc {grid[-1]['forget_acc']:.4f}, "
-                f"retain acc {grid[-1]['retain_acc']:.4f}")
+        grid.append(
+            {
+                "n_latents": n,
+                "multiplier": m,
+                "latents_used": int(len(chosen)),
+                "forget_acc": after["forget"]["acc"],
+                "retain_acc": after["retain"]["acc"],
+                "forget_ce": after["forget"]["ce"],
+                "retain_ce": after["retain"]["ce"],
+                "forget_acc_ratio": after["forget"]["acc"] / max(before["forget"]["acc"], 1e-12),
+                "retain_acc_ratio": after["retain"]["acc"] / max(before["retain"]["acc"], 1e-12),
+            }
+        )
+        ctx.say(
+            f"unlearning: n={n} m={m:g}: forget acc {grid[-1]['forget_acc']:.4f}, "
+            f"retain acc {grid[-1]['retain_acc']:.4f}"
+        )
     score, best = unlearning_score(grid, before["forget"]["acc"], before["retain"]["acc"], retain_keep)
-    metrics = {"score": score, "forget_acc_before": before["forget"]["acc"],
-               "retain_acc_before": before["retain"]["acc"], "forget_ce_before": before["forget"]["ce"],
-               "retain_ce_before": before["retain"]["ce"], "settings_qualifying": float(sum(
-                   g["retain_acc"] >= retain_keep * before["retain"]["acc"] for g in grid)),
-               "candidate_latents": float(len(select_latents(forget_freq, retain_freq, len(forget_freq),
-                                                             retain_threshold)))}
+    metrics = {
+        "score": score,
+        "forget_acc_before": before["forget"]["acc"],
+        "retain_acc_before": before["retain"]["acc"],
+        "forget_ce_before": before["forget"]["ce"],
+        "retain_ce_before": before["retain"]["ce"],
+        "settings_qualifying": float(sum(g["retain_acc"] >= retain_keep * before["retain"]["acc"] for g in grid)),
+        "candidate_latents": float(len(select_latents(forget_freq, retain_freq, len(forget_freq), retain_threshold))),
+    }
     if best is not None:
         metrics.update({f"best/{k}": float(v) for k, v in best.items()})
     for g in grid:
         tag = f"grid/n{g['n_latents']}_m{g['multiplier']:g}"
         metrics.update({f"{tag}/{k}": float(g[k]) for k in ("forget_acc", "retain_acc", "forget_ce", "retain_ce")})
-    return SuiteResult(metrics, headline=("score", "forget_acc_before", "retain_acc_before", "settings_qualifying"),
-                       tables={"unlearning grid": grid})
+    return SuiteResult(
+        metrics,
+        headline=("score", "forget_acc_before", "retain_acc_before", "settings_qualifying"),
+        tables={"unlearning grid": grid},
+    )
 
 
 @register("unlearning")
-def unlearning(ctx: EvalContext, forget_topic: str = DEFAULT_FORGET_TOPIC, n_latents: tuple[int, ...] = (5, 10, 20),
-               multipliers: tuple[float, ...] = (10.0, 25.0, 50.0), retain_threshold: float = 0.01,
-               retain_keep: float = 0.99, train_contexts: int = 32, eval_contexts: int = 16,
-               batch_contexts: int = 4) -> SuiteResult:
+def unlearning(
+    ctx: EvalContext,
+    forget_topic: str = DEFAULT_FORGET_TOPIC,
+    n_latents: tuple[int, ...] = (5, 10, 20),
+    multipliers: tuple[float, ...] = (10.0, 25.0, 50.0),
+    retain_threshold: float = 0.01,
+    retain_keep: float = 0.99,
+    train_contexts: int = 32,
+    eval_contexts: int = 16,
+    batch_contexts: int = 4,
+) -> SuiteResult:
     """Domain unlearning: clamp forget-topic latents to -m, score the forget-accuracy drop.
 
     forget_topic: built-in English topic to forget; n_latents x multipliers: the grid (m in the
@@ -170,6 +218,14 @@ def unlearning(ctx: EvalContext, forget_topic: str = DEFAULT_FORGET_TOPIC, n_lat
     retain_keep: retain accuracy a setting must keep (fraction of the original) to count;
     train_contexts / eval_contexts: contexts per set for latent choice / measurement.
     """
-    return unlearn_texts(ctx, topic_texts(forget_topic), n_latents=n_latents, multipliers=multipliers,
-                         retain_threshold=retain_threshold, retain_keep=retain_keep, train_contexts=train_contexts,
-                         eval_contexts=eval_contexts, batch_contexts=batch_contexts)
+    return unlearn_texts(
+        ctx,
+        topic_texts(forget_topic),
+        n_latents=n_latents,
+        multipliers=multipliers,
+        retain_threshold=retain_threshold,
+        retain_keep=retain_keep,
+        train_contexts=train_contexts,
+        eval_contexts=eval_contexts,
+        batch_contexts=batch_contexts,
+    )

@@ -8,9 +8,20 @@ import torch
 from torch.nn import functional as F
 
 import variants
-from variants.common import (auxk_loss, capped_warmup, categorical_entropy, correlation_matrix, geometric_median,
-                             gram_matrix, info_nce_to_centroids, kde_bandwidth, kde_mutual_information, linear_ramp,
-                             mean_abs_correlation, membership_centroids)
+from variants.common import (
+    auxk_loss,
+    capped_warmup,
+    categorical_entropy,
+    correlation_matrix,
+    geometric_median,
+    gram_matrix,
+    info_nce_to_centroids,
+    kde_bandwidth,
+    kde_mutual_information,
+    linear_ramp,
+    mean_abs_correlation,
+    membership_centroids,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -154,8 +165,10 @@ def test_relu_l1_is_decoder_norm_weighted_and_on_the_papers_scale():
     with torch.no_grad():
         out = model.loss(x)
     f, w = out.latents, model.W_dec.detach()
-    naive = sum(float(f[t, i]) * math.sqrt(sum(float(w[i, d]) ** 2 for d in range(6)))
-                for t in range(9) for i in range(10)) / 9
+    naive = (
+        sum(float(f[t, i]) * math.sqrt(sum(float(w[i, d]) ** 2 for d in range(6))) for t in range(9) for i in range(10))
+        / 9
+    )
     assert (f > 0).any()
     assert out.terms["l1"].item() == pytest.approx(0.3 * 6 * naive, rel=1e-9)  # coefficient x d_in
 
@@ -288,8 +301,13 @@ def test_jumprelu_ste_gradient_only_inside_the_bandwidth():
 
     eps, theta0 = 0.01, 0.5
     # Columns: z inside the band (|z - theta| < eps / 2) for latents 0 and 1, outside for 2 and 3.
-    z = torch.tensor([[theta0 + 0.002, theta0 - 0.004, theta0 + 0.2, theta0 - 0.02],
-                      [theta0 - 0.001, theta0 + 0.3, theta0 - 0.3, theta0 + 0.006]], requires_grad=True)
+    z = torch.tensor(
+        [
+            [theta0 + 0.002, theta0 - 0.004, theta0 + 0.2, theta0 - 0.02],
+            [theta0 - 0.001, theta0 + 0.3, theta0 - 0.3, theta0 + 0.006],
+        ],
+        requires_grad=True,
+    )
     theta = torch.full((4,), theta0, requires_grad=True)
     jumprelu(z, theta, eps).sum().backward()
     assert torch.allclose(theta.grad, torch.tensor([-2 * theta0 / eps, -theta0 / eps, 0.0, 0.0]))
@@ -350,8 +368,10 @@ def test_mi_ortho_refresh_finds_the_planted_dependent_pair_and_penalises_it():
     assert 1 <= pairs.shape[0] <= 3  # above the 90th percentile of 28 candidates
     assert sorted(pairs[mi.argmax()].tolist()) == [2, 6]
     # The paper's scale: tau_ij (a_i . a_j)^2, the co-activation summed over the batch's tokens.
-    expected = sum(0.5 * math.exp(2.0 * float(mi[p])) * float((f[:, i].double() * f[:, j].double()).sum()) ** 2
-                   for p, (i, j) in enumerate(pairs.tolist()))
+    expected = sum(
+        0.5 * math.exp(2.0 * float(mi[p])) * float((f[:, i].double() * f[:, j].double()).sum()) ** 2
+        for p, (i, j) in enumerate(pairs.tolist())
+    )
     assert model.pair_penalty(f).item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -407,8 +427,9 @@ def test_cubic_omega_matches_a_hand_loop():
             eps = eps0 * math.exp(-beta * math.log(1 + mean[i] * mean[j]))
             total += c**power * max(0.0, abs(float(w[i] @ w[j])) - eps)
     assert omega(f, w, power, eps0, beta).item() == pytest.approx(total, rel=1e-9)
-    plain = sum(abs(pearson(f[:, i], f[:, j])) ** 2 * abs(float(w[i] @ w[j]))
-                for i in range(7) for j in range(7) if i != j)
+    plain = sum(
+        abs(pearson(f[:, i], f[:, j])) ** 2 * abs(float(w[i] @ w[j])) for i in range(7) for j in range(7) if i != j
+    )
     assert omega(f, w, 2.0, 0.0, beta).item() == pytest.approx(plain, rel=1e-9)
 
 
@@ -440,11 +461,22 @@ def test_hierarchical_ortho_matches_a_naive_loop():
 
     coarse_of = (fine_id // n_fine).tolist()
     fine_of = fine_id.tolist()
-    coarse = sum(norm([k for k in range(d_sae) if coarse_of[k] == i], [k for k in range(d_sae) if coarse_of[k] == j])
-                 for i in range(n_coarse) for j in range(n_coarse) if i != j)
-    fine = sum(norm([k for k in range(d_sae) if fine_of[k] == c * n_fine + a],
-                    [k for k in range(d_sae) if fine_of[k] == c * n_fine + b])
-               for c in range(n_coarse) for a in range(n_fine) for b in range(n_fine) if a != b)
+    coarse = sum(
+        norm([k for k in range(d_sae) if coarse_of[k] == i], [k for k in range(d_sae) if coarse_of[k] == j])
+        for i in range(n_coarse)
+        for j in range(n_coarse)
+        if i != j
+    )
+    fine = sum(
+        norm(
+            [k for k in range(d_sae) if fine_of[k] == c * n_fine + a],
+            [k for k in range(d_sae) if fine_of[k] == c * n_fine + b],
+        )
+        for c in range(n_coarse)
+        for a in range(n_fine)
+        for b in range(n_fine)
+        if a != b
+    )
     got_coarse, got_fine = hierarchical_ortho(f, fine_id, n_coarse, n_fine)
     assert got_coarse.item() == pytest.approx(coarse, rel=1e-9)  # the paper's scale: no division by B
     assert got_fine.item() == pytest.approx(fine, rel=1e-9)
@@ -513,8 +545,9 @@ def test_group_ib_mi_term_sums_live_pairs_under_soft_membership():
     over valid windows of the sum over ordered pairs of live groups; a silent group (no own latent
     active in the window) carries only that leak, perfectly correlated with the others."""
     window, stride, eps = 6, 4, 1e-6
-    model = variants.build("group_ib", d_in=4, d_sae=3 * 32,
-                           overrides={"window": str(window), "window_stride": str(stride)}).double()
+    model = variants.build(
+        "group_ib", d_in=4, d_sae=3 * 32, overrides={"window": str(window), "window_stride": str(stride)}
+    ).double()
     g = gen(23)
     s = 0.1 + torch.rand(2, 15, 3, generator=g, dtype=torch.float64)
     s[1, :, 1:] = 0.0  # context 1: groups 1 and 2 silent throughout
@@ -536,8 +569,14 @@ def test_group_ib_mi_term_sums_live_pairs_under_soft_membership():
             if len(tokens) < 2:
                 continue
             live = [k for k in range(3) if any(f[b, t, 32 * k] > 0 for t in tokens)]
-            per_window.append(sum(-math.log(1 - abs(pearson(signals[b, tokens, i], signals[b, tokens, j])) + eps)
-                                  for i in live for j in live if i != j))
+            per_window.append(
+                sum(
+                    -math.log(1 - abs(pearson(signals[b, tokens, i], signals[b, tokens, j])) + eps)
+                    for i in live
+                    for j in live
+                    if i != j
+                )
+            )
             if 1 not in live and 2 not in live:
                 silent_pair_corr.append(abs(pearson(signals[b, tokens, 1], signals[b, tokens, 2])))
     assert silent_pair_corr and min(silent_pair_corr) > 1 - 1e-9  # what the exclusion keeps out (13.8 a pair)
@@ -671,13 +710,22 @@ def test_temporal_full_convolution_matches_a_naive_loop():
     assert torch.allclose(model.encode(x[0]), model.encode(x)[0])  # a single (T, d_in) context
 
 
-@pytest.mark.parametrize("dilations, kernel_size, expected", [
-    ("1,2,4", 2, [1, 2, 4]), ("1,2,4", 3, [1, 2, 4, 8]), ("1,2,4", 1, []), ("3", 4, [3, 6, 9]), ("2,4", 3, [2, 4, 8]),
-])
+@pytest.mark.parametrize(
+    "dilations, kernel_size, expected",
+    [
+        ("1,2,4", 2, [1, 2, 4]),
+        ("1,2,4", 3, [1, 2, 4, 8]),
+        ("1,2,4", 1, []),
+        ("3", 4, [3, 6, 9]),
+        ("2,4", 3, [2, 4, 8]),
+    ],
+)
 def test_temporal_taps_read_distinct_offsets_and_offset_zero_is_the_token(dilations, kernel_size, expected):
     """A kernel of size K at dilation d reads offsets 0, d, ..., (K-1) d; offset 0 is the one shared
     identity path and no two taps read the same offset."""
-    model = variants.build("temporal", d_in=3, d_sae=8, overrides={"dilations": dilations, "kernel_size": str(kernel_size)})
+    model = variants.build(
+        "temporal", d_in=3, d_sae=8, overrides={"dilations": dilations, "kernel_size": str(kernel_size)}
+    )
     reach = sorted({k * d for d in map(int, dilations.split(",")) for k in range(kernel_size)})
     assert model.offsets == expected == [o for o in reach if o > 0]
     assert len(set(model.offsets)) == len(model.offsets) == (0 if model.taps is None else model.taps.shape[0])

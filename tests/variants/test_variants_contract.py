@@ -14,7 +14,7 @@ from variants.base import LossOut
 
 NAMES = variants.names()
 D_IN, D_SAE = 16, 128  # d_sae = 128 suits every variant (group_ib: multiple of 32; contrastive_hier: >= 64)
-TUNE_DIR = pathlib.Path(__file__).resolve().parents[1] / "tune_spaces"
+TUNE_DIR = pathlib.Path(__file__).resolve().parents[2] / "tune_spaces"
 # Cost knobs shrunk for a small CPU, applied to whichever variant has the field (none change the maths).
 FAST = {"kde_tokens": "64", "n_candidates": "128"}
 # A step past every warm-up ramp (and a multiple of every refresh interval): penalties at full strength.
@@ -24,6 +24,10 @@ STATIONARY = {"refresh_interval": "100000"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
+
+def rounded(terms: dict) -> dict:
+    return {k: round(float(v), 6) for k, v in terms.items()}
 
 
 def build(name: str, **overrides) -> variants.Variant:
@@ -56,7 +60,7 @@ class Toy:
         x = self.tokens(contexts * length).reshape(contexts, length, D_IN)
         mask = torch.ones(contexts, length, dtype=torch.bool)
         mask[:, 0] = False
-        mask[1::2, length - 5:] = False
+        mask[1::2, length - 5 :] = False
         return x, mask
 
 
@@ -125,8 +129,13 @@ def test_every_term_is_weighted_by_its_coefficient_and_enters_the_total(name):
         for other in ref.terms:
             if other != term:
                 torch.testing.assert_close(zeroed.terms[other], ref.terms[other], rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(ref.total - zeroed.total, value, rtol=1e-4, atol=1e-5 * float(ref.total.abs()),
-                                   msg=f"{term} does not enter the total")
+        torch.testing.assert_close(
+            ref.total - zeroed.total,
+            value,
+            rtol=1e-4,
+            atol=1e-5 * float(ref.total.abs()),
+            msg=f"{term} does not enter the total",
+        )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -361,8 +370,9 @@ def test_penalties_cannot_be_lowered_by_rescaling(name, c):
             drop = float(base.total - projected.total)
             assert drop <= 1e-9 * (1 + abs(float(base.total))), (
                 f"{name}/{move}: c = {c} lowers the loss by {drop:.6g} ({float(base.total):.6g} -> "
-                f"{float(projected.total):.6g}); terms {({k: round(float(v), 6) for k, v in projected.terms.items()})}"
-                f" vs {({k: round(float(v), 6) for k, v in base.terms.items()})}")
+                f"{float(projected.total):.6g}); terms {rounded(projected.terms)} vs {rounded(base.terms)}"
+            )
         else:
             assert close(clone.decoder_directions(), model.decoder_directions()), (
-                f"{name}/{move}: after_step changes the reconstruction but leaves readers rescaled")
+                f"{name}/{move}: after_step changes the reconstruction but leaves readers rescaled"
+            )
