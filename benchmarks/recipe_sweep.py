@@ -25,7 +25,7 @@ import torch
 import variants
 from saeforge.core import corpus, metrics
 from saeforge.core.batches import step_budget
-from saeforge.core.evaluation import evaluate_core
+from saeforge.core.evaluation import baseline, evaluate_core
 from saeforge.core.hooks import HookPoint, capture, layers_needed
 from saeforge.core.model import load_model, load_tokenizer, resolve_model, run_slice
 from saeforge.core.training import LoopSettings, start_fresh, train_loop
@@ -50,8 +50,9 @@ def recipe(text: str) -> tuple[str, dict[str, str]]:
     return name, dict(p.split("=", 1) for p in pairs)
 
 
-def activations(model_name: str, hook: HookPoint, tokens: int, batch_tokens: int, eval_contexts: int,
-                cache: Path) -> dict:
+def activations(
+    model_name: str, hook: HookPoint, tokens: int, batch_tokens: int, eval_contexts: int, cache: Path
+) -> dict:
     """Train and held-out contexts of the default run, and the train contexts' activations."""
     if cache.is_file():
         return torch.load(cache, weights_only=False)
@@ -67,37 +68,54 @@ def activations(model_name: str, hook: HookPoint, tokens: int, batch_tokens: int
     with torch.inference_mode():
         for i in range(0, len(train), 16):
             with capture(model, [hook]) as got:
-                run_slice(model, torch.from_numpy(train[i:i + 16].astype(np.int64)))
+                run_slice(model, torch.from_numpy(train[i : i + 16].astype(np.int64)))
             acts.append(got[hook.name].half())
-    data = {"train": train, "eval": held_out, "special": special, "acts": torch.cat(acts),
-            "mask": torch.from_numpy(corpus.valid_mask(train, special)),
-            "forward_seconds": time.perf_counter() - started}
+    data = {
+        "train": train,
+        "eval": held_out,
+        "special": special,
+        "acts": torch.cat(acts),
+        "mask": torch.from_numpy(corpus.valid_mask(train, special)),
+        "forward_seconds": time.perf_counter() - started,
+    }
     torch.save(data, cache)
     return data
 
 
 def steps(data: dict, per_step: int):
     for i in range(0, len(data["acts"]) - per_step + 1, per_step):
-        yield data["acts"][i:i + per_step].float(), data["mask"][i:i + per_step]
+        yield data["acts"][i : i + per_step].float(), data["mask"][i : i + per_step]
 
 
-def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int) -> dict:
+def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, reference) -> dict:
     name, overrides = recipe(text)
     sae = variants.build(name, d_in=data["acts"].shape[-1], d_sae=8 * data["acts"].shape[-1], overrides=overrides)
     budget = step_budget(tokens, sae.cfg.batch_size, 128, 1, available_contexts=len(data["acts"]))
     curve = []
     started = time.perf_counter()
-    state = train_loop(sae, start_fresh(sae, steps(data, budget.contexts_per_step)),
-                       LoopSettings(budget.total_steps, log_every=25), on_log=lambda s, m: curve.append((s, m)))
+    state = train_loop(
+        sae,
+        start_fresh(sae, steps(data, budget.contexts_per_step)),
+        LoopSettings(budget.total_steps, log_every=25),
+        on_log=lambda s, m: curve.append((s, m)),
+    )
     train_seconds = time.perf_counter() - started
     dead = metrics.dead_fraction(sae.tokens_since_fired, state.tokens_seen)
-    result = evaluate_core(full_model, sae, hook, data["eval"], data["special"])
-    return {"recipe": text, "steps": state.step, "tokens": state.tokens_seen, "train_s": train_seconds,
-            "l0": result["l0"], "ce_loss_recovered": result["ce_loss_recovered"],
-            "ce_stderr": result["ce_loss_recovered_stderr"], "explained_variance": result["explained_variance"],
-            "ev_stderr": result["explained_variance_stderr"], "dead_last_50k": dead,
-            "ev_at_step_10_25": [round(m["explained_variance"], 3) for s, m in curve[:2]],
-            "eval_tokens": result["eval_tokens"]}
+    result = evaluate_core(full_model, sae, hook, data["eval"], data["special"], reference=reference)
+    return {
+        "recipe": text,
+        "steps": state.step,
+        "tokens": state.tokens_seen,
+        "train_s": train_seconds,
+        "l0": result["l0"],
+        "ce_loss_recovered": result["ce_loss_recovered"],
+        "ce_stderr": result["ce_loss_recovered_stderr"],
+        "explained_variance": result["explained_variance"],
+        "ev_stderr": result["explained_variance_stderr"],
+        "dead_last_50k": dead,
+        "ev_at_step_10_25": [round(m["explained_variance"], 3) for s, m in curve[:2]],
+        "eval_tokens": result["eval_tokens"],
+    }
 
 
 def main() -> None:
@@ -114,20 +132,29 @@ def main() -> None:
     torch.set_num_threads(ns.threads)
     hook = HookPoint(ns.layer)
     data = activations(ns.model, hook, ns.tokens, 1024, ns.eval_contexts, Path(ns.cache))
-    print(f"activations: {tuple(data['acts'].shape)} ({int(data['mask'].sum()):,} real tokens), "
-          f"eval contexts {len(data['eval'])}", flush=True)
+    print(
+        f"activations: {tuple(data['acts'].shape)} ({int(data['mask'].sum()):,} real tokens), "
+        f"eval contexts {len(data['eval'])}",
+        flush=True,
+    )
     full_model = load_model(resolve_model(ns.model))
+    reference = baseline(full_model, hook, data["eval"], data["special"])  # the zero ablation, once
     print("| recipe | L0 | CE loss recovered | explained variance | dead (last 50k) | steps | train s |", flush=True)
     print("|---|---|---|---|---|---|---|", flush=True)
     for text in ns.recipes or SWEEP:
-        row = run(text, data, full_model, hook, ns.tokens)
-        print(f"| {row['recipe']} | {row['l0']:.1f} | {row['ce_loss_recovered']:.3f} ± {row['ce_stderr']:.3f} | "
-              f"{row['explained_variance']:.3f} ± {row['ev_stderr']:.3f} | {row['dead_last_50k']:.3f} | {row['steps']} | "
-              f"{row['train_s']:.0f} |", flush=True)
+        row = run(text, data, full_model, hook, ns.tokens, reference)
+        print(
+            f"| {row['recipe']} | {row['l0']:.1f} | {row['ce_loss_recovered']:.3f} ± {row['ce_stderr']:.3f} | "
+            f"{row['explained_variance']:.3f} ± {row['ev_stderr']:.3f} | {row['dead_last_50k']:.3f} | {row['steps']} | "
+            f"{row['train_s']:.0f} |",
+            flush=True,
+        )
         if ns.out:
             with open(ns.out, "a") as f:
-                f.write(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                    for k, v in row.items()}) + "\n")
+                f.write(
+                    json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from variants.common import capped_warmup, geometric_median, mse_loss, tied_init
 
 
 def param(default: Any, help: str) -> Any:
-    """A config field with a one-line description (shown by `saeforge variants --fields`)."""
+    """A config field with a one-line description (shown by `saeforge variants NAME`)."""
     return field(default=default, metadata={"help": help})
 
 

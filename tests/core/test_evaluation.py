@@ -9,7 +9,7 @@ import torch
 
 import variants
 from saeforge.core import corpus
-from saeforge.core.evaluation import bootstrap_stderr, evaluate_core
+from saeforge.core.evaluation import baseline, bootstrap_stderr, evaluate_core
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import ByteTokenizer, build_tiny_model
 
@@ -96,6 +96,19 @@ def test_core_metrics_match_an_independent_computation(name):
     want = naive_metrics(model, sae.eval(), contexts, set(special))
     for key, value in want.items():
         assert ours[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+
+
+def test_a_baseline_computed_once_gives_the_same_figures():
+    tok = ByteTokenizer()
+    special = corpus.special_ids(tok)
+    contexts = corpus.pack_contexts(["Some held-out text for the baseline, packed into contexts."] * 4, tok, 24, 5)
+    model = build_tiny_model("tiny")
+    sae = variants.build("relu", d_in=64, d_sae=128)
+    reference = baseline(model, HOOK, contexts, special)
+    again = evaluate_core(model, sae, HOOK, contexts, special, reference=reference)
+    full = evaluate_core(model, sae, HOOK, contexts, special)
+    for key in ("ce_loss_zero", "kl_div_zero", "ce_loss_recovered", "ce_loss_recovered_stderr"):
+        assert again[key] == pytest.approx(full[key], rel=1e-6), key
 
 
 def test_bootstrap_stderr_shrinks_with_more_contexts():

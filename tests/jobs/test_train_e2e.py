@@ -44,7 +44,11 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
     # the SAE is logged once, as the registered model's artifact, in the SAELens layout
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion"))
-    assert {p.name for p in (local / "artifacts" / "sae").iterdir()} == {"cfg.json", "sae_weights.safetensors"}
+    assert {p.name for p in (local / "artifacts" / "sae").iterdir()} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "saeforge_state.safetensors",
+    }
     assert client.list_artifacts(tiny_run["run_id"], "sae") == []  # not a second copy beside it
     # the registered pyfunc maps raw activations to the SAE's latents
     pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")

@@ -8,6 +8,7 @@ import sys
 
 import variants
 from saeforge.cli import bench, compare, evaluate, list_variants, train, tune
+from saeforge.cli.output import quiet_libraries
 from saeforge.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
+    quiet_libraries()
     try:
         return ns.run(ns)
     except (UserError, variants.UnknownVariant, variants.ConfigError) as err:

@@ -6,7 +6,7 @@ import argparse
 
 import variants
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json
+from saeforge.cli.output import print_json, summary_only_on_stdout
 from saeforge.errors import UserError
 from saeforge.jobs.arguments import BenchArgs
 
@@ -30,16 +30,17 @@ def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs import bench
 
     args = parse_into(BenchArgs, ns)
-    if args.step_cost:
-        figures = bench.run_step_costs(args)
-    elif args.variants:
-        names = variants.names() if args.variants == "all" else [n.strip() for n in args.variants.split(",")]
-        for name in names:  # unknown names fail before anything runs
-            if name not in variants.names():
-                raise UserError(str(variants.UnknownVariant(name)))
-        figures = bench.run_variant_table(args, names)
-    else:
-        figures = bench.run_bench(args)
+    with summary_only_on_stdout(ns.json):
+        if args.step_cost:
+            figures = bench.run_step_costs(args)
+        elif args.variants:
+            names = variants.names() if args.variants == "all" else [n.strip() for n in args.variants.split(",")]
+            for name in names:  # unknown names fail before anything runs
+                if name not in variants.names():
+                    raise UserError(str(variants.UnknownVariant(name)))
+            figures = bench.run_variant_table(args, names)
+        else:
+            figures = bench.run_bench(args)
     if ns.json:
         print_json(figures)
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json
+from saeforge.cli.output import print_json, summary_only_on_stdout
 from saeforge.core.reporting import format_rows
 from saeforge.jobs.arguments import CompareArgs
 
@@ -30,7 +30,8 @@ def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs.compare import run_compare
 
     args = parse_into(CompareArgs, ns)
-    result = run_compare(args)
+    with summary_only_on_stdout(ns.json):
+        result = run_compare(args)
     if ns.json:
         print_json(result)
         return 0

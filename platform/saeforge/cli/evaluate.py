@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json, progress
+from saeforge.cli.output import print_json, progress, summary_only_on_stdout
 from saeforge.core import eval_suites
 from saeforge.jobs.arguments import EvalArgs
 
@@ -46,7 +46,8 @@ def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs.evaluate import run_eval
 
     args = parse_into(EvalArgs, ns)
-    report = run_eval(args, progress=progress)
+    with summary_only_on_stdout(ns.json):
+        report = run_eval(args, progress=progress)
     if ns.json:
         print_json({k: v for k, v in report.items() if k != "table"})
         return 0

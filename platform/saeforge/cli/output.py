@@ -3,16 +3,51 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import sys
+import warnings
+from collections.abc import Iterator
+
+
+def quiet_libraries() -> None:
+    """Keep the libraries' informational chatter (MLflow's store migrations, download bars,
+    registration notices; Ray's start-up notes) off the terminal: errors still show."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    for name in ("mlflow", "ray", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
 
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@contextlib.contextmanager
+def summary_only_on_stdout(enabled: bool) -> Iterator[None]:
+    """While the verb runs, send everything written to stdout (by any library, at the level of
+    the file descriptor) to stderr, so that stdout ends up holding only the summary printed after."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    print(json.dumps(data, indent=2, default=str), flush=True)
 
 
 def variant_list() -> str:

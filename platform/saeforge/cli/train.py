@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json, progress, variant_list
+from saeforge.cli.output import print_json, progress, summary_only_on_stdout, variant_list
 from saeforge.jobs.arguments import TrainArgs
 
 NAME = "train"
@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
 def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs.train import run_train
 
-    summary = run_train(parse_into(TrainArgs, ns), progress=progress)
+    with summary_only_on_stdout(ns.json):
+        summary = run_train(parse_into(TrainArgs, ns), progress=progress)
     if ns.json:
         print_json(summary)
         return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json, progress
+from saeforge.cli.output import print_json, progress, summary_only_on_stdout
 from saeforge.core.reporting import format_rows
 from saeforge.jobs.arguments import TuneArgs
 
@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
 def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs.search import run_tune
 
-    summary = run_tune(parse_into(TuneArgs, ns), progress=progress)
+    with summary_only_on_stdout(ns.json):
+        summary = run_tune(parse_into(TuneArgs, ns), progress=progress, verbose=0 if ns.json else 1)
     if ns.json:
         print_json(summary)
         return 0

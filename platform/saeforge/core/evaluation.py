@@ -19,6 +19,7 @@ reader can tell whether the held-out text was enough.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,7 +34,17 @@ from variants.common import mean_abs_correlation
 
 MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
 BOOTSTRAP_SAMPLES = 200
-PER_CONTEXT = ("tokens", "resid_sq", "x_sq", "ce_targets", "ce_clean", "ce_sae", "ce_zero", "kl_sae")
+PER_CONTEXT = ("tokens", "resid_sq", "x_sq", "ce_targets", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """What does not depend on the SAE, per context: the zero-ablated next-token loss and KL.
+    Computed once (`baseline`), it spares every later evaluation of the same contexts its
+    zero-ablated forward pass (a search or a sweep evaluates many SAEs on one text)."""
+
+    ce_zero: np.ndarray
+    kl_zero: np.ndarray
 
 
 def bootstrap_stderr(per_context: dict[str, np.ndarray], fn, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> float:
@@ -69,13 +80,15 @@ def evaluate_core(
     special_ids: list[int],
     batch_contexts: int = 4,
     progress=None,
+    reference: Baseline | None = None,
 ) -> dict[str, float]:
-    """Every core metric of one SAE on held-out contexts ((n, context_size) token ids)."""
+    """Every core metric of one SAE on held-out contexts ((n, context_size) token ids). With a
+    `reference` (`baseline` of the same contexts) the zero-ablated forward is not run again."""
     variant.eval()
     device = next(model.parameters()).device
     scale = variant.act_scale.item()
     per = {k: [] for k in (*PER_CONTEXT, "x_sum")}
-    sums = dict.fromkeys(("l1", "l0", "cos", "kl_zero"), 0.0)
+    sums = dict.fromkeys(("l1", "l0", "cos"), 0.0)
     fire_counts = torch.zeros(variant.cfg.d_sae)
     corr_rows: list[torch.Tensor] = []
     diag_sums: dict[str, float] = {}
@@ -92,7 +105,7 @@ def evaluate_core(
         x_hat = variant.decode(f)
         xr, xh, fr = real_rows(x, m) / scale, real_rows(x_hat, m) / scale, real_rows(f, m)  # raw units
         counts = real.sum(1).cpu()
-        owner = torch.repeat_interleave(torch.arange(len(counts)), counts)  # the context of each real row
+        owner = _owners(counts)
         per["tokens"].append(counts.double())
         per["resid_sq"].append(_by_context((xr - xh).pow(2).sum(-1), owner, len(counts)))
         per["x_sq"].append(_by_context(xr.pow(2).sum(-1), owner, len(counts)))
@@ -120,19 +133,16 @@ def evaluate_core(
         per["ce_clean"].append(_next_token_loss(clean_logits, ids, scored))
         per["ce_targets"].append(scored.sum(1).double().cpu())
         del clean_logits
-        for tag, fn in (("sae", spliced), ("zero", torch.zeros_like)):
-            with replace(model, hook, fn):
-                logits = model(input_ids=ids, use_cache=False).logits
-            per[f"ce_{tag}"].append(_next_token_loss(logits, ids, scored))
-            kl = (logp_clean.exp() * (logp_clean - F.log_softmax(logits[real].float(), dim=-1))).sum(-1)
-            del logits
-            if tag == "sae":
-                per["kl_sae"].append(_by_context(kl.cpu(), owner, len(counts)))
-            else:
-                sums["kl_zero"] += kl.sum().item()
+        patches = {"sae": spliced, **({} if reference is not None else {"zero": torch.zeros_like})}
+        for tag, fn in patches.items():
+            ce, kl = _patched_losses(model, hook, fn, ids, real, logp_clean)
+            per[f"ce_{tag}"].append(ce)
+            per[f"kl_{tag}"].append(_by_context(kl, owner, len(counts)))
         if progress:
             progress(min(start + batch_contexts, len(contexts)), len(contexts))
 
+    if reference is not None:
+        per["ce_zero"], per["kl_zero"] = [torch.from_numpy(reference.ce_zero)], [torch.from_numpy(reference.kl_zero)]
     per_context = {k: torch.cat(v).double().numpy() for k, v in per.items()}
     pooled = {k: v.sum(0) for k, v in per_context.items()}
     n_tokens, n_targets = pooled["tokens"], pooled["ce_targets"]
@@ -152,7 +162,7 @@ def evaluate_core(
         "ce_loss_recovered": _ce_recovered(pooled),
         "ce_loss_recovered_stderr": bootstrap_stderr(per_context, _ce_recovered),
         "kl_div_sae": pooled["kl_sae"] / n_tokens,
-        "kl_div_zero": sums["kl_zero"] / n_tokens,
+        "kl_div_zero": pooled["kl_zero"] / n_tokens,
         "eval_tokens": float(n_tokens),
         "eval_contexts": float(len(contexts)),
     }
@@ -160,6 +170,35 @@ def evaluate_core(
     result.update(metrics.decoder_cosine_stats(variant.decoder_directions().detach()))
     result.update({f"diag/{k}": v / n_batches for k, v in diag_sums.items()})
     return result
+
+
+@torch.no_grad()
+def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4) -> Baseline:
+    """The SAE-independent part of the evaluation of these contexts (the zero ablation)."""
+    device = next(model.parameters()).device
+    ce_zero, kl_zero = [], []
+    for start in range(0, len(contexts), batch_contexts):
+        ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
+        real = valid_mask(ids, special_ids)
+        logp_clean = F.log_softmax(model(input_ids=ids, use_cache=False).logits[real].float(), dim=-1)
+        ce, kl = _patched_losses(model, hook, torch.zeros_like, ids, real, logp_clean)
+        ce_zero.append(ce)
+        kl_zero.append(_by_context(kl, _owners(real.sum(1).cpu()), len(ids)))
+    return Baseline(torch.cat(ce_zero).numpy(), torch.cat(kl_zero).numpy())
+
+
+def _patched_losses(model, hook: HookPoint, fn, ids: torch.Tensor, real: torch.Tensor, logp_clean: torch.Tensor):
+    """(per-context next-token CE, per-position KL(clean || patched)) with the hook replaced by fn."""
+    with replace(model, hook, fn):
+        logits = model(input_ids=ids, use_cache=False).logits
+    ce = _next_token_loss(logits, ids, real[:, :-1])
+    kl = (logp_clean.exp() * (logp_clean - F.log_softmax(logits[real].float(), dim=-1))).sum(-1)
+    return ce, kl.cpu()
+
+
+def _owners(counts: torch.Tensor) -> torch.Tensor:
+    """The context of each real row, for rows taken context by context."""
+    return torch.repeat_interleave(torch.arange(len(counts)), counts)
 
 
 def _by_context(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:

@@ -6,6 +6,10 @@ NOTES-APIS.md) and its dashboard on localhost: Ray Train's placement-group clean
 clean-up of a Tune trial stopped early go through the state API, which needs it. Without it, a
 run prints "Failed to query Ray Train Controller actor state" hundreds of times and a stopped
 trial's placement group leaks.
+
+Either way the workers' output is not forwarded to the driver (`log_to_driver=False`): a run's
+own progress comes through `progress_board`, and Ray's many internal messages stay in its log
+files (/tmp/ray/session_latest/logs) instead of drowning it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ def connect_ray(address: str = "") -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,7 +39,11 @@ def connect_ray(address: str = "") -> None:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
-        logging_level="WARNING",
+        logging_level="ERROR",
+        log_to_driver=False,
+        # No idle worker processes at start-up: a run starts its own actors, and 8 prestarted
+        # workers on 2 cores cost memory and set off the raylet's "too many workers" warning.
+        _system_config={"prestart_worker_first_driver": False},
     )
 
 

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import variants
+from saeforge.core.batches import step_budget
 from saeforge.core.reporting import pareto_front, plot_l0_vs_ce, write_csv
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
@@ -95,8 +96,7 @@ def cadence(args: TuneArgs, space: TuneSpace, plan: RunPlan) -> tuple[int, int, 
     """(report_every, grace_period, max_t) in training steps, from the smallest batch searched."""
     spec = space.params.get("batch_size")
     batch = int(min(spec["values"]) if "values" in spec else spec["low"]) if spec else plan.variant.batch_size
-    per_step_tokens = max(1, batch // (plan.stream.context_size - 1)) * (plan.stream.context_size - 1)
-    steps = max(1, args.tokens_per_trial // per_step_tokens)
+    steps = step_budget(args.tokens_per_trial, batch, plan.stream.context_size, plan.stream.workers).total_steps
     report_every = args.report_every or max(1, steps // 10)
     grace = args.grace_period or space.early_stopping.grace_period or max(report_every, steps // 4)
     return report_every, grace, max(steps, grace) * 4 + 1  # max_t past any trial's last step: ASHA never cuts the end

@@ -19,7 +19,7 @@ from saeforge.core.eval_suites.runner import build_context, run_local
 from saeforge.core.evaluation import evaluate_core
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
-from saeforge.jobs import tracking
+from saeforge.jobs import progress_board, tracking
 from saeforge.jobs.activation_stream import activation_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
@@ -35,11 +35,15 @@ def run_name(plan: RunPlan) -> str:
     return args.run_name or f"{args.variant}-{plan.hook.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def train_on_ray(plan: RunPlan, contexts: Contexts, name: str):
-    """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result."""
+def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
+    """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result. `show`
+    prints rank 0's progress lines as they come."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
+    if show is not None:
+        with progress_board.printed(f"saeforge-progress-{name}", show) as board:
+            return train_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name)
     res = plan.resources
     first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
     dataset = activation_dataset(
@@ -96,7 +100,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         )
         if not resumed_run:
             log_params(plan)
-        result = train_on_ray(plan, contexts, name)
+        result = train_on_ray(plan, contexts, name, show=progress)
         checkpoint = Path(result.checkpoint.path)
         train_seconds = time.time() - started
         train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)

@@ -8,7 +8,6 @@ log and checkpoint callbacks into MLflow curves and `ray.train.report` calls.
 
 from __future__ import annotations
 
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from saeforge.core import metrics
 from saeforge.core.training import LoopState, start_fresh, train_loop
-from saeforge.jobs import checkpoints, tracking
+from saeforge.jobs import checkpoints, progress_board, tracking
 from saeforge.jobs.activation_stream import step_batches
 from saeforge.jobs.plan import RunPlan
 
@@ -69,11 +68,9 @@ def worker_loop(config: dict) -> None:
             ray.train.report({"step": step, **{k: float(v) for k, v in values.items()}})
         if rank != 0:
             return
-        curves.log(step, values)
+        curves.log(step, values)  # log the curves, then the line on the driver's stderr
         eta = (time.perf_counter() - started) / max(1, step - start_step) * (settings.total_steps - step)
-        # Progress goes to stderr (stdout is for the summary; --json); sys.__stderr__ because Ray
-        # Train patches print() and would otherwise emit each line twice.
-        print(progress_line(step, settings.total_steps, values, eta), file=sys.__stderr__, flush=True)
+        progress_board.post(plan.progress_board, progress_line(step, settings.total_steps, values, eta))
 
     def on_checkpoint(snapshot: LoopState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
