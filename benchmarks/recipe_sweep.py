@@ -9,6 +9,10 @@ only in what they set.
 
     .venv/bin/python benchmarks/recipe_sweep.py                       # the built-in sweep
     .venv/bin/python benchmarks/recipe_sweep.py "topk k=64 lr=2e-3" "relu l1_coeff=0.01"
+    .venv/bin/python benchmarks/recipe_sweep.py --defaults          # every variant at its defaults
+    .venv/bin/python benchmarks/recipe_sweep.py --no-ce --tokens 100000 "relu l1_coeff=0.01" ...
+        # L0 and explained variance only (on the held-out activations, no LM head): a quick map
+        # from a sparsity coefficient to L0, for centring tune spaces
 """
 
 from __future__ import annotations
@@ -82,9 +86,37 @@ def activations(
     return data
 
 
+@torch.no_grad()
+def eval_activations(model_name: str, hook: HookPoint, contexts: np.ndarray) -> torch.Tensor:
+    model = load_model(resolve_model(model_name), n_layers=layers_needed([hook]))
+    with capture(model, [hook]) as got:
+        run_slice(model, torch.from_numpy(contexts.astype(np.int64)))
+    return got[hook.name].float()
+
+
 def steps(data: dict, per_step: int):
     for i in range(0, len(data["acts"]) - per_step + 1, per_step):
         yield data["acts"][i : i + per_step].float(), data["mask"][i : i + per_step]
+
+
+@torch.no_grad()
+def quick_eval(sae, acts: torch.Tensor, mask: torch.Tensor) -> dict:
+    """L0 and explained variance on held-out activations, without running the model's head."""
+    from saeforge.core.batches import real_rows, sae_input
+
+    sae.eval()
+    x, m = sae_input(sae, acts.float(), mask)
+    f = sae.encode(x)
+    xr, xh = real_rows(x, m), real_rows(sae.decode(f), m)
+    ev = 1 - (xr - xh).pow(2).sum() / (xr - xr.mean(0)).pow(2).sum()
+    return {
+        "l0": float((real_rows(f, m) > 0).sum(-1).float().mean()),
+        "explained_variance": float(ev),
+        "ce_loss_recovered": math.nan,
+        "ce_loss_recovered_stderr": math.nan,
+        "explained_variance_stderr": math.nan,
+        "eval_tokens": float(len(xr)),
+    }
 
 
 def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, reference) -> dict:
@@ -101,7 +133,10 @@ def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, referen
     )
     train_seconds = time.perf_counter() - started
     dead = metrics.dead_fraction(sae.tokens_since_fired, state.tokens_seen)
-    result = evaluate_core(full_model, sae, hook, data["eval"], data["special"], reference=reference)
+    if full_model is None:
+        result = quick_eval(sae, data["eval_acts"], torch.from_numpy(corpus.valid_mask(data["eval"], data["special"])))
+    else:
+        result = evaluate_core(full_model, sae, hook, data["eval"], data["special"], reference=reference)
     return {
         "recipe": text,
         "steps": state.step,
@@ -128,6 +163,8 @@ def main() -> None:
     p.add_argument("--cache", default="/tmp/saeforge_sweep_acts.pt")
     p.add_argument("--out", default="", help="append the results as JSON lines to this file")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--defaults", action="store_true", help="every registered variant at its defaults")
+    p.add_argument("--no-ce", action="store_true", help="L0 and explained variance only (no LM head)")
     ns = p.parse_args()
     torch.set_num_threads(ns.threads)
     hook = HookPoint(ns.layer)
@@ -137,11 +174,15 @@ def main() -> None:
         f"eval contexts {len(data['eval'])}",
         flush=True,
     )
-    full_model = load_model(resolve_model(ns.model))
-    reference = baseline(full_model, hook, data["eval"], data["special"])  # the zero ablation, once
+    if ns.no_ce:
+        full_model = reference = None
+        data["eval_acts"] = eval_activations(ns.model, hook, data["eval"])
+    else:
+        full_model = load_model(resolve_model(ns.model))
+        reference = baseline(full_model, hook, data["eval"], data["special"])  # the zero ablation, once
     print("| recipe | L0 | CE loss recovered | explained variance | dead (last 50k) | steps | train s |", flush=True)
     print("|---|---|---|---|---|---|---|", flush=True)
-    for text in ns.recipes or SWEEP:
+    for text in variants.names() if ns.defaults else ns.recipes or SWEEP:
         row = run(text, data, full_model, hook, ns.tokens, reference)
         print(
             f"| {row['recipe']} | {row['l0']:.1f} | {row['ce_loss_recovered']:.3f} ± {row['ce_stderr']:.3f} | "
