@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import LinearSAE, Variant, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, LinearSAE, Variant, VariantConfig, param
 from variants.common import paper_weight
 
 
@@ -49,7 +49,7 @@ class AdaptiveMaskConfig(VariantConfig):
     )
     optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
     weight_decay: float = param(0.01, "AdamW weight decay")
-    lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
+    lr_schedule: str = param("cosine", LR_SCHEDULE_HELP)
     batch_size: int = param(2048, "activation tokens per optimiser step")
     seed: int = param(42, "seed for the initial weights")
 

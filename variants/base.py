@@ -29,6 +29,10 @@ class ConfigError(ValueError):
 
 
 B_DEC_INITS = ("geometric_median", "init")  # what init_from_data does with the decoder bias
+# After the warm-up: hold the lr, cosine-decay it to 0, or hold it and decay it linearly to 0 over
+# the last 20% of the run (dictionary_learning's decay_start; the loop applies them).
+LR_SCHEDULES = ("constant", "cosine", "decay")
+LR_SCHEDULE_HELP = "after warm-up: 'constant', 'cosine' (decay to 0), or 'decay' (linear to 0 over the last 20%)"
 
 
 @dataclass(kw_only=True)
@@ -41,7 +45,7 @@ class VariantConfig:
     optimizer: str = param("adam", "'adam' or 'adamw'")
     weight_decay: float = param(0.0, "weight decay (adamw)")
     warmup_steps: int = param(1000, "linear learning-rate warm-up steps (capped at 10% of a run)")
-    lr_schedule: str = param("constant", "after warm-up: 'constant' or 'cosine' decay to 0")
+    lr_schedule: str = param("constant", LR_SCHEDULE_HELP)
     grad_clip: float = param(0.0, "clip the gradient norm at this value; 0 turns clipping off")
     batch_size: int = param(1024, "activation tokens per optimiser step")
     normalize_decoder: bool = param(True, "renormalise decoder rows to unit norm after each step")
@@ -134,6 +138,8 @@ class Variant(nn.Module):
         super().__init__()
         if cfg.b_dec_init not in B_DEC_INITS:
             raise ConfigError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {cfg.b_dec_init!r}")
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
         self.cfg = cfg
         # Scale that brings raw activations to E||x|| = sqrt(d_in); set once per run by the platform.
         self.register_buffer("act_scale", torch.tensor(1.0))

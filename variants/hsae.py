@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import ConfigError, LossOut, Variant, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, ConfigError, LossOut, Variant, VariantConfig, param
 from variants.common import geometric_median, gram_matrix, mse_loss, paper_weight, tied_init
 
 
@@ -56,7 +56,7 @@ class HSAEConfig(VariantConfig):
     )
     optimizer: str = param("adamw", "'adam' or 'adamw'")
     weight_decay: float = param(0.01, "AdamW weight decay (the paper names AdamW only: PyTorch's default)")
-    lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
+    lr_schedule: str = param("cosine", LR_SCHEDULE_HELP)
     batch_size: int = param(2048, "activation tokens per optimiser step")
     normalize_decoder: bool = param(True, "renormalise the rows of Ws, W2, Wd1 and Wd2 to unit norm after each step")
     seed: int = param(42, "seed for the initial weights")

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, ConfigError, LinearSAE, LossOut, VariantConfig, param
 from variants.common import correlation_matrix, kde_bandwidth, kde_mutual_information, mse_loss, paper_weight
 
 
@@ -63,7 +63,7 @@ class MIOrthoConfig(VariantConfig):
     latent_dropout: float = param(0.1, "dropout on the latents the decoder reads, in training")
     optimizer: str = param("adamw", "'adam' or 'adamw'")
     weight_decay: float = param(0.01, "AdamW weight decay (the paper names AdamW only: PyTorch's default)")
-    lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
+    lr_schedule: str = param("cosine", LR_SCHEDULE_HELP)
     batch_size: int = param(2048, "activation tokens per optimiser step")
 
     def __post_init__(self):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, ConfigError, LinearSAE, LossOut, VariantConfig, param
 from variants.common import mse_loss, paper_weight
 
 
@@ -57,7 +57,7 @@ class TemporalConfig(VariantConfig):
     l1_coeff: float = param(0.04, "weight of ||f||_1 (the papers' baseline, per-element scale, applied x d_in)")
     optimizer: str = param("adamw", "'adam' or 'adamw' (matched to hsae's training settings)")
     weight_decay: float = param(0.01, "AdamW weight decay")
-    lr_schedule: str = param("cosine", "after warm-up: 'constant' or 'cosine' decay to 0")
+    lr_schedule: str = param("cosine", LR_SCHEDULE_HELP)
     batch_size: int = param(2048, "activation tokens per optimiser step (whole contexts)")
     seed: int = param(42, "seed for the initial weights")
 

@@ -92,4 +92,10 @@ def test_lr_schedule_warmup_and_cosine():
     assert lr_factor(50, 10, 100, "constant") == 1.0
     assert lr_factor(100, 10, 100, "cosine") == pytest.approx(0.0, abs=1e-9)
     assert lr_factor(55, 10, 100, "cosine") == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_factor(79, 10, 100, "decay") == 1.0
+    assert lr_factor(80, 10, 100, "decay") == pytest.approx(1.0)
+    assert lr_factor(90, 10, 100, "decay") == pytest.approx(0.5)
+    assert lr_factor(99, 10, 100, "decay") == pytest.approx(0.05)
     assert effective_warmup(variants.build("relu", d_in=4, d_sae=8), 200) == 20
+    with pytest.raises(variants.ConfigError, match="lr_schedule"):
+        variants.build("relu", d_in=4, d_sae=8, overrides={"lr_schedule": "linear"})

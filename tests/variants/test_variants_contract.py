@@ -64,6 +64,22 @@ class Toy:
         return x, mask
 
 
+def adam_steps(model, toy, steps, step_of=lambda i: i, after_step=True) -> list[float]:
+    """Train `model` on `toy` batches for `steps` Adam steps (lr 1e-3); the losses, step by step."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for i in range(steps):
+        x, mask = toy.batch(model.batch_layout)
+        out = model(x, step_of(i), mask)
+        opt.zero_grad()
+        out.total.backward()
+        opt.step()
+        if after_step:
+            model.after_step(step_of(i))
+        losses.append(float(out.total.detach()))
+    return losses
+
+
 def test_registry_lists_every_module():
     modules = {p.stem for p in (pathlib.Path(variants.__file__).parent).glob("*.py")} - {"__init__", "base", "common"}
     assert set(NAMES) == modules
@@ -179,16 +195,8 @@ def test_loss_falls_on_planted_features(name):
     model.begin_run(100_000)
     first, mask = toy.batch(model.batch_layout)
     model.init_from_data(first[mask] if mask is not None else first)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for step in range(150):  # from step 0, as the trainer runs it (warm-up ramps and refreshes included)
-        x, mask = toy.batch(model.batch_layout)
-        out = model(x, step, mask)
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-        model.after_step(step)
-        losses.append(float(out.total.detach()))
+    # from step 0, as the trainer runs it (warm-up ramps and refreshes included)
+    losses = adam_steps(model, toy, 150)
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert all(math.isfinite(v) for v in losses)
     assert last < 0.9 * first, f"{name}: mean loss {first:.3f} over the first 10 steps, {last:.3f} over the last 10"
@@ -199,14 +207,7 @@ def test_state_dict_round_trip(name):
     torch.manual_seed(0)
     model = build(name)
     toy = Toy(seed=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for i in range(3):
-        x, mask = toy.batch(model.batch_layout)
-        out = model(x, i, mask)
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
-        model.after_step(i)
+    adam_steps(model, toy, 3)
     state, cfg = model.state_dict(), model.cfg.to_dict()
     clone = variants.from_config_dict(name, cfg)
     clone.load_state_dict(state)
@@ -326,13 +327,8 @@ def prepared(name: str, **overrides):
     torch.manual_seed(0)
     model = build(name, **overrides)
     toy = Toy(seed=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(3):
-        x, mask = toy.batch(model.batch_layout)
-        out = model(x, step * 1000, mask)  # multiples of every refresh interval
-        opt.zero_grad()
-        out.total.backward()
-        opt.step()
+    adam_steps(model, toy, 3, step_of=lambda i: i * 1000, after_step=False)  # multiples of every refresh interval
+    x, mask = toy.batch(model.batch_layout)
     model.double().after_step(0)  # in float64, so the constraints hold to float64 precision
     model.tokens_since_fired.zero_()
     model.tokens_since_fired[::2] = 10**12

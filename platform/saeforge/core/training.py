@@ -65,6 +65,10 @@ def lr_factor(step: int, warmup: int, total_steps: int, schedule: str) -> float:
     if schedule == "cosine":
         progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "decay":
+        decay_start = max(warmup, int(0.8 * total_steps))
+        if step >= decay_start:
+            return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
     return 1.0
 
 

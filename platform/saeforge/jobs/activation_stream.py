@@ -15,7 +15,7 @@ import torch
 from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import capture, layers_needed
 from saeforge.core.model import compute_device, load_model, run_slice
-from saeforge.jobs.plan import StreamSpec
+from saeforge.jobs.plan import RunPlan, StreamSpec
 
 MASK_COLUMN = "mask"
 ID_COLUMN = "context_id"
@@ -115,6 +115,20 @@ def activation_dataset(
         compute=ray.data.ActorPoolStrategy(size=producers),
         num_gpus=gpus_per_producer,
         num_cpus=1,
+    )
+
+
+def plan_dataset(plan: RunPlan, contexts: np.ndarray, *, first_id: int = 0, count: bool = False):
+    """`activation_dataset` with the plan's stream, producer count and per-producer resources."""
+    res = plan.resources
+    return activation_dataset(
+        contexts,
+        plan.stream,
+        producers=plan.args.producers,
+        threads=res.producer_threads,
+        gpus_per_producer=res.gpus_per_producer,
+        first_id=first_id,
+        count=count,
     )
 
 

@@ -2,7 +2,7 @@
 chosen evaluation suites, print a table, write a JSON report and log the metrics to the SAE's run.
 
 MODEL_URI is a registered version (`models:/NAME@ALIAS`, `models:/NAME/VERSION`), a run
-(`runs:/RUN_ID`, the SAE folder the run logged under `sae/`, or `runs:/RUN_ID/PATH`) or a saved SAE
+(`runs:/RUN_ID`, the SAE the run logged as its `sae_model`, or `runs:/RUN_ID/PATH`) or a saved SAE
 folder (cfg.json + sae_weights.safetensors). Metrics go to the MLflow run that produced the SAE
 as `eval/<suite>/<metric>` (with the full report as the artifact eval/report.json); a bare folder
 is logged only when --run-id names a run.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import MASK_COLUMN, activation_dataset, forward_counter
+from saeforge.jobs.activation_stream import MASK_COLUMN, forward_counter, plan_dataset
 from saeforge.jobs.plan import Contexts, RunPlan
 
 CACHE_MANIFEST = "manifest.json"
@@ -96,16 +96,8 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
             f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
             f"({plan.args.producers} producer(s))..."
         )
-        res = plan.resources
         counter = forward_counter()
-        dataset = activation_dataset(
-            contexts.train,
-            plan.stream,
-            producers=plan.args.producers,
-            threads=res.producer_threads,
-            gpus_per_producer=res.gpus_per_producer,
-            count=True,
-        )
+        dataset = plan_dataset(plan, contexts.train, count=True)
         before = ray.get(counter.read.remote())
         produced = dataset.materialize()
         after = ray.get(counter.read.remote())

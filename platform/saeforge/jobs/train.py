@@ -20,7 +20,7 @@ from saeforge.core.evaluation import evaluate_core
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs import progress_board, tracking
-from saeforge.jobs.activation_stream import activation_dataset
+from saeforge.jobs.activation_stream import plan_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
 from saeforge.jobs.ray_cluster import connect_ray, share_resources
@@ -44,16 +44,8 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
     if show is not None:
         with progress_board.printed(f"saeforge-progress-{name}", show) as board:
             return train_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name)
-    res = plan.resources
     first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
-    dataset = activation_dataset(
-        contexts.train,
-        plan.stream,
-        producers=plan.args.producers,
-        threads=res.producer_threads,
-        gpus_per_producer=res.gpus_per_producer,
-        first_id=first_id,
-    )
+    dataset = plan_dataset(plan, contexts.train, first_id=first_id)
     return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
 
 
