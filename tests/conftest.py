@@ -74,6 +74,7 @@ def tiny_args(tmp: Path, **changes):
     base = {
         "model": "tiny",
         "layer": "3",
+        "variant": "relu",
         "tokens": 12_000,
         "d_sae": 128,
         "eval_contexts": 8,

@@ -22,7 +22,8 @@ def cli(args, cwd, env_extra=None):
         (["--variant", "nope"], "unknown variant 'nope' (known: "),
         (["--layer", "42"], "layer 42 is out of range: tiny has 8 layers"),
         (["--model", "./no/such/model"], "cannot read a model"),
-        (["--set", "l1_coeff=abc"], "l1_coeff expects float"),
+        (["--set", "k=abc"], "k expects int"),
+        (["--set", "l1_coeff=0.1"], "unknown config field 'l1_coeff'"),
         (["--resume", "/no/such/run"], "cannot resume"),
     ],
 )

@@ -31,7 +31,9 @@ def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with its own temp dir and ports; stopping it stops only it."""
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env, nm, om = free_ports(9)
     base = 30000 + (os.getpid() % 200) * 100
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # A loaded 2-core machine can take minutes between the working-dir upload and the job's start:
+    # keep the uploaded package referenced for an hour, not Ray's default 10 minutes.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S": "3600"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rayhead{os.getpid()}"  # short: unix socket paths have a length limit
     head = subprocess.Popen(
@@ -108,6 +110,8 @@ def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
             "train",
             "--model",
             "tiny",
+            "--variant",
+            "relu",
             "--layer",
             "2",
             "--tokens",

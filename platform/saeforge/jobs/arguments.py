@@ -66,7 +66,7 @@ class SaeSizeArgs:
 class TrainArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
     """Everything `saeforge train` accepts."""
 
-    variant: str = opt("relu", "SAE variant (default %(default)s; `saeforge variants` lists them)")
+    variant: str = opt("topk", "SAE variant (default %(default)s; `saeforge variants` lists them)")
     overrides: list = opt(
         [],
         "set a variant config field (repeatable; `saeforge variants NAME` lists them)",
@@ -74,7 +74,10 @@ class TrainArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
         metavar="NAME=VALUE",
         pairs=True,
     )
-    tokens: int = opt(250_000, "activation tokens to train on (default %(default)s)", minimum=1)
+    tokens: int = opt(300_000, "activation tokens to train on (default %(default)s)", minimum=1)
+    eval_contexts: int = opt(
+        64, "held-out contexts for the core evaluation (default %(default)s, 8k tokens)", minimum=1
+    )
     eval_suites: str = opt(
         "",
         "more evaluation suites after the core one, e.g. probing,unlearning or all (see `saeforge eval --help`)",
