@@ -13,6 +13,10 @@ variance so aux_coeff = 1/32 is Gao et al.'s weight relative to a variance-norma
 paper's number; 0 gives Gao's d_in / 2); dead_tokens 0 is topk's 10 * d_sae (Bussmann et al.
 count a latent dead after 5 silent batches, 20,480 tokens at their batch of 4096).
 
+Defaults: topk's recipe for a default-scale (300k-token) run, k = 64, lr 2e-3 with the late
+linear decay, batches of 1024 tokens (docs/recipe.md); Bussmann et al.'s batch of 4096 would leave
+such a run 72 steps.
+
 Rescaling: the batch top-k choice is scale free and the threshold moves with the latents
 (`_scale_latents`), so MSE and AuxK are unchanged; decoder rows are unit norm (after_step).
 
@@ -32,10 +36,10 @@ from variants.topk import TopK, TopKConfig
 
 @dataclass(kw_only=True)
 class BatchTopKConfig(TopKConfig):
-    k: int = param(32, "mean latents kept per token: the top k*B activations of a batch of B tokens")
+    k: int = param(64, "mean latents kept per token: the top k*B activations of a batch of B tokens")
     aux_k: int = param(512, "dead latents used by the auxiliary loss (Bussmann et al.'s top_k_aux; 0: d_in // 2)")
     threshold_beta: float = param(0.999, "EMA factor of the inference threshold (mean smallest kept activation)")
-    batch_size: int = param(4096, "activation tokens per optimiser step")
+    batch_size: int = param(1024, "activation tokens per optimiser step (Bussmann et al.: 4096, for long runs)")
 
     def __post_init__(self):
         if not 0 < self.k <= self.d_sae:

@@ -35,8 +35,13 @@ def run(ns: argparse.Namespace) -> int:
     m = summary["metrics"]
     print(f"\nsaeforge: done in {summary['seconds']:.0f}s")
     print(
-        f"  CE loss recovered {m['ce_loss_recovered']:.4f} | L0 {m['l0']:.1f} | explained variance "
-        f"{m['explained_variance']:.3f} | KL {m['kl_div_sae']:.4f} | dead {m['dead_fraction']:.3f}"
+        f"  CE loss recovered {m['ce_loss_recovered']:.4f} +- {m.get('ce_loss_recovered_stderr', 0):.4f} | "
+        f"L0 {m['l0']:.1f} | explained variance {m['explained_variance']:.3f} | KL {m['kl_div_sae']:.4f} "
+        f"(on {m.get('eval_tokens', 0):.0f} held-out tokens)"
+    )
+    print(
+        f"  silent latents    {m['dead_fraction_train']:.3f} over the last 50k training tokens, "
+        f"{m['dead_fraction']:.3f} on the held-out text"
     )
     print(f"  MLflow run        {summary['run_id']} (experiment {summary['experiment_id']})")
     print(f"  registered model  {summary['registered_model']} version {summary['version']}")

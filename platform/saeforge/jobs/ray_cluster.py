@@ -52,16 +52,21 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
-def share_resources(producers: int, workers: int) -> Resources:
+def share_resources(producers: int, workers: int, *, concurrent: bool = True) -> Resources:
     """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
-    enough, else every actor shares them equally; each process gets its share of the cores."""
+    enough, else every actor shares them equally. Threads: when producers and workers run at once
+    (`concurrent`, a training run) each process gets its share of all the cores, since two
+    multi-threaded torch processes on the same cores spin against each other (on 2 cores, two
+    2-thread processes ran a default run at a third of the speed of two 1-thread ones); when the
+    producers run alone first (a search materialising its activations) they share every core."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
     each = 0.0 if gpus <= 0 else (1.0 if gpus >= producers + workers else gpus / (producers + workers))
+    at_once = producers + workers if concurrent else producers
     return Resources(
         gpus_per_producer=each,
         gpus_per_worker=each,
-        producer_threads=max(1, cores() // producers),
-        worker_threads=max(1, cores() // workers),
+        producer_threads=max(1, cores() // at_once),
+        worker_threads=max(1, cores() // (producers + workers if concurrent else workers)),
     )

@@ -416,9 +416,8 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     # Trials report the objective only at their end and the early-stopping score only while they
     # train: Tune must not insist on every metric in every report.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    plan = dataclasses.replace(
-        plan, resources=share_resources(args.producers, 1), tracking=TrackingTarget(uri, experiment_id)
-    )
+    resources = share_resources(args.producers, 1, concurrent=False)
+    plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
     acts = shared_activations(plan, contexts, args.activations, progress)
     concurrency = trial_concurrency(args)
     searches = [
