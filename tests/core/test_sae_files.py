@@ -64,6 +64,11 @@ def test_architecture_names_cannot_collide_with_saelens(name):
 
 def saelens_encode(architecture: str, t: dict, cfg: dict, x_raw: torch.Tensor) -> torch.Tensor:
     """SAELens's encode, written from its source (docs/saelens-interop-notes.md), on raw activations."""
+    if architecture == "gated":  # GatedSAE.encode: a gate path and a magnitude path sharing W_enc
+        centred = x_raw - t["b_dec"]
+        gate = centred @ t["W_enc"] + t["b_gate"]
+        magnitude = centred @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]
+        return (gate > 0).to(x_raw.dtype) * torch.relu(magnitude)
     pre = (x_raw - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
     if architecture == "standard":
         return torch.relu(pre)
@@ -79,7 +84,10 @@ def test_saelens_files_hold_only_saelens_tensors_in_raw_units(tmp_path, name):
     folder = sae_files.save_sae(variant, tmp_path / "sae", META)
     cfg = json.loads((folder / "cfg.json").read_text())
     tensors = load_file(str(folder / "sae_weights.safetensors"))
-    expected = {"W_enc", "W_dec", "b_enc", "b_dec"} | ({"threshold"} if variant.architecture == "jumprelu" else set())
+    expected = {
+        "gated": {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"},  # SAELens's GatedSAE has no b_enc
+        "jumprelu": {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"},
+    }.get(variant.architecture, {"W_enc", "W_dec", "b_enc", "b_dec"})
     assert set(tensors) == expected  # SAELens loads strictly: nothing of saeforge's may be in this file
     assert cfg["normalize_activations"] == "none" and cfg["sae_lens_version"] >= "6"
     assert cfg["metadata"]["hook_name"] == META.hook_name and cfg["metadata"]["model_name"] == META.model_name

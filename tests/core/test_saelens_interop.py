@@ -46,7 +46,7 @@ def saved(request, tmp_path_factory):
 def test_saelens_loads_the_folder_and_encodes_raw_activations_as_we_do(saved):
     ours, folder = saved
     theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
-    assert type(theirs).__name__.lower().startswith(ours.architecture)  # StandardSAE, TopKSAE, JumpReLUSAE
+    assert type(theirs).__name__.lower().startswith(ours.architecture)  # StandardSAE, TopKSAE, JumpReLUSAE, GatedSAE
     x_raw, _ = next(raw_batches(1, seed=7))
     x_raw = x_raw.reshape(-1, 16)
     with torch.no_grad():

@@ -295,6 +295,196 @@ def test_batchtopk_inference_uses_the_threshold():
     assert torch.equal(model.jumprelu_threshold(), torch.full((32,), 0.3))
 
 
+# -- matryoshka_batchtopk ---------------------------------------------------------------------------
+def matryoshka(**overrides):
+    model = variants.build(
+        "matryoshka_batchtopk", d_in=8, d_sae=32, overrides={"k": "4", "matryoshka_widths": "4,8,20,32", **overrides}
+    ).double()
+    with torch.no_grad():
+        model.W_enc.mul_(10.0)  # token-dependent selections that reach every prefix
+        model.b_enc.copy_(0.3 * torch.randn(32, generator=gen(59), dtype=torch.float64))
+        model.b_dec.copy_(torch.linspace(-1.0, 1.0, 8, dtype=torch.float64))
+    return model
+
+
+def naive_prefix_mses(f, w_dec, b_dec, x, widths) -> list[float]:
+    """||x - (f[:m] W_dec[:m] + b_dec)||^2 summed over d_in, averaged over tokens, per prefix."""
+    out = []
+    for m in widths:
+        total = 0.0
+        for t in range(x.shape[0]):
+            for d in range(x.shape[1]):
+                x_hat = float(b_dec[d]) + sum(float(f[t, i]) * float(w_dec[i, d]) for i in range(m))
+                total += (float(x[t, d]) - x_hat) ** 2
+        out.append(total / x.shape[0])
+    return out
+
+
+@pytest.mark.parametrize("prefix_coeff", [1.0, 0.25])
+def test_matryoshka_prefix_losses_match_a_loop_over_prefixes(prefix_coeff):
+    model = matryoshka(prefix_coeff=repr(prefix_coeff))
+    x = torch.randn(12, 8, generator=gen(60), dtype=torch.float64)
+    out = model.loss(x)  # training mode: batch top-k over the whole dictionary
+    f, w, b = out.latents.detach(), model.W_dec.detach(), model.b_dec.detach()
+    assert int((f > 0).sum()) == 4 * 12
+    assert all((f[:, start:end] > 0).any() for start, end in ((0, 4), (4, 8), (8, 20), (20, 32)))
+    mses = naive_prefix_mses(f, w, b, x, (4, 8, 20, 32))
+    assert out.terms["mse"].item() == pytest.approx(mses[-1], rel=1e-9)  # the full dictionary's
+    assert out.terms["prefix_mse"].item() == pytest.approx(prefix_coeff * sum(mses[:-1]), rel=1e-9)
+    assert out.terms["auxk"].item() == 0.0  # nothing is dead yet
+    assert out.total.item() == pytest.approx(mses[-1] + prefix_coeff * sum(mses[:-1]), rel=1e-9)
+    torch.testing.assert_close(out.recon, model.decode(f), rtol=1e-12, atol=1e-12)
+    assert len({round(m, 9) for m in mses}) == 4  # each prefix reconstructs differently
+
+
+def test_matryoshka_prefix_gradients_reach_only_the_prefixes_latents():
+    """The innermost prefix's MSE trains only its own decoder rows (and b_dec)."""
+    model = matryoshka(matryoshka_widths="4,32")
+    x = torch.randn(12, 8, generator=gen(63), dtype=torch.float64)
+    out = model.loss(x)
+    assert (out.latents[:, :4] > 0).any()
+    out.terms["prefix_mse"].backward()
+    assert torch.all(model.W_dec.grad[4:] == 0) and model.W_dec.grad[:4].abs().sum() > 0
+    assert model.b_dec.grad.abs().sum() > 0
+
+
+def test_matryoshka_widths_from_strings_defaults_and_errors():
+    from variants.base import ConfigError
+
+    assert variants.build("matryoshka_batchtopk", d_in=8, d_sae=5120).widths == (320, 640, 1280, 2560, 5120)
+    assert variants.build("matryoshka_batchtopk", d_in=8, d_sae=24, overrides={"k": "4"}).widths == (1, 3, 6, 12, 24)
+    built = variants.build("matryoshka_batchtopk", d_in=8, d_sae=64, overrides={"matryoshka_widths": " 8, 16,64"})
+    assert built.widths == (8, 16, 64)
+    for bad in ("8,16", "16,8,64", "8,8,64", "0,64", "8,x,64"):
+        with pytest.raises(ConfigError, match="matryoshka_widths"):
+            variants.build("matryoshka_batchtopk", d_in=8, d_sae=64, overrides={"matryoshka_widths": bad})
+
+
+def test_matryoshka_threshold_is_learnt_as_batchtopk_learns_it():
+    """Same weights, same batches: the same k*B selection and the same tracked threshold, and the
+    threshold (not the batch) decides at inference, token by token."""
+    overrides = {"k": "4", "threshold_beta": "0.5", "seed": "2"}
+    ours = variants.build("matryoshka_batchtopk", d_in=8, d_sae=32, overrides=overrides)
+    plain = variants.build("batchtopk", d_in=8, d_sae=32, overrides=overrides)
+    for seed, scale in ((62, 1.0), (63, 2.0)):
+        x = scale * torch.randn(10, 8, generator=gen(seed))
+        assert torch.equal(ours.loss(x).latents, plain.loss(x).latents)
+    assert torch.equal(ours.threshold, plain.threshold) and int(ours.threshold_updates) == 2
+    ours.eval()
+    x = torch.randn(50, 8, generator=gen(64))
+    pre = ours.pre_activations(x).detach()
+    f = ours.encode(x).detach()
+    assert torch.equal(f, torch.where(pre > ours.threshold, pre, torch.zeros_like(pre)))
+    assert torch.equal(ours.encode(x[:1]), f[:1])
+
+
+def test_matryoshka_diagnostics_report_each_prefix():
+    model = matryoshka().eval()
+    model.threshold.fill_(0.05)
+    x = torch.randn(40, 8, generator=gen(65), dtype=torch.float64)
+    diag = model.diagnostics(x)
+    f = model.encode(x).detach()
+    mses = naive_prefix_mses(f, model.W_dec.detach(), model.b_dec.detach(), x, (4, 8, 20, 32))
+    variance = float((x - x.mean(0)).pow(2).sum(-1).mean())
+    for m, mse in zip((4, 8, 20, 32), mses):
+        assert diag[f"prefix_{m}_explained_variance"] == pytest.approx(1 - mse / variance, rel=1e-9)
+        l0 = sum(1 for t in range(40) for i in range(m) if f[t, i] > 0) / 40
+        assert diag[f"prefix_{m}_l0"] == pytest.approx(l0, rel=1e-12)
+    assert diag["prefix_4_l0"] < diag["prefix_32_l0"]
+    assert diag["threshold"] == pytest.approx(0.05)
+
+
+# -- gated ------------------------------------------------------------------------------------------
+def gated(**overrides):
+    model = variants.build("gated", d_in=6, d_sae=10, overrides={"l1_coeff": "0.3", **overrides}).double()
+    g = gen(70)
+    with torch.no_grad():
+        model.b_gate.copy_(0.2 * torch.randn(10, generator=g, dtype=torch.float64))
+        model.b_mag.copy_(0.2 * torch.randn(10, generator=g, dtype=torch.float64))
+        model.r_mag.copy_(0.5 * torch.randn(10, generator=g, dtype=torch.float64))
+        model.b_dec.copy_(0.3 * torch.randn(6, generator=g, dtype=torch.float64))
+        model.W_dec.mul_(torch.linspace(0.5, 3.0, 10, dtype=torch.float64).unsqueeze(-1))
+    return model
+
+
+def test_gated_encoder_is_gate_times_magnitude_sharing_w_enc():
+    model = gated()
+    x = torch.randn(9, 6, generator=gen(71), dtype=torch.float64)
+    w, b_dec, b_gate, b_mag, r_mag = (
+        p.detach() for p in (model.W_enc, model.b_dec, model.b_gate, model.b_mag, model.r_mag)
+    )
+    f = model.encode(x).detach()
+    both = 0
+    for t in range(9):
+        for i in range(10):
+            shared = sum((float(x[t, d]) - float(b_dec[d])) * float(w[d, i]) for d in range(6))
+            gate = shared + float(b_gate[i])
+            mag = math.exp(float(r_mag[i])) * shared + float(b_mag[i])
+            expected = (1.0 if gate > 0 else 0.0) * max(0.0, mag)
+            assert float(f[t, i]) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+            both += gate > 0 and mag > 0
+    assert 0 < both < 90  # some latents fire, some are shut by the gate or the magnitude
+
+
+def test_gated_l1_and_auxiliary_reconstruction_match_a_naive_computation():
+    model = gated(normalize_decoder="false")
+    x = torch.randn(9, 6, generator=gen(72), dtype=torch.float64)
+    out = model.loss(x)
+    gate, _ = model.gate_and_magnitude(x)
+    gate, w, b = gate.detach(), model.W_dec.detach(), model.b_dec.detach()
+    norms = [math.sqrt(sum(float(w[i, d]) ** 2 for d in range(6))) for i in range(10)]
+    l1 = sum(max(0.0, float(gate[t, i])) * norms[i] for t in range(9) for i in range(10)) / 9
+    assert out.terms["l1"].item() == pytest.approx(0.3 * 6 * l1, rel=1e-9)  # coefficient x d_in
+    aux = 0.0
+    for t in range(9):
+        for d in range(6):
+            via_gate = float(b[d]) + sum(max(0.0, float(gate[t, i])) * float(w[i, d]) for i in range(10))
+            aux += (float(x[t, d]) - via_gate) ** 2
+    assert out.terms["aux"].item() == pytest.approx(aux / 9, rel=1e-9)
+    assert out.terms["mse"].item() == pytest.approx(float((x - out.recon.detach()).pow(2).sum(-1).mean()), rel=1e-12)
+
+
+def test_gated_gradients_follow_the_paper():
+    """The auxiliary term reads a frozen decoder; the reconstruction never reaches the gate bias
+    (the Heaviside passes nothing); the L1 never reaches the magnitude path."""
+    x = torch.randn(16, 6, generator=gen(73), dtype=torch.float64)
+    grads = {}
+    for term in ("mse", "l1", "aux"):
+        model = gated(normalize_decoder="false")
+        model.loss(x).terms[term].backward()
+        grads[term] = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    assert torch.all(grads["aux"]["W_dec"] == 0)
+    # b_dec reaches the auxiliary term only through the encoder's input x - b_dec, not its output
+    model = gated(normalize_decoder="false")
+    b_in = model.b_dec.detach().clone().requires_grad_(True)
+    gate_acts = ((x - b_in) @ model.W_enc.detach() + model.b_gate.detach()).relu()
+    naive = (x - gate_acts @ model.W_dec.detach() - model.b_dec.detach()).pow(2).sum(-1).mean()
+    naive.backward()
+    torch.testing.assert_close(grads["aux"]["b_dec"], b_in.grad, rtol=1e-12, atol=1e-14)
+    assert grads["aux"]["W_enc"].abs().sum() > 0 and grads["aux"]["b_gate"].abs().sum() > 0
+    assert torch.all(grads["mse"]["b_gate"] == 0) and grads["mse"]["b_mag"].abs().sum() > 0
+    assert grads["mse"]["r_mag"].abs().sum() > 0
+    assert torch.all(grads["l1"]["b_mag"] == 0) and torch.all(grads["l1"]["r_mag"] == 0)
+    assert grads["l1"]["b_gate"].abs().sum() > 0 and grads["l1"]["W_dec"].abs().sum() > 0  # decoder-norm weights
+
+
+def test_gated_saelens_fold_keeps_raw_pre_activations():
+    """The folded tensors on raw activations give our pre-activations on normalised ones."""
+    model = gated()
+    model.act_scale.fill_(0.125)
+    t = {k: v.detach() for k, v in model.saelens_tensors().items()}
+    assert set(t) == {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"}
+    x_raw = 30 * torch.randn(7, 6, generator=gen(74), dtype=torch.float64)
+    centred = x_raw - t["b_dec"]
+    gate = centred @ t["W_enc"] + t["b_gate"]
+    mag = centred @ (t["W_enc"] * t["r_mag"].exp()) + t["b_mag"]
+    ours_gate, ours_mag = model.gate_and_magnitude(x_raw * 0.125)
+    torch.testing.assert_close(gate, ours_gate.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mag, ours_mag.detach(), rtol=1e-12, atol=1e-12)
+    f = (gate > 0) * mag.relu()
+    torch.testing.assert_close(f @ t["W_dec"] + t["b_dec"], model.decode(f).detach() / 0.125, rtol=1e-12, atol=1e-12)
+
+
 # -- jumprelu ---------------------------------------------------------------------------------------
 def test_jumprelu_ste_gradient_only_inside_the_bandwidth():
     from variants.jumprelu import jumprelu, step_fn
