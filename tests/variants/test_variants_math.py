@@ -283,7 +283,7 @@ def test_batchtopk_training_keeps_k_times_batch_and_tracks_threshold():
 
 
 def test_batchtopk_inference_uses_the_threshold():
-    model = variants.build("batchtopk", d_in=8, d_sae=32).eval()
+    model = variants.build("batchtopk", d_in=8, d_sae=32, overrides={"k": "4"}).eval()
     model.threshold.fill_(0.3)
     x = torch.randn(50, 8, generator=gen(12))
     pre = model.pre_activations(x).detach()
@@ -970,3 +970,12 @@ def test_adaptive_mask_renormalises_encoder_columns_and_decoder_rows():
         loose.W_enc.mul_(5.0)
     loose.after_step(0)
     assert not torch.allclose(loose.W_enc.norm(dim=0), torch.ones(10))
+
+
+def test_batchtopk_threshold_window_is_capped_at_ten_percent_of_the_run():
+    model = variants.build("batchtopk", d_in=8, d_sae=32, overrides={"k": "4", "threshold_beta": "0.999"})
+    assert model.threshold_ema_beta() == pytest.approx(0.999)  # before begin_run: as configured
+    model.begin_run(300)
+    assert model.threshold_ema_beta() == pytest.approx(1 - 1 / 30)  # a 30-step window, not 1000
+    model.begin_run(100_000)
+    assert model.threshold_ema_beta() == pytest.approx(0.999)
