@@ -32,11 +32,12 @@ Cost per step: the linear SAE's matmuls plus a top-k over d_sae per token, and o
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from variants import register
 from variants.base import LR_SCHEDULE_HELP, LinearSAE, LossOut, VariantConfig, param
-from variants.common import topk_family_terms, topk_relu
+from variants.common import sparse_decode, topk_family_terms, topk_relu
 
 DEAD_AFTER_D_SAE = 10  # dead_tokens = 0: a latent silent for 10 * d_sae tokens is dead (see the docstring)
 
@@ -71,11 +72,14 @@ class TopK(LinearSAE):
 
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)
-        f = topk_relu(pre, self.cfg.k)
-        return self.topk_loss(x, pre, f)
+        values, indices = pre.topk(min(self.cfg.k, pre.shape[-1]), dim=-1)
+        values = values.relu()
+        f = torch.zeros_like(pre).scatter(-1, indices, values)
+        return self.topk_loss(x, pre, f, sparse_decode(indices, values, self.W_dec) + self.b_dec)
 
-    def topk_loss(self, x: Tensor, pre: Tensor, f: Tensor) -> LossOut:
-        x_hat = self.decode(f)
+    def topk_loss(self, x: Tensor, pre: Tensor, f: Tensor, x_hat: Tensor | None = None) -> LossOut:
+        """MSE + AuxK of the code f; `x_hat`: its decode when the caller has it sparse already."""
+        x_hat = self.decode(f) if x_hat is None else x_hat
         dead = self.tokens_since_fired >= self.dead_after()
         terms = topk_family_terms(x, x_hat, pre, self.W_dec, dead, self.aux_latents(), self.cfg.aux_coeff)
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)

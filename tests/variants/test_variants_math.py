@@ -979,3 +979,12 @@ def test_batchtopk_threshold_window_is_capped_at_ten_percent_of_the_run():
     assert model.threshold_ema_beta() == pytest.approx(1 - 1 / 30)  # a 30-step window, not 1000
     model.begin_run(100_000)
     assert model.threshold_ema_beta() == pytest.approx(0.999)
+
+
+def test_topk_training_decode_is_the_dense_decode():
+    """The training loss decodes the k non-zeros sparsely; it must be the dense decode of the same code."""
+    model = variants.build("topk", d_in=8, d_sae=32, overrides={"k": "4"}).double()
+    x = torch.randn(50, 8, generator=gen(77), dtype=torch.float64)
+    out = model.loss(x)
+    assert torch.allclose(out.recon, model.decode(model.encode(x)), rtol=1e-12, atol=1e-12)
+    assert torch.equal(out.latents, model.encode(x))

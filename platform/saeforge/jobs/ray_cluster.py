@@ -55,10 +55,10 @@ def cores() -> int:
 def share_resources(producers: int, workers: int, *, concurrent: bool = True) -> Resources:
     """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
     enough, else every actor shares them equally. Threads: when producers and workers run at once
-    (`concurrent`, a training run) each process gets its share of all the cores, since two
-    multi-threaded torch processes on the same cores spin against each other (on 2 cores, two
-    2-thread processes ran a default run at a third of the speed of two 1-thread ones); when the
-    producers run alone first (a search materialising its activations) they share every core."""
+    (`concurrent`, a training run) each process gets its share of all the cores, so the threads
+    never outnumber the cores (on 2 cores, 1 + 1 threads and 2 + 2 ran the default run at the same
+    rate, 450-900 tokens/s); when the producers run alone first (a search materialising its
+    activations) they share every core."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
