@@ -26,6 +26,23 @@ def free_ports(n):
     return ports
 
 
+def wait_for_job_api(url: str, head, tmp_path, seconds: float = 180) -> None:
+    """The dashboard answers /api/version before its job module takes submissions (on a loaded
+    machine, a submit 10 s after start-up failed before the job existed): wait until it lists jobs."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            JobSubmissionClient(url).list_jobs()
+            return
+        except Exception:  # noqa: BLE001 (any failure here means "not ready yet")
+            if head.poll() is not None:
+                pytest.fail("ray head exited: " + (tmp_path / "head.log").read_text()[-2000:])
+            time.sleep(2)
+    pytest.fail("the ray head's job API did not come up")
+
+
 @pytest.fixture
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with its own temp dir and ports; stopping it stops only it."""
@@ -34,7 +51,11 @@ def ray_head(tmp_path):
     # A loaded 2-core machine can take minutes between the working-dir upload and the job's start:
     # keep the uploaded package referenced for an hour, not Ray's default 10 minutes.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S": "3600"}
-    env.pop("RAY_ADDRESS", None)
+    # A Ray started in this process (the session's) leaves its addresses in os.environ; a head
+    # and a job that inherit RAY_API_SERVER_ADDRESS talk to that Ray's dashboard instead of their
+    # own, and the job's working dir is then missing from its GCS.
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_CLIENT_MODE"):
+        env.pop(name, None)
     temp = Path("/tmp") / f"rayhead{os.getpid()}"  # short: unix socket paths have a length limit
     head = subprocess.Popen(
         [
@@ -76,6 +97,7 @@ def ray_head(tmp_path):
             time.sleep(1)
     else:
         pytest.fail("ray head dashboard did not come up")
+    wait_for_job_api(url, head, tmp_path)
     yield url, env
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
     try:
@@ -136,8 +158,9 @@ def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
         text=True,
         timeout=500,
     )
-    status = JobSubmissionClient(url).get_job_status("saeforge-test-job")
-    assert status == JobStatus.SUCCEEDED, submit.stdout[-3000:] + submit.stderr[-3000:]
+    output = submit.stdout[-3000:] + submit.stderr[-3000:]
+    jobs = {job.submission_id: job.status for job in JobSubmissionClient(url).list_jobs()}
+    assert jobs.get("saeforge-test-job") == JobStatus.SUCCEEDED, f"submit exit {submit.returncode}: {output}"
     assert "registered model" in submit.stdout
     client = MlflowClient(store)
     name = "tiny__blocks.2.hook_resid_post__relu"
