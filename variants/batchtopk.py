@@ -111,14 +111,18 @@ class BatchTopK(TopK):
             self.threshold.mul_(beta).add_((1 - beta) * smallest)
         self.threshold_updates += 1
 
+    def batch_code(self, pre: Tensor) -> Tensor:
+        """The code in training (the batch's top k*B, which updates the threshold) or at inference
+        (the threshold)."""
+        if not self.training:
+            return self.threshold_activation(pre)
+        f = batch_topk_relu(pre, self.cfg.k)
+        self.update_threshold(f)
+        return f
+
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)
-        if self.training:
-            f = batch_topk_relu(pre, self.cfg.k)
-            self.update_threshold(f)
-        else:
-            f = self.threshold_activation(pre)
-        return self.topk_loss(x, pre, f)
+        return self.topk_loss(x, pre, self.batch_code(pre))
 
     def saelens_fields(self) -> dict:
         return {}  # saved as a plain JumpReLU SAE: the threshold is all SAELens needs

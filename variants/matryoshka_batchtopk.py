@@ -36,7 +36,7 @@ from torch import Tensor
 
 from variants import register
 from variants.base import ConfigError, LossOut, param
-from variants.batchtopk import BatchTopK, BatchTopKConfig, batch_topk_relu
+from variants.batchtopk import BatchTopK, BatchTopKConfig
 from variants.common import mse_loss, topk_family_terms
 
 DEFAULT_DIVISORS = (16, 8, 4, 2, 1)  # matryoshka_widths empty: d_sae // each of these
@@ -92,11 +92,7 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     def loss(self, x, step=0, mask=None):
         pre = self.pre_activations(x)
-        if self.training:
-            f = batch_topk_relu(pre, self.cfg.k)
-            self.update_threshold(f)
-        else:
-            f = self.threshold_activation(pre)
+        f = self.batch_code(pre)
         *inner, x_hat = prefix_reconstructions(f, self.W_dec, self.b_dec, self.widths)
         dead = self.tokens_since_fired >= self.dead_after()
         terms = topk_family_terms(x, x_hat, pre, self.W_dec, dead, self.aux_latents(), self.cfg.aux_coeff)
