@@ -120,3 +120,15 @@ def test_bootstrap_stderr_shrinks_with_more_contexts():
     small = bootstrap_stderr(per(16), lambda s: s["a"] / s["n"])
     large = bootstrap_stderr(per(1024), lambda s: s["a"] / s["n"])
     assert small == pytest.approx(1 / 4, rel=0.3) and large == pytest.approx(1 / 32, rel=0.3)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gemma2"])
+def test_the_chunked_lm_head_gives_the_models_own_log_probs(name):
+    from saeforge.core.evaluation import final_hidden, head_log_probs
+
+    model = build_tiny_model(name)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
+        got = head_log_probs(model, final_hidden(model, ids))
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -34,6 +34,7 @@ from variants.common import mean_abs_correlation
 
 MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
 BOOTSTRAP_SAMPLES = 200
+HEAD_ROWS = 16  # positions per LM-head chunk (see _losses)
 PER_CONTEXT = ("tokens", "resid_sq", "x_sq", "ce_targets", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
 
 
@@ -98,7 +99,7 @@ def evaluate_core(
         real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
         scored = real[:, :-1]  # predictions made at real tokens (entry i predicts token i + 1)
         with capture(model, [hook]) as captured:
-            clean_logits = model(input_ids=ids, use_cache=False).logits
+            clean_hidden = final_hidden(model, ids)
         acts = captured[hook.name].float()
         x, m = sae_input(variant, acts.cpu(), real.cpu())
         f = variant.encode(x)
@@ -129,15 +130,13 @@ def evaluate_core(
             out[real] = recon.to(out.dtype)
             return out
 
-        logp_clean = F.log_softmax(clean_logits[real].float(), dim=-1)  # (N real positions, vocab)
-        per["ce_clean"].append(_next_token_loss(clean_logits, ids, scored))
-        per["ce_targets"].append(scored.sum(1).double().cpu())
-        del clean_logits
         patches = {"sae": spliced, **({} if reference is not None else {"zero": torch.zeros_like})}
-        for tag, fn in patches.items():
-            ce, kl = _patched_losses(model, hook, fn, ids, real, logp_clean)
-            per[f"ce_{tag}"].append(ce)
-            per[f"kl_{tag}"].append(_by_context(kl, owner, len(counts)))
+        losses = _losses(model, hook, ids, real, clean_hidden, patches)
+        per["ce_targets"].append(scored.sum(1).double().cpu())
+        for tag in ("clean", *patches):
+            per[f"ce_{tag}"].append(_by_context(losses[f"ce_{tag}"], owner, len(counts)))
+        for tag in patches:
+            per[f"kl_{tag}"].append(_by_context(losses[f"kl_{tag}"], owner, len(counts)))
         if progress:
             progress(min(start + batch_contexts, len(contexts)), len(contexts))
 
@@ -180,20 +179,58 @@ def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)
-        logp_clean = F.log_softmax(model(input_ids=ids, use_cache=False).logits[real].float(), dim=-1)
-        ce, kl = _patched_losses(model, hook, torch.zeros_like, ids, real, logp_clean)
-        ce_zero.append(ce)
-        kl_zero.append(_by_context(kl, _owners(real.sum(1).cpu()), len(ids)))
+        owner = _owners(real.sum(1).cpu())
+        losses = _losses(model, hook, ids, real, final_hidden(model, ids), {"zero": torch.zeros_like})
+        ce_zero.append(_by_context(losses["ce_zero"], owner, len(ids)))
+        kl_zero.append(_by_context(losses["kl_zero"], owner, len(ids)))
     return Baseline(torch.cat(ce_zero).numpy(), torch.cat(kl_zero).numpy())
 
 
-def _patched_losses(model, hook: HookPoint, fn, ids: torch.Tensor, real: torch.Tensor, logp_clean: torch.Tensor):
-    """(per-context next-token CE, per-position KL(clean || patched)) with the hook replaced by fn."""
-    with replace(model, hook, fn):
-        logits = model(input_ids=ids, use_cache=False).logits
-    ce = _next_token_loss(logits, ids, real[:, :-1])
-    kl = (logp_clean.exp() * (logp_clean - F.log_softmax(logits[real].float(), dim=-1))).sum(-1)
-    return ce, kl.cpu()
+def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's last hidden states (b, T, d_model), before the LM head."""
+    return model.model(input_ids=ids, use_cache=False).last_hidden_state
+
+
+def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities from final hidden states: the LM head, Gemma's final
+    soft-capping where the config has one (as the model's own forward applies it), log-softmax."""
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return F.log_softmax(logits, dim=-1)
+
+
+def _losses(model, hook: HookPoint, ids, real, clean_hidden, patches: dict) -> dict[str, torch.Tensor]:
+    """Per real position (rows in `real` order): the next-token CE of the clean model and of each
+    patched one (`patches`: tag -> function replacing the hook's output), 0 where the position
+    predicts nothing (the last column), and KL(clean || patched).
+
+    The LM head runs on HEAD_ROWS positions at a time: a (rows, vocab) tensor for all positions
+    of a batch is about 0.5 GB with Gemma's 262k-token vocabulary, and allocating and freeing
+    such tensors (each one freshly page-faulted) cost more than the matmul; chunks small enough
+    for the allocator to reuse do not."""
+    hidden = {"clean": clean_hidden[real]}
+    for tag, fn in patches.items():
+        with replace(model, hook, fn):
+            hidden[tag] = final_hidden(model, ids)[real]
+    targets = torch.full_like(ids, -100)
+    targets[:, :-1] = ids[:, 1:]
+    targets = targets[real]  # -100: the last column predicts nothing we can score
+    scored = targets != -100
+    safe = targets.clamp(min=0).unsqueeze(1)
+    out = {f"ce_{tag}": torch.zeros(len(targets), dtype=torch.float64) for tag in hidden}
+    out.update({f"kl_{tag}": torch.zeros(len(targets), dtype=torch.float64) for tag in patches})
+    for s in range(0, len(targets), HEAD_ROWS):
+        rows = slice(s, s + HEAD_ROWS)
+        logp_clean = head_log_probs(model, hidden["clean"][rows])
+        out["ce_clean"][rows] = (-logp_clean.gather(1, safe[rows]).squeeze(1) * scored[rows]).double().cpu()
+        p_clean = logp_clean.exp()
+        for tag in patches:
+            logp = head_log_probs(model, hidden[tag][rows])
+            out[f"ce_{tag}"][rows] = (-logp.gather(1, safe[rows]).squeeze(1) * scored[rows]).double().cpu()
+            out[f"kl_{tag}"][rows] = (p_clean * (logp_clean - logp)).sum(-1).double().cpu()
+    return out
 
 
 def _owners(counts: torch.Tensor) -> torch.Tensor:
@@ -204,11 +241,3 @@ def _owners(counts: torch.Tensor) -> torch.Tensor:
 def _by_context(values: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
     """Per-row values summed per context."""
     return torch.zeros(n, dtype=torch.float64).index_add_(0, owner, values.double().cpu())
-
-
-def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Per context, the summed next-token CE of the predictions made at `scored` positions."""
-    pred = logits[:, :-1][scored].float()
-    ce = F.cross_entropy(pred, ids[:, 1:][scored], reduction="none")
-    owner = torch.repeat_interleave(torch.arange(len(scored), device=ce.device), scored.sum(1))
-    return torch.zeros(len(scored), dtype=torch.float64, device=ce.device).index_add_(0, owner, ce.double()).cpu()
