@@ -131,12 +131,9 @@ def evaluate_core(
             return out
 
         patches = {"sae": spliced, **({} if reference is not None else {"zero": torch.zeros_like})}
-        losses = _losses(model, hook, ids, real, clean_hidden, patches)
         per["ce_targets"].append(scored.sum(1).double().cpu())
-        for tag in ("clean", *patches):
-            per[f"ce_{tag}"].append(_by_context(losses[f"ce_{tag}"], owner, len(counts)))
-        for tag in patches:
-            per[f"kl_{tag}"].append(_by_context(losses[f"kl_{tag}"], owner, len(counts)))
+        for key, value in _losses(model, hook, ids, real, clean_hidden, patches).items():
+            per[key].append(value)
         if progress:
             progress(min(start + batch_contexts, len(contexts)), len(contexts))
 
@@ -179,10 +176,9 @@ def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)
-        owner = _owners(real.sum(1).cpu())
         losses = _losses(model, hook, ids, real, final_hidden(model, ids), {"zero": torch.zeros_like})
-        ce_zero.append(_by_context(losses["ce_zero"], owner, len(ids)))
-        kl_zero.append(_by_context(losses["kl_zero"], owner, len(ids)))
+        ce_zero.append(losses["ce_zero"])
+        kl_zero.append(losses["kl_zero"])
     return Baseline(torch.cat(ce_zero).numpy(), torch.cat(kl_zero).numpy())
 
 
@@ -202,9 +198,9 @@ def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _losses(model, hook: HookPoint, ids, real, clean_hidden, patches: dict) -> dict[str, torch.Tensor]:
-    """Per real position (rows in `real` order): the next-token CE of the clean model and of each
-    patched one (`patches`: tag -> function replacing the hook's output), 0 where the position
-    predicts nothing (the last column), and KL(clean || patched).
+    """Per context, summed over its real positions: the next-token CE of the clean model and of
+    each patched one (`patches`: tag -> function replacing the hook's output; the last column
+    predicts nothing and is not scored), and KL(clean || patched).
 
     The LM head runs on HEAD_ROWS positions at a time: a (rows, vocab) tensor for all positions
     of a batch is about 0.5 GB with Gemma's 262k-token vocabulary, and allocating and freeing
@@ -224,13 +220,14 @@ def _losses(model, hook: HookPoint, ids, real, clean_hidden, patches: dict) -> d
     for s in range(0, len(targets), HEAD_ROWS):
         rows = slice(s, s + HEAD_ROWS)
         logp_clean = head_log_probs(model, hidden["clean"][rows])
-        out["ce_clean"][rows] = (-logp_clean.gather(1, safe[rows]).squeeze(1) * scored[rows]).double().cpu()
         p_clean = logp_clean.exp()
-        for tag in patches:
-            logp = head_log_probs(model, hidden[tag][rows])
+        for tag in hidden:
+            logp = logp_clean if tag == "clean" else head_log_probs(model, hidden[tag][rows])
             out[f"ce_{tag}"][rows] = (-logp.gather(1, safe[rows]).squeeze(1) * scored[rows]).double().cpu()
-            out[f"kl_{tag}"][rows] = (p_clean * (logp_clean - logp)).sum(-1).double().cpu()
-    return out
+            if tag != "clean":
+                out[f"kl_{tag}"][rows] = (p_clean * (logp_clean - logp)).sum(-1).double().cpu()
+    owner = _owners(real.sum(1).cpu())
+    return {key: _by_context(value, owner, len(ids)) for key, value in out.items()}
 
 
 def _owners(counts: torch.Tensor) -> torch.Tensor:
