@@ -64,3 +64,34 @@ def test_several_hooks_in_one_pass_and_replacement():
     with torch.no_grad(), replace(model, HookPoint(1), torch.zeros_like):
         ablated = model(input_ids=ids).logits
     assert not torch.allclose(clean, ablated)
+
+
+def test_gguf_is_parsed_once_and_strings_decode_as_transformers_does(tmp_path):
+    """The first preparation's speed-up (`_fast_gguf_reading`): transformers reads the GGUF three
+    times (config, weights, tokenizer); within the context one parsed reader serves them all, and
+    string values decode to what transformers' own parser gives."""
+    import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from saeforge.core.model import _fast_gguf_reading
+
+    path = tmp_path / "t.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    words = ["<bos>", "héllo", "▁world", ""]
+    writer.add_token_list(words)
+    writer.add_token_scores([0.0, -1.5, -2.5, 0.25])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    def tokens(reader):
+        field = reader.fields["tokenizer.ggml.tokens"]
+        return [gguf_utils._gguf_parse_value(field.parts[i], field.types) for i in field.data]
+
+    plain = tokens(gguf.GGUFReader(str(path)))
+    with _fast_gguf_reading():
+        first, second = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert first is second
+        assert tokens(first) == plain == words
+    assert gguf.GGUFReader(str(path)) is not first  # restored afterwards
