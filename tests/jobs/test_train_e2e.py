@@ -128,3 +128,36 @@ def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
     assert info["tokens_seen"] == valid_mask(contexts.train, list(plan.stream.special_ids)).sum()
     sae, _ = load_sae(checkpoint / SAE_DIR)
     assert torch.isfinite(sae.W_dec).all()
+
+
+def test_produce_first_trains_the_same_sae_as_streaming(ray_session, session_dir):
+    """`--stream off` makes every activation before the trainer starts; the trainer reads the same
+    rows in the same order as when it streams them, so the SAE is the same."""
+    import dataclasses
+
+    from saeforge.core.sae_files import SAE_DIR, load_sae
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    plan, contexts = plan_train(tiny_args(session_dir, tokens=6000, checkpoint_every=1000))
+    saes, lines = {}, []
+    for first in (False, True):
+        p = dataclasses.replace(plan, resources=dataclasses.replace(plan.resources, produce_first=first))
+        result = train_on_ray(p, contexts, f"stream-{'off' if first else 'on'}", show=lines.append)
+        saes[first], _ = load_sae(Path(result.checkpoint.path) / SAE_DIR)
+    assert any("activations ready" in line for line in lines)  # the produce-first path ran
+    for name, weight in saes[False].state_dict().items():
+        torch.testing.assert_close(saes[True].state_dict()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_stream_auto_produces_first_only_locally_and_when_it_fits(ray_session, monkeypatch):
+    from saeforge.jobs.ray_cluster import produce_first
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    store = ray_session.available_resources()["object_store_memory"]
+    assert produce_first("auto", "", int(store / 4))
+    assert not produce_first("auto", "", int(store / 2))  # would crowd the object store: stream
+    assert not produce_first("auto", "10.0.0.1:6379", 1)  # a cluster: stream
+    assert produce_first("off", "10.0.0.1:6379", 10**15) and not produce_first("on", "", 1)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert not produce_first("auto", "", 1)  # inside `ray job submit`

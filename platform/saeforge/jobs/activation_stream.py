@@ -9,6 +9,8 @@ context: its id, its activations at every hook point and its mask of real tokens
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -130,6 +132,40 @@ def plan_dataset(plan: RunPlan, contexts: np.ndarray, *, first_id: int = 0, coun
         first_id=first_id,
         count=count,
     )
+
+
+def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
+    """Run `dataset` (made with `count=True`; the caller holds the `forward_counter` handle) to
+    the end into the object store, printing a progress line every `every` seconds from the
+    producers' forward counter. Returns (materialised dataset, producer batches, contexts)."""
+    import threading
+
+    import ray
+
+    counter = ray.get_actor(COUNTER_NAME)
+    before = ray.get(counter.read.remote())
+    out: dict = {}
+
+    def run():
+        try:
+            out["dataset"] = dataset.materialize()
+        except BaseException as error:  # re-raised in the caller's thread
+            out["error"] = error
+
+    started = time.perf_counter()
+    worker = threading.Thread(target=run, name="saeforge-materialize", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(every)
+        if worker.is_alive() and progress is not None:
+            done = ray.get(counter.read.remote())[1] - before[1]
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            eta = (n_contexts - done) / rate if rate > 0 else float("nan")
+            progress(f"  activations: {done}/{n_contexts} contexts ({rate:.1f} contexts/s, eta {eta:.0f}s)")
+    if "error" in out:
+        raise out["error"]
+    after = ray.get(counter.read.remote())
+    return out["dataset"], after[0] - before[0], after[1] - before[1]
 
 
 def step_batches(shard, spec: StreamSpec, device: str | torch.device = "cpu"):

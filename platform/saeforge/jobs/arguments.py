@@ -86,6 +86,14 @@ class TrainArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
     )
     checkpoint_every: int = opt(100, "steps between checkpoints (default %(default)s)", minimum=1)
     log_every: int = opt(10, "steps between progress lines and logged metrics (default %(default)s)", minimum=1)
+    stream: str = opt(
+        "auto",
+        "'on': producers stream activations into training as they are made; 'off': make them all "
+        "first (every core on each phase in turn), then train on them from the object store; "
+        "'auto' (default): off on a private local Ray when they fit in a third of its object "
+        "store, on otherwise",
+        choices=("auto", "on", "off"),
+    )
     run_name: str = opt("", "name of the run (default: variant-hook-time)")
     resume: str = opt("", "resume from a checkpoint folder or a run folder under --storage", metavar="PATH")
 

@@ -39,7 +39,10 @@ class StreamSpec:
 
 @dataclass(frozen=True)
 class Resources:
-    """How the run uses the cluster: GPUs per actor and worker, torch threads in each."""
+    """How the run uses the cluster: whether the activations are all made before training
+    (`produce_first`) or streamed into it, GPUs per actor and worker, torch threads in each."""
+
+    produce_first: bool = False
 
     gpus_per_producer: float = 0.0
     gpus_per_worker: float = 0.0

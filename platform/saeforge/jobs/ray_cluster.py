@@ -52,6 +52,23 @@ def cores() -> int:
     return os.cpu_count() or 1
 
 
+def produce_first(mode: str, address: str, activation_bytes: int) -> bool:
+    """Whether a training run makes all its activations before it trains (`--stream`).
+
+    On one machine the producers' forward and the SAE steps compete for the same cores: two
+    processes splitting 2 cores ran matmuls at about 80% of one process with both, so making
+    the activations first (every core on the forward, then every core on the steps) is faster
+    end to end than overlapping them, as long as they fit in the object store. On a cluster
+    (an --address or RAY_ADDRESS) producers and trainers sit on their own nodes: stream."""
+    import ray
+
+    if mode != "auto":
+        return mode == "off"
+    if address or os.environ.get("RAY_ADDRESS"):
+        return False
+    return activation_bytes <= ray.available_resources().get("object_store_memory", 0) / 3
+
+
 def share_resources(producers: int, workers: int, *, concurrent: bool = True) -> Resources:
     """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
     enough, else every actor shares them equally. Threads: when producers and workers run at once
@@ -65,6 +82,7 @@ def share_resources(producers: int, workers: int, *, concurrent: bool = True) ->
     each = 0.0 if gpus <= 0 else (1.0 if gpus >= producers + workers else gpus / (producers + workers))
     at_once = producers + workers if concurrent else producers
     return Resources(
+        produce_first=not concurrent,
         gpus_per_producer=each,
         gpus_per_worker=each,
         producer_threads=max(1, cores() // at_once),

@@ -20,10 +20,10 @@ from saeforge.core.evaluation import evaluate_core
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs import progress_board, tracking
-from saeforge.jobs.activation_stream import plan_dataset
+from saeforge.jobs.activation_stream import forward_counter, materialize, plan_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, share_resources
+from saeforge.jobs.ray_cluster import connect_ray, produce_first, share_resources
 from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
@@ -37,16 +37,37 @@ def run_name(plan: RunPlan) -> str:
 
 def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
     """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result. `show`
-    prints rank 0's progress lines as they come."""
+    prints the driver's and rank 0's progress lines as they come. With
+    `plan.resources.produce_first` every activation is made before the trainer starts (same
+    rows, same order), else the trainer reads them as the producers make them."""
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
-    if show is not None:
-        with progress_board.printed(f"saeforge-progress-{name}", show) as board:
-            return train_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name)
+    if show is None:
+        return _fit_on_ray(plan, contexts, name, lambda line: None)
+    with progress_board.printed(f"saeforge-progress-{name}", show) as board:
+        return _fit_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name, show)
+
+
+def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
     first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
-    dataset = plan_dataset(plan, contexts.train, first_id=first_id)
+    if not plan.resources.produce_first:
+        dataset = plan_dataset(plan, contexts.train, first_id=first_id)
+        return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+    show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
+    started = time.time()
+    counter = forward_counter()  # held while the producers count into it
+    dataset, _, _ = materialize(
+        plan_dataset(plan, contexts.train, first_id=first_id, count=True), len(contexts.train), show
+    )
+    del counter
+    show(f"saeforge: activations ready in {time.time() - started:.0f}s")
     return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+
+
+def activation_bytes(plan: RunPlan, n_contexts: int) -> int:
+    """What the run's activations take in the object store (float32, every hook)."""
+    return n_contexts * plan.stream.context_size * plan.variant.d_in * 4 * len(plan.stream.hooks)
 
 
 def log_params(plan: RunPlan) -> None:
@@ -62,12 +83,27 @@ def log_params(plan: RunPlan) -> None:
     )
 
 
+class Phases:
+    """Wall time of each phase of a run, for the summary and MLflow (`time/<phase>_s`)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._last = time.time()
+
+    def done(self, phase: str) -> None:
+        now = time.time()
+        self.seconds[phase] = now - self._last
+        self._last = now
+
+
 def run_train(args: TrainArgs, progress=print) -> dict:
     """The whole `saeforge train`: returns a summary dict (also printed by the CLI)."""
     import mlflow
 
     started = time.time()
+    phases = Phases()
     plan, contexts = plan_train(args, progress)
+    phases.done("plan")  # the model prepared the first time, the corpus tokenised
     args = plan.args
     name = run_name(plan)
     progress(
@@ -80,6 +116,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
     )
     connect_ray(args.address)
+    phases.done("ray_start")
     resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
     with mlflow.start_run(
         run_id=resumed_run, experiment_id=None if resumed_run else experiment_id, run_name=None if resumed_run else name
@@ -87,12 +124,17 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
         plan = dataclasses.replace(
             plan,
-            resources=share_resources(args.producers, args.workers),
+            resources=share_resources(
+                args.producers,
+                args.workers,
+                concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train))),
+            ),
             tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
         )
         if not resumed_run:
             log_params(plan)
         result = train_on_ray(plan, contexts, name, show=progress)
+        phases.done("train")  # activations and SAE steps, with Ray Train's start-up
         checkpoint = Path(result.checkpoint.path)
         train_seconds = time.time() - started
         train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
@@ -120,6 +162,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
             }
         )
         mlflow.log_dict(results, "eval/core.json")
+        phases.done("evaluate")
         if plan.eval_suites:
             ctx = build_context(variant, cfg, model, dataset=args.dataset)
             for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
@@ -127,6 +170,8 @@ def run_train(args: TrainArgs, progress=print) -> dict:
                 mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
         version = tracking.log_and_register(sae_folder, registered)
         moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
+        phases.done("register")
+        mlflow.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()})
     return {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
@@ -138,5 +183,6 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         "checkpoint": str(checkpoint),
         "metrics": results,
         "seconds": time.time() - started,
+        "phase_seconds": phases.seconds,
         "train_tokens_per_s": train_tokens_per_s,
     }
