@@ -31,7 +31,11 @@ def run(ns: argparse.Namespace) -> int:
 
     args = parse_into(BenchArgs, ns)
     with summary_only_on_stdout(ns.json):
-        if args.step_cost:
+        if args.same_work:
+            from saeforge.jobs.same_work import run_same_work
+
+            figures = run_same_work(args)
+        elif args.step_cost:
             figures = bench.run_step_costs(args)
         elif args.variants:
             names = variants.names() if args.variants == "all" else [n.strip() for n in args.variants.split(",")]

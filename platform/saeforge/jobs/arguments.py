@@ -180,6 +180,12 @@ class BenchArgs:
     variants: str = opt("", "instead: one full training run per variant and a comparison table", metavar="all|A,B")
     eval_contexts: int = opt(16, "held-out contexts per variant run (--variants)", minimum=1)
     step_cost: bool = opt(False, "instead: milliseconds per optimiser step of every variant on the same activations")
+    same_work: bool = opt(
+        False,
+        "instead: a plain single-process loop and `saeforge train` on the same work (--variant, "
+        "--tokens, --d-sae, --eval-contexts), each a fresh process timed whole, --rounds times",
+    )
+    rounds: int = opt(2, "rounds of --same-work (default %(default)s)", minimum=1)
 
 
 def check_ranges(args) -> None:

@@ -1,0 +1,27 @@
+"""`saeforge bench --same-work`: the plain loop and `saeforge train` really do the same work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def test_same_work_bench_times_two_programs_that_train_the_same_sae(tmp_path):
+    """Both programs, each a fresh process, train on the same tokens in the same order from the
+    same start: the evaluation of their SAEs agrees, so the wall-time ratio compares like with
+    like."""
+    done = subprocess.run(
+        [sys.executable, "-m", "saeforge.cli", "bench", "--same-work", "--model", "tiny", "--layer", "3",
+         "--tokens", "4000", "--d-sae", "128", "--eval-contexts", "4", "--rounds", "1", "--json"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    figures = json.loads(done.stdout)
+    (r,) = figures["rounds"]
+    assert r["plain_wall_s"] > 0 and r["saeforge_wall_s"] > 0
+    assert r["ratio"] == pytest.approx(r["plain_wall_s"] / r["saeforge_wall_s"])
+    for key, value in r["plain_metrics"].items():
+        assert r["saeforge_metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+    assert {"plan", "train", "evaluate"} <= set(r["plain_phases"]) and "ray_start" in r["saeforge_phases"]
+    assert "| round | plain loop | saeforge train |" in done.stderr  # the table, on stderr under --json
