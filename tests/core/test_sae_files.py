@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from conftest import crash_during, crash_points
 from safetensors.torch import load_file
 
 import variants
+from conftest import crash_during, crash_points
 from saeforge.core import sae_files
 from saeforge.core.sae_files import SaeMeta
 
@@ -123,7 +123,6 @@ def test_a_crash_between_the_two_renames_keeps_the_old_folder(tmp_path, monkeypa
     sae_files.save_sae(new, folder, META)  # the next save completes and leaves one folder
     assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
-
 
 
 def test_a_crash_at_any_step_of_a_save_keeps_a_complete_sae(tmp_path):

@@ -170,7 +170,8 @@ class RunCurves:
             self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
         except Exception as err:  # any failure of the store: MlflowException, OSError, requests' errors
             self.failures += 1
-            self.first_error = self.first_error or f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            self.first_error = self.first_error or f"{type(err).__name__}: {first_line}"
 
 
 def finite(values: dict) -> dict[str, float]:
