@@ -8,7 +8,11 @@ bench and study all validate here.
 
 from __future__ import annotations
 
+import secrets
 import sys
+import time
+from dataclasses import fields
+from pathlib import Path
 
 import variants
 from saeforge.core import corpus, eval_suites
@@ -19,7 +23,7 @@ from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
 from saeforge.jobs import checkpoints
-from saeforge.jobs.arguments import TrainArgs, check_ranges, pairs_dict
+from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, pairs_dict
 from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
 
 
@@ -49,18 +53,64 @@ def hook_points(args) -> tuple[HookPoint, ...]:
     return tuple(HookPoint(int(layer), args.site) for layer in dict.fromkeys(layers))
 
 
+# Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs.
+RESUME_MAY_CHANGE = ("resume", "address")
+
+
+def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
+    """The checkpoint's run arguments for `--resume`, refusing any other flag given with a value
+    that differs from the run's own (it would be ignored: a resumed run keeps its arguments)."""
+    checkpoint = checkpoints.find_checkpoint(given.resume)
+    info = checkpoints.read_info(checkpoint)
+    saved, defaults = checkpoints.resumed_args(checkpoint, info), TrainArgs()
+    changed = []
+    for f in fields(TrainArgs):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        value, was, default = (getattr(a, f.name) for a in (given, saved, defaults))
+        if f.name == "overrides":
+            value, was, default = pairs_dict(value), pairs_dict(was), pairs_dict(default)
+        if value != default and value != was:
+            changed.append(f"{flag_name(f)} {value!r} (the run has {was!r})")
+    if changed:
+        raise UserError(
+            f"--resume continues a run with its own arguments; drop {', '.join(changed)} or start a new run"
+        )
+    saved.address = given.address
+    return saved, info
+
+
+def run_name(args: TrainArgs, hook: HookPoint) -> str:
+    """The run's name: --run-name, else variant-hook-time; a random suffix tells apart runs
+    started in the same second (Ray Train restores whatever it finds under a run's name)."""
+    stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), secrets.token_hex(3)
+    if args.resume:
+        return f"{Path(args.resume).parent.name}-resumed-{stamp}-{suffix}"
+    return args.run_name or f"{args.variant}-{hook.name}-{stamp}-{suffix}"
+
+
+def check_new_run_folder(args: TrainArgs, name: str) -> None:
+    """An explicit --run-name whose folder exists holds another run's checkpoints: refused."""
+    folder = Path(args.storage).expanduser().resolve() / name
+    if args.run_name and not args.resume and folder.exists():
+        raise UserError(
+            f"--run-name {name}: {folder} already exists (another run's checkpoints); "
+            f"choose another name, or continue that run with --resume {folder}"
+        )
+
+
 def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     """Check every input and pack the token contexts; raises UserError on bad input."""
     info: dict = {}
     if args.resume:
-        checkpoint = checkpoints.find_checkpoint(args.resume)
-        info = checkpoints.read_info(checkpoint)
-        args = checkpoints.resumed_args(checkpoint, info)
+        args, info = resumed_train_args(args)
     check_ranges(args)
     variant_class(args.variant)
     hooks = hook_points(args)
     if len(hooks) != 1:
         raise UserError("--layer: one layer per training run")
+    name = run_name(args, hooks[0])
+    check_new_run_folder(args, name)
     spec = resolve_model(args.model)  # prepares (de-quantises) the packaged Gemma the first time
     config = load_config(spec)
     for hook in hooks:
@@ -104,6 +154,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         eval_suites=suites,
         max_l0=args.max_l0 or d_in / 2,
         resume_from=args.resume,
+        name=name,
         tracking=TrackingTarget(run_id=info.get("run_id", "")),
     )
     done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained
