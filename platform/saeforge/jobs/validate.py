@@ -8,21 +8,24 @@ bench and study all validate here.
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import fields
 from pathlib import Path
 
 import variants
 from saeforge.core import corpus, eval_suites
-from saeforge.core.batches import step_budget
+from saeforge.core.batches import step_budget, tokens_per_context
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import load_config, load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
-from saeforge.jobs import checkpoints
+from saeforge.jobs import checkpoints, tracking
 from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, pairs_dict
 from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
 
@@ -99,6 +102,40 @@ def check_new_run_folder(args: TrainArgs, name: str) -> None:
         )
 
 
+def host_port(address: str, default_port: int) -> tuple[str, int]:
+    """(host, port) of 'host:port', 'scheme://host:port/...' or a bare host."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        return parts.hostname or "", parts.port or default_port
+    except ValueError:  # a port that is not a number
+        raise UserError(f"'{tracking.redact(address)}' is not a host:port address") from None
+
+
+def check_reachable(address: str, what: str, default_port: int, timeout_s: float = 5.0) -> None:
+    """A TCP connection to `address` opens within `timeout_s`, or one line naming it (Ray and
+    MLflow would otherwise retry for minutes, after the run has started writing)."""
+    host, port = host_port(address, default_port)
+    if not host:
+        raise UserError(f"{what} '{tracking.redact(address)}' names no host")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__.replace("Error", "").lower() or "unreachable"
+        raise UserError(f"cannot reach {what} at {tracking.redact(address)}: {reason}") from None
+
+
+def check_services(address: str) -> None:
+    """The Ray cluster (--address or RAY_ADDRESS) and the MLflow store answer, before either is used."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address and address not in ("auto", "local"):
+        check_reachable(address, "the Ray cluster", 10001 if address.startswith("ray://") else 6379)
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri, "the MLflow tracking server", 443 if uri.startswith("https") else 80)
+    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).parent.is_dir():
+        raise UserError(f"MLflow store {uri}: the folder {Path(uri[len('sqlite:///') :]).parent} does not exist")
+
+
 def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     """Check every input and pack the token contexts; raises UserError on bad input."""
     info: dict = {}
@@ -122,6 +159,12 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     tokenizer = load_tokenizer(spec)
     special = tuple(corpus.special_ids(tokenizer))
     budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers)
+    step_tokens = budget.contexts_per_step * tokens_per_context(args.context_size)
+    if args.tokens < step_tokens:
+        raise UserError(
+            f"--tokens {args.tokens} is less than one optimiser step ({budget.contexts_per_step} contexts of "
+            f"{args.context_size} tokens: {step_tokens} tokens for batch_size {cfg.batch_size}); ask for at least that"
+        )
     train = corpus.pack_contexts(
         corpus.split_texts(args.dataset, "train", args.text_column), tokenizer, args.context_size, budget.contexts
     )
@@ -143,6 +186,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     if len(evals) == 0:
         raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
     total_steps = info.get("total_steps") or budget.total_steps
+    check_services(args.address)  # last: the network, once everything local is known good
     hook = hooks[0]
     plan = RunPlan(
         args=args,
