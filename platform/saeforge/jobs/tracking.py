@@ -88,7 +88,7 @@ def require_store(what: str) -> str:
     store = tracking_uri()
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).is_file():
         raise UserError(
-            f"cannot read '{what}': no MLflow store at {store} (set MLFLOW_TRACKING_URI or run where "
+            f"cannot read '{what}': no MLflow store at {redact(store)} (set MLFLOW_TRACKING_URI or run where "
             "the SAE was trained)"
         )
     return use_store()

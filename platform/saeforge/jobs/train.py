@@ -12,10 +12,12 @@ The MLflow run ends FINISHED, KILLED (Ctrl-C, or SIGTERM: `ray job stop`, a sche
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,15 +35,22 @@ from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
 
-def interrupt_on_sigterm() -> None:
-    """SIGTERM raises KeyboardInterrupt in the driver, as Ctrl-C does (Ray's own handler exits
-    without a word), so the run is ended KILLED on the way out."""
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt in the driver, as Ctrl-C does
+    (Ray's own handler exits without a word), so the run is ended KILLED on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
 
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
@@ -89,14 +98,14 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
     )
     connect_ray(args.address)
-    interrupt_on_sigterm()  # after ray.init, which sets its own handler
     resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
     run = mlflow.start_run(
         run_id=resumed_run, experiment_id=None if resumed_run else experiment_id, run_name=None if resumed_run else name
     )
     status = "FAILED"
     try:
-        summary = train_evaluate_register(plan, contexts, uri, run, started, progress)
+        with sigterm_interrupts():  # after ray.init, which sets a handler of its own
+            summary = train_evaluate_register(plan, contexts, uri, run, started, progress)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
