@@ -3,7 +3,9 @@ trained run that several tests inspect."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -103,3 +105,68 @@ def pytest_collection_modifyitems(session, config, items):
     Ray up, the job's working dir went missing from the head's GCS (a cross-talk between the two
     clusters on one machine, not yet understood), while the test passes on its own."""
     items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/jobs/test_ray_job.py") else 1)
+
+
+# -- crash injection: a forked process that dies at its n-th file operation ----------------------
+CRASHED, NOT_A_WRITE = 86, 87
+
+
+def crash_points():
+    """(n, torn) for n = 1, 2, ...: die just before the n-th file operation, or (torn) half-way
+    through it when it writes a file."""
+    for step in itertools.count(1):
+        yield step, False
+        yield step, True
+
+
+def crash_during(action, step: int, torn: bool) -> str:
+    """Run `action` in a forked child that dies (os._exit: no `finally`, no clean-up) at its
+    `step`-th file operation (a write, flush, rename or removal); with `torn`, a write is done
+    and its file cut to half its size first. Returns "crashed", "completed" (the action ended
+    before that step) or "skipped" (torn asked of an operation that writes no file)."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            _die_at(step, torn)
+            action()
+        except BaseException:
+            os._exit(3)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    assert code in (0, CRASHED, NOT_A_WRITE), f"the child failed (exit {code}) at step {step}"
+    return {0: "completed", CRASHED: "crashed", NOT_A_WRITE: "skipped"}[code]
+
+
+def _die_at(step: int, torn: bool) -> None:
+    import pathlib
+
+    import torch
+
+    from saeforge.core import sae_files
+
+    count = [0]
+
+    def wrap(owner, name, written=None):
+        real = getattr(owner, name)
+
+        def op(*args, **kwargs):
+            count[0] += 1
+            if count[0] == step:
+                if torn and written is None:
+                    os._exit(NOT_A_WRITE)
+                if torn:
+                    real(*args, **kwargs)
+                    path = written(args)
+                    os.truncate(path, os.path.getsize(path) // 2)
+                os._exit(CRASHED)
+            return real(*args, **kwargs)
+
+        setattr(owner, name, op)
+
+    wrap(os, "replace")
+    wrap(os, "fsync")
+    wrap(shutil, "rmtree")
+    wrap(sae_files, "save_file", lambda a: a[1])
+    wrap(torch, "save", lambda a: a[1])
+    wrap(pathlib.Path, "write_text", lambda a: a[0])

@@ -32,7 +32,20 @@ B_DEC_INITS = ("geometric_median", "init")  # what init_from_data does with the 
 # After the warm-up: hold the lr, cosine-decay it to 0, or hold it and decay it linearly to 0 over
 # the last 20% of the run (dictionary_learning's decay_start; the loop applies them).
 LR_SCHEDULES = ("constant", "cosine", "decay")
+OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULE_HELP = "after warm-up: 'constant', 'cosine' (decay to 0), or 'decay' (linear to 0 over the last 20%)"
+
+# (field, bound, strict): the shared fields' ranges, checked when a variant is built (a zero batch
+# or learning rate would otherwise reach a worker and fail or train nothing there).
+SHARED_BOUNDS = (
+    ("d_sae", 1, False),
+    ("batch_size", 1, False),
+    ("lr", 0.0, True),
+    ("weight_decay", 0.0, False),
+    ("warmup_steps", 0, False),
+    ("grad_clip", 0.0, False),
+    ("init_norm", 0.0, True),
+)
 
 
 @dataclass(kw_only=True)
@@ -140,6 +153,12 @@ class Variant(nn.Module):
             raise ConfigError(f"b_dec_init must be one of {', '.join(B_DEC_INITS)}, got {cfg.b_dec_init!r}")
         if cfg.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
+        if cfg.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+        for name, low, strict in SHARED_BOUNDS:
+            value = getattr(cfg, name)
+            if value < low or (strict and value == low):
+                raise ConfigError(f"{name} must be {'above' if strict else 'at least'} {low:g}, got {value}")
         self.cfg = cfg
         # Scale that brings raw activations to E||x|| = sqrt(d_in); set once per run by the platform.
         self.register_buffer("act_scale", torch.tensor(1.0))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from variants import register
-from variants.base import LR_SCHEDULE_HELP, LinearSAE, LossOut, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, ConfigError, LinearSAE, LossOut, VariantConfig, param
 from variants.common import sparse_decode, topk_family_terms, topk_relu
 
 DEAD_AFTER_D_SAE = 10  # dead_tokens = 0: a latent silent for 10 * d_sae tokens is dead (see the docstring)
@@ -50,6 +50,12 @@ class TopKConfig(VariantConfig):
     dead_tokens: int = param(0, "a latent silent for this many tokens counts as dead for AuxK; 0: 10 * d_sae")
     lr: float = param(2.0e-3, "learning rate (the recipe sweep's choice for a 300k-token run)")
     lr_schedule: str = param("decay", LR_SCHEDULE_HELP)
+
+    def __post_init__(self):
+        if not 0 < self.k <= self.d_sae:
+            raise ConfigError(f"k must be in 1..d_sae ({self.d_sae}), got {self.k}")
+        if self.aux_k < 0:
+            raise ConfigError(f"aux_k must be at least 0, got {self.aux_k}")
 
 
 @register("topk")

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import variants
+from conftest import crash_during, crash_points
 from saeforge.core import sae_files
 from saeforge.core.sae_files import SaeMeta
 
@@ -122,3 +123,24 @@ def test_a_crash_between_the_two_renames_keeps_the_old_folder(tmp_path, monkeypa
     sae_files.save_sae(new, folder, META)  # the next save completes and leaves one folder
     assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] == 0.5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]
+
+
+def test_a_crash_at_any_step_of_a_save_keeps_a_complete_sae(tmp_path):
+    """A real process dies (no clean-up runs) at each file operation of save_sae in turn, and
+    half-way through each file it writes: every time the folder loads complete, as the old SAE or
+    the new one, and the next save completes and leaves nothing else behind."""
+    old, new = trained_like("relu", 0.25), trained_like("relu", 0.5)
+    folder = sae_files.save_sae(old, tmp_path / "sae", META)
+    crashes = 0
+    for step, torn in crash_points():
+        outcome = crash_during(lambda: sae_files.save_sae(new, folder, META), step, torn)
+        if outcome == "completed":
+            break
+        if outcome == "crashed":
+            crashes += 1
+            assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] in (0.25, 0.5), (step, torn)
+        sae_files.save_sae(old, folder, META)  # the next save recovers, and leaves one folder
+        assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] == 0.25
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"], (step, torn)
+    assert crashes >= 12  # three files written and torn, their flushes, two renames, the removals
+    assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] == 0.5

@@ -34,3 +34,17 @@ def test_validation_rejects_unknown_keys():
 
     with pytest.raises(ValidationError, match="not_a_ray_key"):
         validate(cfg)
+
+
+def test_the_dashboard_listens_on_localhost_and_versions_are_pinned():
+    """The Jobs API runs whatever it is sent: it must not listen on the head's public address.
+    Every package the setup installs is pinned, so every node runs the versions tested."""
+    import re
+
+    cfg = load()
+    (start,) = [c for c in cfg["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in start and "0.0.0.0" not in str(cfg)
+    for command in cfg["setup_commands"]:
+        for spec in re.findall(r"install (.+)", command.split("#")[0]):
+            for package in spec.split():
+                assert package.startswith(("-e", "/")) or "==" in package, (package, command)

@@ -77,7 +77,13 @@ def _dataset_texts(dataset: str, text_column: str) -> Iterator[str]:
     for row in stream:
         if text_column not in row:
             raise UserError(f"dataset '{dataset}' has no '{text_column}' column (has: {', '.join(row)})")
-        yield row[text_column]
+        text = row[text_column]
+        if text is not None and not isinstance(text, str):
+            raise UserError(
+                f"dataset '{dataset}': column '{text_column}' holds {type(text).__name__} values, not text "
+                "(--text-column names the column to read)"
+            )
+        yield text or ""
 
 
 def split_texts(dataset: str, split: str, text_column: str = "text") -> Iterator[str]:

@@ -20,6 +20,7 @@ from saeforge.errors import UserError
 
 DEFAULT_MODEL = "gemma-3-270m"
 TINY_MODELS = ("tiny", "tiny-gemma2")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a local model folder's tokenizer reads
 
 
 def compute_device() -> tuple[str, torch.dtype]:
@@ -202,7 +203,11 @@ def load_config(spec: ModelSpec):
         config = AutoConfig.from_pretrained(spec.source)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load model '{spec.name}': {str(err).splitlines()[0]}") from None
-    return getattr(config, "text_config", None) or config
+    config = getattr(config, "text_config", None) or config
+    kind = getattr(config, "model_type", "") or "unknown"
+    if not kind.startswith("gemma"):  # the hooks read model.model.layers, Gemma's layout
+        raise UserError(f"model '{spec.name}' is a {kind} model: saeforge reads Gemma models (gemma, gemma2, gemma3)")
+    return config
 
 
 def load_tokenizer(spec: ModelSpec):
@@ -210,7 +215,18 @@ def load_tokenizer(spec: ModelSpec):
         return ByteTokenizer()
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(spec.source)
+    folder = Path(spec.source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer (every word <unk>) from the config alone
+        raise UserError(
+            f"cannot load the tokenizer of model '{spec.name}': no {' or '.join(TOKENIZER_FILES)} in that folder"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"cannot load the tokenizer of model '{spec.name}': {first}") from None
+    return tokenizer
 
 
 def _truncate_config(config, n_layers: int) -> None:

@@ -36,6 +36,7 @@ CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 STATE_FILE = "saeforge_state.safetensors"
 SAELENS_FORMAT = "6.0.0"  # the cfg.json format written: SAELens reads >= 6.0 without conversion
+SAE_FILES = (CFG_FILE, WEIGHTS_FILE, STATE_FILE)
 SAE_DIR = "sae"  # the SAE folder's name inside a checkpoint and among a run's MLflow artifacts
 
 
@@ -87,30 +88,64 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the folders themselves, to disk: a rename only makes
+    a folder durable once what it holds is."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file():
+            fsync_path(path)
+    for path in [*sorted(p for p in folder.rglob("*") if p.is_dir()), folder]:
+        fsync_path(path)
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def backup_of(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.old")
+
+
 def replace_folder(staging: Path, folder: Path) -> None:
     """Move the complete folder `staging` to `folder`. An existing `folder` is first renamed
     aside and deleted only once the new one is in place, so a crash at any point leaves either
-    the old folder or the new one, and `readable_folder` finds it."""
-    backup = folder.with_name(f".{folder.name}.old")
+    the old folder or the new one, and `readable_folder` finds it. Everything is flushed to disk
+    before each rename, so a power cut cannot leave a renamed folder of empty files either."""
+    backup = backup_of(folder)
+    fsync_tree(staging)
     if folder.exists():
-        shutil.rmtree(backup, ignore_errors=True)
+        shutil.rmtree(backup, ignore_errors=True)  # a stale backup: `folder` is the good copy
         os.replace(folder, backup)
+        fsync_path(folder.parent)
     os.replace(staging, folder)
+    fsync_path(folder.parent)
     shutil.rmtree(backup, ignore_errors=True)
 
 
 def readable_folder(folder: str | Path) -> Path:
     """`folder`, or its backup when a crash interrupted `replace_folder` between its two renames."""
     folder = Path(folder)
-    backup = folder.with_name(f".{folder.name}.old")
+    backup = backup_of(folder)
     return backup if not folder.exists() and backup.exists() else folder
+
+
+def staging_folder(folder: Path) -> Path:
+    """A fresh empty folder beside `folder` to write its next version into. Staging folders an
+    earlier crash left behind are removed first (one writer per folder)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{folder.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
 
 
 def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Path:
     """Write the SAE folder atomically (a crash never leaves a half-written SAE behind)."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    staging = staging_folder(folder)
     try:
         with torch.no_grad():
             save_file(_plain(variant.saelens_tensors()), str(staging / WEIGHTS_FILE))
@@ -124,7 +159,7 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Pa
 
 def is_sae_folder(folder: str | Path) -> bool:
     folder = readable_folder(folder)
-    return all((folder / name).is_file() for name in (CFG_FILE, WEIGHTS_FILE, STATE_FILE))
+    return all((folder / name).is_file() for name in SAE_FILES)
 
 
 def read_cfg(folder: str | Path) -> dict:

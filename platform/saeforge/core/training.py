@@ -23,9 +23,6 @@ from saeforge.core.batches import real_rows, sae_input
 from variants import Variant
 from variants.common import capped_warmup
 
-OPTIMIZERS = ("adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
-
 
 @dataclass(frozen=True)
 class LoopSettings:
@@ -49,7 +46,7 @@ class LoopState:
 
 def make_optimizer(variant: Variant) -> torch.optim.Optimizer:
     cfg = variant.cfg
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg.optimizer]  # variants.base.OPTIMIZERS
     return cls(variant.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

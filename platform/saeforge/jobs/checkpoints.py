@@ -3,11 +3,18 @@ to resume from.
 
 run.json holds the run's validated arguments, its MLflow run id, its plan length and its
 progress, so `--resume PATH` rebuilds the same run and logs into the same MLflow run.
+
+A checkpoint is written into a staging folder and renamed into place (`sae_files.replace_folder`),
+and its last file is complete.json: every other file's path and size. Ray Train copies the folder
+into the run's storage afterwards, in no order saeforge controls, so a copy cut short (the driver
+or a node dying) is told apart by that list, not by which files exist: a checkpoint whose files
+do not all match it is incomplete, and `find_checkpoint` takes the newest complete one.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -22,33 +29,49 @@ from saeforge.jobs.arguments import TrainArgs
 
 LOOP_STATE_FILE = "loop_state.pt"
 RUN_INFO_FILE = "run.json"
+COMPLETE_FILE = "complete.json"  # written last: {"files": {relative path: size in bytes}}
 
 
 def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, meta: SaeMeta, info: dict) -> None:
-    sae_files.save_sae(variant, folder / SAE_DIR, meta)
-    torch.save(
-        {
-            "step": state.step,
-            "tokens_seen": state.tokens_seen,
-            "optimizer": state.optimizer,
-            "scheduler": state.scheduler,
-        },
-        folder / LOOP_STATE_FILE,
-    )
-    (folder / RUN_INFO_FILE).write_text(json.dumps({**info, "step": state.step, "tokens_seen": state.tokens_seen}))
+    """Write the checkpoint `folder` atomically (an existing one survives a crash at any point)."""
+    folder = Path(folder)
+    staging = sae_files.staging_folder(folder)
+    try:
+        sae_files.save_sae(variant, staging / SAE_DIR, meta)
+        torch.save(
+            {
+                "step": state.step,
+                "tokens_seen": state.tokens_seen,
+                "optimizer": state.optimizer,
+                "scheduler": state.scheduler,
+            },
+            staging / LOOP_STATE_FILE,
+        )
+        progress = {"step": state.step, "tokens_seen": state.tokens_seen}
+        (staging / RUN_INFO_FILE).write_text(json.dumps({**info, **progress}))
+        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        (staging / COMPLETE_FILE).write_text(json.dumps({"files": files, **progress}))
+        sae_files.replace_folder(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
 
 
 def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState]:
-    variant, _ = sae_files.load_sae(Path(folder) / SAE_DIR)
-    raw = torch.load(Path(folder) / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
+    folder = sae_files.readable_folder(folder)
+    variant, _ = sae_files.load_sae(folder / SAE_DIR)
+    raw = torch.load(folder / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
     return variant, LoopState(raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"])
 
 
 def is_checkpoint(folder: str | Path) -> bool:
-    folder = Path(folder)
-    return all((folder / name).is_file() for name in (LOOP_STATE_FILE, RUN_INFO_FILE)) and sae_files.is_sae_folder(
-        folder / SAE_DIR
-    )
+    """True for a complete checkpoint: complete.json is there and every file it lists has its size."""
+    folder = sae_files.readable_folder(folder)
+    try:
+        files = json.loads((folder / COMPLETE_FILE).read_text())["files"]
+        required = {LOOP_STATE_FILE, RUN_INFO_FILE, *(f"{SAE_DIR}/{name}" for name in sae_files.SAE_FILES)}
+        return required <= set(files) and all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def run_info(args: TrainArgs, run_id: str, total_steps: int) -> dict:
@@ -57,10 +80,16 @@ def run_info(args: TrainArgs, run_id: str, total_steps: int) -> dict:
 
 
 def find_checkpoint(path: str) -> Path:
-    """A checkpoint folder, or the newest complete checkpoint inside a run folder."""
+    """A complete checkpoint folder, or the newest complete checkpoint inside a run folder (one a
+    crash left half-written is skipped for the one before it)."""
     folder = Path(path).expanduser().resolve()
     if is_checkpoint(folder):
         return folder
+    if (folder / RUN_INFO_FILE).is_file() or (folder / SAE_DIR).is_dir():
+        raise UserError(
+            f"cannot resume from '{path}': the checkpoint is incomplete (cut short while it was written); "
+            "resume from its run folder to take the newest complete one"
+        )
     candidates = [p for p in folder.glob("checkpoint_*") if is_checkpoint(p)] if folder.is_dir() else []
     if not candidates:
         raise UserError(f"cannot resume from '{path}': no saeforge checkpoint there")
@@ -69,7 +98,7 @@ def find_checkpoint(path: str) -> Path:
 
 def read_info(checkpoint: Path) -> dict:
     try:
-        info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
+        info = json.loads((sae_files.readable_folder(checkpoint) / RUN_INFO_FILE).read_text())
         info["step"], info["run_id"], info["train_args"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"cannot resume from '{checkpoint}': the checkpoint has no readable {RUN_INFO_FILE}") from None

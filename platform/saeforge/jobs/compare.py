@@ -129,4 +129,10 @@ def run_compare(args: CompareArgs) -> dict:
                 mlflow.log_artifact(str(plot), artifact_path="compare")
                 mlflow.log_dict({"champions": champions}, "compare/champions.json")
                 logged_to = mlflow.active_run().info.run_id
-    return {"champions": champions, "trials": trials, "plot": str(plot), "logged_to": logged_to, "tracking_uri": uri}
+    return {
+        "champions": champions,
+        "trials": trials,
+        "plot": str(plot),
+        "logged_to": logged_to,
+        "tracking_uri": tracking.redact(uri),
+    }

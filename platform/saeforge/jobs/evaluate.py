@@ -34,6 +34,8 @@ from saeforge.core.eval_suites.runner import (
     run_local,
     run_one,
 )
+from saeforge.core.hooks import HookPoint
+from saeforge.core.model import load_config, resolve_model
 from saeforge.core.sae_files import CFG_FILE, SaeMeta, load_sae
 from saeforge.errors import UserError
 from saeforge.jobs import tracking
@@ -200,6 +202,19 @@ def log_to_run(run_id: str, results: dict[str, SuiteResult], report: dict) -> No
     client.log_dict(run_id, report, REPORT_ARTIFACT)
 
 
+def check_model_fits(cfg: dict, model_name: str) -> None:
+    """The model has the SAE's hook layer and the width it reads, or one line (before it loads)."""
+    if not model_name:
+        raise UserError("the SAE's cfg.json names no model_name: pass --model")
+    config = load_config(resolve_model(model_name))
+    HookPoint.parse(SaeMeta.from_cfg(cfg).hook_name).check(config.num_hidden_layers, model_name)
+    if config.hidden_size != cfg["d_in"]:
+        raise UserError(
+            f"the SAE reads activations of width {cfg['d_in']}, but model '{model_name}' has width "
+            f"{config.hidden_size}: pass the --model it was trained on"
+        )
+
+
 def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> dict:
     """The whole `saeforge eval`: returns the report (also written as JSON and logged)."""
     names = eval_suites.parse_suites(args.suites)  # input mistakes first, before anything loads
@@ -216,6 +231,7 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
         except MlflowException as err:
             raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
     meta = SaeMeta.from_cfg(resolved.cfg)
+    check_model_fits(resolved.cfg, args.model or meta.model_name)
     if progress:
         progress(
             f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "

@@ -73,6 +73,7 @@ class RunPlan:
     resources: Resources = Resources()
     tracking: TrackingTarget = TrackingTarget()
     resume_from: str = ""  # a checkpoint folder
+    name: str = ""  # the run's name: its folder under --storage, its MLflow run name
     progress_board: str = ""  # the named actor rank 0 posts its progress lines to ("": none)
 
     @property

@@ -430,7 +430,7 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
         "searches": searches,
         "activations": acts.summary(),
         "max_concurrent": concurrency[0],
-        "tracking_uri": uri,
+        "tracking_uri": tracking.redact(uri),
         "experiment_id": experiment_id,
         "seconds": time.time() - started,
     }

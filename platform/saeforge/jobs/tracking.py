@@ -5,15 +5,27 @@ Without MLFLOW_TRACKING_URI the store is SQLite in the working directory with ar
 per model + hook; one registered model per model + hook + variant. Every registered version
 carries its `ce_loss_recovered` and `l0` as tags, which the champion rule and `saeforge compare`
 read. This module owns those names, the tags and the store check.
+
+Two drivers may share a store. What they do to it together is serialised by `store_lock`: a file
+lock (flock) beside a SQLite store, so creating the store and an experiment, and the champion's
+compare-and-set, happen one driver at a time on that store. A remote tracking server offers no
+compare-and-set, and the lock is then a file in saeforge's cache keyed by the URI: it serialises
+the drivers of one machine only; drivers on different machines finishing within the same second
+can still leave the worse of their two versions champion (every version keeps its score as a
+tag, so `saeforge compare` shows it). `redact` keeps a URI's credentials out of what is printed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import math
 import os
 import re
 import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,29 +88,73 @@ def require_store(what: str) -> str:
     store = tracking_uri()
     if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).is_file():
         raise UserError(
-            f"cannot read '{what}': no MLflow store at {store} (set MLFLOW_TRACKING_URI or run where "
+            f"cannot read '{what}': no MLflow store at {redact(store)} (set MLFLOW_TRACKING_URI or run where "
             "the SAE was trained)"
         )
     return use_store()
 
 
-def ensure_experiment(name: str, uri: str) -> str:
-    """The experiment's id, creating it with an explicit artifact location if needed."""
-    import mlflow
+def redact(uri: str) -> str:
+    """`uri` with any user name and password replaced by '***' (for printing and logging)."""
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
 
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    root = artifact_root(uri)
-    location = f"{root}/{clean_name(name)}" if root else None
-    return mlflow.create_experiment(name, artifact_location=location)
+
+def lock_path(uri: str) -> Path:
+    """The lock file of a store: beside a SQLite database, else in the cache, keyed by the URI."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :])
+        return db.with_name(db.name + ".lock")
+    from saeforge.core.model import cache_root
+
+    return cache_root() / "locks" / f"mlflow-{hashlib.sha256(uri.encode()).hexdigest()[:16]}.lock"
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold the store's lock (an exclusive flock; released when the block ends or the process dies)."""
+    path = lock_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """The experiment's id, creating it with an explicit artifact location if needed. Under the
+    store's lock (a fresh SQLite store is created by the first access, whose migrations must not
+    run twice at once), and tolerant of another process having created it first."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        root = artifact_root(uri)
+        location = f"{root}/{clean_name(name)}" if root else None
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            experiment = mlflow.get_experiment_by_name(name)  # created meanwhile, by a driver elsewhere
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
 
 class RunCurves:
-    """Logs training curves into a run from a Ray Train worker (rank 0)."""
+    """Logs training curves into a run from a Ray Train worker (rank 0), best-effort: a failed
+    call (a tracking server restarting, a locked SQLite store, the run gone) is counted and the
+    first error kept for the run's summary, never raised: the curves are not worth the run."""
 
     def __init__(self, uri: str, run_id: str):
-        self.client = None
+        self.client, self.failures, self.first_error = None, 0, ""
         if uri and run_id:
             from mlflow.tracking import MlflowClient
 
@@ -110,7 +166,12 @@ class RunCurves:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        except Exception as err:  # any failure of the store: MlflowException, OSError, requests' errors
+            self.failures += 1
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            self.first_error = self.first_error or f"{type(err).__name__}: {first_line}"
 
 
 def finite(values: dict) -> dict[str, float]:
@@ -181,7 +242,10 @@ def unmet_conditions(metrics: dict[str, float], max_l0: float) -> list[str]:
 
 def promote_if_better(name: str, version: int | str, metrics: dict[str, float], max_l0: float) -> tuple[bool, str]:
     """Tag the version, and move `champion` to it when it is a good SAE (`unmet_conditions`) that
-    beats the current champion on CE loss recovered. Returns (moved, reason)."""
+    beats the current champion on CE loss recovered. Returns (moved, reason). The read, the
+    comparison and the move happen under the store's lock, so two runs finishing together leave
+    the better one champion."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -190,12 +254,13 @@ def promote_if_better(name: str, version: int | str, metrics: dict[str, float], 
     if unmet:
         return False, "; ".join(unmet)
     score, l0 = metrics[CHAMPION_METRIC], metrics["l0"]
-    current = champion_version(client, name)
-    if current is not None:
-        best = float(current.tags.get(CHAMPION_METRIC, "-inf"))
-        if score <= best:
-            return False, f"{CHAMPION_METRIC} {score:.4f} does not beat champion v{current.version} ({best:.4f})"
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    with store_lock(mlflow.get_tracking_uri()):
+        current = champion_version(client, name)
+        if current is not None:
+            best = float(current.tags.get(CHAMPION_METRIC, "-inf"))
+            if score <= best:
+                return False, f"{CHAMPION_METRIC} {score:.4f} does not beat champion v{current.version} ({best:.4f})"
+        client.set_registered_model_alias(name, CHAMPION, str(version))
     previous = f" (was v{current.version})" if current is not None else ""
     return True, f"{CHAMPION_METRIC} {score:.4f} at L0 {l0:.1f}{previous}"
 

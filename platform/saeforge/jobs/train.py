@@ -5,12 +5,19 @@ MLflow run, the activation dataset (producer actors over the contexts still to t
 TorchTrainer from the shared factory, the core evaluation (and any extra suites) of the final
 checkpoint's SAE on held-out text with the whole model, and the registry: the final SAE is logged
 once, as the registered pyfunc model, and becomes `champion` if it beats the current one.
+
+The MLflow run ends FINISHED, KILLED (Ctrl-C, or SIGTERM: `ray job stop`, a scheduler) or FAILED
+(anything raised), never left RUNNING by a driver that got to say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -28,11 +35,22 @@ from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
 
-def run_name(plan: RunPlan) -> str:
-    args = plan.args
-    if args.resume:
-        return f"{Path(args.resume).parent.name}-resumed-{time.strftime('%H%M%S')}"
-    return args.run_name or f"{args.variant}-{plan.hook.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt in the driver, as Ctrl-C does
+    (Ray's own handler exits without a word), so the run is ended KILLED on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
@@ -105,7 +123,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     plan, contexts = plan_train(args, progress)
     phases.done("plan")  # the model prepared the first time, the corpus tokenised
     args = plan.args
-    name = run_name(plan)
+    name = plan.name
     progress(
         f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
         f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
@@ -118,71 +136,96 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     connect_ray(args.address)
     phases.done("ray_start")
     resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
-    with mlflow.start_run(
+    run = mlflow.start_run(
         run_id=resumed_run, experiment_id=None if resumed_run else experiment_id, run_name=None if resumed_run else name
-    ) as run:
-        registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
-        plan = dataclasses.replace(
-            plan,
-            resources=share_resources(
-                args.producers,
-                args.workers,
-                concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train))),
-            ),
-            tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
-        )
-        if not resumed_run:
-            log_params(plan)
-        result = train_on_ray(plan, contexts, name, show=progress)
-        phases.done("train")  # activations and SAE steps, with Ray Train's start-up
-        checkpoint = Path(result.checkpoint.path)
-        train_seconds = time.time() - started
-        train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
+    )
+    status = "FAILED"
+    try:
+        with sigterm_interrupts():  # after ray.init, which sets a handler of its own
+            summary = train_evaluate_register(plan, contexts, uri, run, started, progress, phases)
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
+    seconds = time.time() - started
+    return {**summary, "tracking_uri": tracking.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
 
-        sae_folder = checkpoint / SAE_DIR
-        variant, cfg = sae_files.load_sae(sae_folder)
-        progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
-        device, dtype = compute_device()
-        model = load_model(plan.stream.model, dtype=dtype, device=device)
-        results = evaluate_core(
-            model,
-            variant,
-            plan.hook,
-            contexts.eval,
-            list(plan.stream.special_ids),
-            progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
+
+def train_evaluate_register(
+    plan: RunPlan, contexts: Contexts, uri: str, run, started: float, progress, phases: Phases
+) -> dict:
+    """Inside the run's MLflow run: train on Ray, evaluate, log, register, promote."""
+    import mlflow
+
+    args, resumed = plan.args, bool(plan.tracking.run_id)
+    registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
+    plan = dataclasses.replace(
+        plan,
+        resources=share_resources(
+            args.producers,
+            args.workers,
+            concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train))),
+        ),
+        tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
+    )
+    if not resumed:
+        log_params(plan)
+    result = train_on_ray(plan, contexts, plan.name, show=progress)
+    phases.done("train")  # activations and SAE steps, with Ray Train's start-up
+    checkpoint = Path(result.checkpoint.path)
+    train_seconds = time.time() - started
+    train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
+    failures = int(result.metrics.get("mlflow_failures", 0))
+    if failures:
+        progress(
+            f"saeforge: warning: {failures} of the workers' MLflow logging calls failed "
+            "(training went on; those curve points are missing)"
         )
-        mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
-        results["dead_fraction_train"] = result.metrics["dead_fraction"]  # silent over the last 50k training tokens
-        mlflow.log_metrics(
-            {
-                "train_seconds": train_seconds,
-                "train_tokens_per_s": train_tokens_per_s,
-                "train/dead_fraction_last_50k": results["dead_fraction_train"],
-            }
-        )
-        mlflow.log_dict(results, "eval/core.json")
-        phases.done("evaluate")
-        if plan.eval_suites:
-            ctx = build_context(variant, cfg, model, dataset=args.dataset)
-            for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
-                mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
-                mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
-        version = tracking.log_and_register(sae_folder, registered)
-        moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
-        phases.done("register")
-        mlflow.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()})
+
+    sae_folder = checkpoint / SAE_DIR
+    variant, cfg = sae_files.load_sae(sae_folder)
+    progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
+    device, dtype = compute_device()
+    model = load_model(plan.stream.model, dtype=dtype, device=device)
+    results = evaluate_core(
+        model,
+        variant,
+        plan.hook,
+        contexts.eval,
+        list(plan.stream.special_ids),
+        progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
+    )
+    mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
+    results["dead_fraction_train"] = result.metrics["dead_fraction"]  # silent over the last 50k training tokens
+    mlflow.log_metrics(
+        {
+            "train_seconds": train_seconds,
+            "train_tokens_per_s": train_tokens_per_s,
+            "train/dead_fraction_last_50k": results["dead_fraction_train"],
+        }
+    )
+    mlflow.log_dict(results, "eval/core.json")
+    phases.done("evaluate")
+    if plan.eval_suites:
+        ctx = build_context(variant, cfg, model, dataset=args.dataset)
+        for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
+            mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
+            mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
+    version = tracking.log_and_register(sae_folder, registered)
+    moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
+    phases.done("register")
+    mlflow.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()})
     return {
         "run_id": run.info.run_id,
         "experiment_id": run.info.experiment_id,
-        "tracking_uri": uri,
         "registered_model": registered,
         "version": version,
         "champion": moved,
         "champion_reason": reason,
         "checkpoint": str(checkpoint),
         "metrics": results,
-        "seconds": time.time() - started,
-        "phase_seconds": phases.seconds,
         "train_tokens_per_s": train_tokens_per_s,
+        "mlflow_failures": failures,
     }

@@ -3,7 +3,8 @@
 Thin glue around `core.training.train_loop`: the worker gets the whole typed plan, builds the
 variant (or restores a checkpoint), gives a fresh SAE its data-dependent start on the first batch
 (the activation scale averaged over workers) before wrapping it for DDP, and turns the loop's
-log and checkpoint callbacks into MLflow curves and `ray.train.report` calls.
+log and checkpoint callbacks into MLflow curves (best-effort: a failure is counted, reported with
+each checkpoint, never fatal) and `ray.train.report` calls.
 """
 
 from __future__ import annotations
@@ -68,7 +69,14 @@ def worker_loop(config: dict) -> None:
             ray.train.report({"step": step, **{k: float(v) for k, v in values.items()}})
         if rank != 0:
             return
-        curves.log(step, values)  # log the curves, then the line on the driver's stderr
+        failures = curves.failures
+        curves.log(step, values)  # log the curves (best-effort), then the line on the driver's stderr
+        if curves.failures and not failures:
+            progress_board.post(
+                plan.progress_board,
+                f"saeforge: warning: logging curves to MLflow failed ({curves.first_error}); "
+                "training goes on, failures are counted",
+            )
         eta = (time.perf_counter() - started) / max(1, step - start_step) * (settings.total_steps - step)
         progress_board.post(plan.progress_board, progress_line(step, settings.total_steps, values, eta))
 
@@ -81,6 +89,7 @@ def worker_loop(config: dict) -> None:
                 "tokens_seen": snapshot.tokens_seen,
                 "train_seconds": time.perf_counter() - started,  # from the first batch on
                 "dead_fraction": metrics.dead_fraction(variant.tokens_since_fired, snapshot.tokens_seen),
+                "mlflow_failures": curves.failures if curves else 0,  # rank 0's count reaches the driver
             }
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 

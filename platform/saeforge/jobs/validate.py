@@ -8,18 +8,25 @@ bench and study all validate here.
 
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import sys
+import time
+import urllib.parse
+from dataclasses import fields
+from pathlib import Path
 
 import variants
 from saeforge.core import corpus, eval_suites
-from saeforge.core.batches import step_budget
+from saeforge.core.batches import step_budget, tokens_per_context
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import load_config, load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
-from saeforge.jobs import checkpoints
-from saeforge.jobs.arguments import TrainArgs, check_ranges, pairs_dict
+from saeforge.jobs import checkpoints, tracking
+from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, pairs_dict
 from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
 
 
@@ -49,18 +56,98 @@ def hook_points(args) -> tuple[HookPoint, ...]:
     return tuple(HookPoint(int(layer), args.site) for layer in dict.fromkeys(layers))
 
 
+# Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs.
+RESUME_MAY_CHANGE = ("resume", "address")
+
+
+def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
+    """The checkpoint's run arguments for `--resume`, refusing any other flag given with a value
+    that differs from the run's own (it would be ignored: a resumed run keeps its arguments)."""
+    checkpoint = checkpoints.find_checkpoint(given.resume)
+    info = checkpoints.read_info(checkpoint)
+    saved, defaults = checkpoints.resumed_args(checkpoint, info), TrainArgs()
+    changed = []
+    for f in fields(TrainArgs):
+        if f.name in RESUME_MAY_CHANGE:
+            continue
+        value, was, default = (getattr(a, f.name) for a in (given, saved, defaults))
+        if f.name == "overrides":
+            value, was, default = pairs_dict(value), pairs_dict(was), pairs_dict(default)
+        if value != default and value != was:
+            changed.append(f"{flag_name(f)} {value!r} (the run has {was!r})")
+    if changed:
+        raise UserError(
+            f"--resume continues a run with its own arguments; drop {', '.join(changed)} or start a new run"
+        )
+    saved.address = given.address
+    return saved, info
+
+
+def run_name(args: TrainArgs, hook: HookPoint) -> str:
+    """The run's name: --run-name, else variant-hook-time; a random suffix tells apart runs
+    started in the same second (Ray Train restores whatever it finds under a run's name)."""
+    stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), secrets.token_hex(3)
+    if args.resume:
+        return f"{Path(args.resume).parent.name}-resumed-{stamp}-{suffix}"
+    return args.run_name or f"{args.variant}-{hook.name}-{stamp}-{suffix}"
+
+
+def check_new_run_folder(args: TrainArgs, name: str) -> None:
+    """An explicit --run-name whose folder exists holds another run's checkpoints: refused."""
+    folder = Path(args.storage).expanduser().resolve() / name
+    if args.run_name and not args.resume and folder.exists():
+        raise UserError(
+            f"--run-name {name}: {folder} already exists (another run's checkpoints); "
+            f"choose another name, or continue that run with --resume {folder}"
+        )
+
+
+def host_port(address: str, default_port: int) -> tuple[str, int]:
+    """(host, port) of 'host:port', 'scheme://host:port/...' or a bare host."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        return parts.hostname or "", parts.port or default_port
+    except ValueError:  # a port that is not a number
+        raise UserError(f"'{tracking.redact(address)}' is not a host:port address") from None
+
+
+def check_reachable(address: str, what: str, default_port: int, timeout_s: float = 5.0) -> None:
+    """A TCP connection to `address` opens within `timeout_s`, or one line naming it (Ray and
+    MLflow would otherwise retry for minutes, after the run has started writing)."""
+    host, port = host_port(address, default_port)
+    if not host:
+        raise UserError(f"{what} '{tracking.redact(address)}' names no host")
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__.replace("Error", "").lower() or "unreachable"
+        raise UserError(f"cannot reach {what} at {tracking.redact(address)}: {reason}") from None
+
+
+def check_services(address: str) -> None:
+    """The Ray cluster (--address or RAY_ADDRESS) and the MLflow store answer, before either is used."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address and address not in ("auto", "local"):
+        check_reachable(address, "the Ray cluster", 10001 if address.startswith("ray://") else 6379)
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri, "the MLflow tracking server", 443 if uri.startswith("https") else 80)
+    elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).parent.is_dir():
+        raise UserError(f"MLflow store {uri}: the folder {Path(uri[len('sqlite:///') :]).parent} does not exist")
+
+
 def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     """Check every input and pack the token contexts; raises UserError on bad input."""
     info: dict = {}
     if args.resume:
-        checkpoint = checkpoints.find_checkpoint(args.resume)
-        info = checkpoints.read_info(checkpoint)
-        args = checkpoints.resumed_args(checkpoint, info)
+        args, info = resumed_train_args(args)
     check_ranges(args)
     variant_class(args.variant)
     hooks = hook_points(args)
     if len(hooks) != 1:
         raise UserError("--layer: one layer per training run")
+    name = run_name(args, hooks[0])
+    check_new_run_folder(args, name)
     spec = resolve_model(args.model)  # prepares (de-quantises) the packaged Gemma the first time
     config = load_config(spec)
     for hook in hooks:
@@ -72,6 +159,12 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     tokenizer = load_tokenizer(spec)
     special = tuple(corpus.special_ids(tokenizer))
     budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers)
+    step_tokens = budget.contexts_per_step * tokens_per_context(args.context_size)
+    if args.tokens < step_tokens:
+        raise UserError(
+            f"--tokens {args.tokens} is less than one optimiser step ({budget.contexts_per_step} contexts of "
+            f"{args.context_size} tokens: {step_tokens} tokens for batch_size {cfg.batch_size}); ask for at least that"
+        )
     train = corpus.pack_contexts(
         corpus.split_texts(args.dataset, "train", args.text_column), tokenizer, args.context_size, budget.contexts
     )
@@ -93,6 +186,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     if len(evals) == 0:
         raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
     total_steps = info.get("total_steps") or budget.total_steps
+    check_services(args.address)  # last: the network, once everything local is known good
     hook = hooks[0]
     plan = RunPlan(
         args=args,
@@ -104,6 +198,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         eval_suites=suites,
         max_l0=args.max_l0 or d_in / 2,
         resume_from=args.resume,
+        name=name,
         tracking=TrackingTarget(run_id=info.get("run_id", "")),
     )
     done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained

@@ -1,0 +1,197 @@
+"""Every bad input of issue 10 is answered with one line on stderr and exit code 2, before Ray
+starts or anything is written (the folder the command runs in is left exactly as it was), and
+the silently-wrong ones are refused or warned about. In-process through `saeforge.cli.main` on
+the tiny model: no Ray, seconds per input. `connect_ray` is replaced by a tripwire so that a
+check moved after Ray's start fails here loudly."""
+
+import json
+import socket
+
+import pytest
+
+import variants
+from conftest import tiny_args
+from saeforge.cli import main
+from saeforge.core.sae_files import SaeMeta, save_sae
+from saeforge.core.training import LoopState
+from saeforge.jobs import checkpoints
+
+TRAIN = ["train", "--model", "tiny", "--layer", "3"]
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys):
+    """Run the CLI in an empty folder; assert exit 2, one error line containing `message`, no
+    traceback, and nothing written; return the error line."""
+    import saeforge.jobs.train
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def tripwire(*_):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(saeforge.jobs.train, "connect_ray", tripwire)
+
+    def check(argv, message, env=None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        before = sorted(tmp_path.rglob("*"))
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("saeforge: error: ") and message in line, err
+        assert "Traceback" not in err
+        assert sorted(tmp_path.rglob("*")) == before  # no mlflow.db, no saeforge_runs, nothing
+        return line
+
+    return check
+
+
+def test_batch_size_0(refused):
+    refused([*TRAIN, "--set", "batch_size=0"], "batch_size must be at least 1, got 0")
+
+
+def test_log_every_0(refused):
+    refused([*TRAIN, "--log-every", "0"], "--log-every must be at least 1, got 0")
+
+
+def test_tokens_below_one_step(refused):
+    refused([*TRAIN, "--tokens", "100"], "--tokens 100 is less than one optimiser step")
+
+
+def test_unknown_optimizer(refused):
+    refused([*TRAIN, "--set", "optimizer=sgd"], "optimizer must be one of adam, adamw, got 'sgd'")
+
+
+def test_negative_d_sae(refused):
+    refused([*TRAIN, "--d-sae", "-8"], "--d-sae must be at least 0, got -8")
+
+
+def test_zero_learning_rate(refused):
+    refused([*TRAIN, "--set", "lr=0"], "lr must be above 0")
+
+
+def test_a_model_that_is_not_a_gemma(refused, tmp_path):
+    """`--model gpt2` offline: a local folder holding GPT-2's config (no Gemma layout to hook)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=4).save_pretrained(tmp_path / "gpt2")
+    refused(["train", "--model", str(tmp_path / "gpt2"), "--layer", "1"], "is a gpt2 model: saeforge reads Gemma")
+
+
+def test_a_local_model_without_a_tokenizer(refused, tmp_path):
+    from saeforge.core.model import _tiny_config
+
+    _tiny_config("tiny").save_pretrained(tmp_path / "gemma")  # config.json only
+    refused(["train", "--model", str(tmp_path / "gemma"), "--layer", "3"], "cannot load the tokenizer of model")
+
+
+def test_an_unreachable_ray_address(refused):
+    port = closed_port()
+    refused([*TRAIN, "--address", f"127.0.0.1:{port}"], f"cannot reach the Ray cluster at 127.0.0.1:{port}")
+
+
+def test_an_unreachable_ray_address_from_the_environment(refused):
+    port = closed_port()
+    refused(TRAIN, "cannot reach the Ray cluster", env={"RAY_ADDRESS": f"ray://127.0.0.1:{port}"})
+
+
+def test_an_unreachable_tracking_server_is_named_without_its_credentials(refused):
+    port = closed_port()
+    uri = f"http://alice:s3cret@127.0.0.1:{port}"
+    line = refused(
+        TRAIN, "cannot reach the MLflow tracking server at http://***@127.0.0.1", env={"MLFLOW_TRACKING_URI": uri}
+    )
+    assert "s3cret" not in line and "alice" not in line
+
+
+def test_a_sqlite_store_in_a_missing_folder(refused, tmp_path):
+    uri = f"sqlite:///{tmp_path}/no/such/folder/mlflow.db"
+    refused(TRAIN, "does not exist", env={"MLFLOW_TRACKING_URI": uri})
+
+
+def test_a_text_column_holding_non_strings(refused, tmp_path):
+    path = tmp_path / "numbers.jsonl"
+    path.write_text("".join(json.dumps({"text": i}) + "\n" for i in range(50)))
+    refused([*TRAIN, "--dataset", str(path)], "column 'text' holds int values, not text")
+
+
+def test_eval_of_an_sae_whose_width_does_not_match_the_model(refused, tmp_path):
+    sae = variants.build("relu", d_in=16, d_sae=32)
+    folder = save_sae(sae, tmp_path / "sae16", SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki"))
+    refused(
+        ["eval", str(folder), "--model", "tiny", "--no-log"],
+        "reads activations of width 16, but model 'tiny' has width 64",
+    )
+
+
+def test_lr_schedule_linear(refused):
+    refused([*TRAIN, "--set", "lr_schedule=linear"], "lr_schedule must be one of constant, cosine, decay, got 'linear'")
+
+
+def test_topk_k_0(refused):
+    refused([*TRAIN, "--variant", "topk", "--set", "k=0"], "k must be in 1..d_sae (512), got 0")
+
+
+def test_topk_k_above_d_sae(refused):
+    refused([*TRAIN, "--variant", "topk", "--d-sae", "128", "--set", "k=129"], "k must be in 1..d_sae (128), got 129")
+
+
+def saved_checkpoint(tmp_path):
+    """A complete checkpoint of a run started with tiny_args (its run.json holds them)."""
+    folder = tmp_path / "runs" / "old-run" / "checkpoint_000000"
+    sae = variants.build("relu", d_in=64, d_sae=128)
+    info = checkpoints.run_info(tiny_args(tmp_path), "run-id", total_steps=20)
+    checkpoints.save_checkpoint(
+        folder, sae, LoopState(5, 500), SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 128, "wiki"), info
+    )
+    return folder
+
+
+def test_resume_with_flags_that_would_be_ignored(refused, tmp_path):
+    folder = saved_checkpoint(tmp_path)
+    refused(
+        ["train", "--resume", str(folder), "--tokens", "5000", "--variant", "topk"],
+        "--resume continues a run with its own arguments; drop --tokens 5000 (the run has 12000)",
+    )
+
+
+def test_an_explicit_run_name_whose_folder_exists(refused, tmp_path):
+    (tmp_path / "saeforge_runs" / "mine" / "checkpoint_000000").mkdir(parents=True)
+    refused([*TRAIN, "--run-name", "mine"], "--run-name mine: ")
+
+
+def test_a_resume_target_that_is_half_written(refused, tmp_path):
+    folder = saved_checkpoint(tmp_path)
+    (folder / checkpoints.COMPLETE_FILE).unlink()
+    refused(["train", "--resume", str(folder)], "the checkpoint is incomplete")
+
+
+def test_tokens_beyond_the_corpus_are_warned_about(tmp_path):
+    """Not an error: the run trains on what the corpus holds, and says so before it starts."""
+    from saeforge.jobs.validate import plan_train
+
+    (tmp_path / "small.txt").write_text("".join(f"document number {i} about nothing much\n" for i in range(300)))
+    said = []
+    plan, _ = plan_train(tiny_args(tmp_path, dataset=str(tmp_path / "small.txt"), tokens=10**7), said.append)
+    assert any("training" in line and "instead of" in line and "--tokens 10000000" in line for line in said), said
+
+
+def test_default_run_names_never_collide():
+    """Two runs started in the same second get different names (and so different folders)."""
+    from saeforge.core.hooks import HookPoint
+    from saeforge.jobs.arguments import TrainArgs
+    from saeforge.jobs.validate import run_name
+
+    names = {run_name(TrainArgs(), HookPoint(6, "resid_post")) for _ in range(20)}
+    assert len(names) == 20

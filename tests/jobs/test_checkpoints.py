@@ -1,0 +1,67 @@
+"""Checkpoints survive crashes: a save killed at any step leaves the old checkpoint or the new
+one, complete; a checkpoint whose copy was cut short is skipped for the one before it."""
+
+import shutil
+
+import pytest
+
+import variants
+from conftest import crash_during, crash_points, tiny_args
+from saeforge.core.sae_files import SaeMeta
+from saeforge.core.training import LoopState
+from saeforge.errors import UserError
+from saeforge.jobs import checkpoints
+
+META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki")
+
+
+def save(folder, step: int):
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    info = checkpoints.run_info(tiny_args(folder.parent), "run-id", total_steps=20)
+    checkpoints.save_checkpoint(folder, variant, LoopState(step, 100 * step), META, info)
+    return folder
+
+
+def test_a_crash_at_any_step_of_a_checkpoint_save_keeps_a_complete_one(tmp_path):
+    """A real process dies at each file operation of save_checkpoint in turn (and half-way
+    through each file it writes): the checkpoint is always complete, at the old step or the new."""
+    folder = save(tmp_path / "checkpoint", 5)
+    crashes = 0
+    for step, torn in crash_points():
+        outcome = crash_during(lambda: save(folder, 10), step, torn)
+        if outcome == "completed":
+            break
+        crashes += outcome == "crashed"
+        assert checkpoints.is_checkpoint(folder), (step, torn)
+        assert checkpoints.load_checkpoint(folder)[1].step in (5, 10), (step, torn)
+        assert checkpoints.read_info(folder)["step"] in (5, 10)
+        save(folder, 5)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"], (step, torn)
+    assert crashes >= 20
+    assert checkpoints.load_checkpoint(folder)[1].step == 10
+
+
+@pytest.mark.parametrize("cut", ["no marker", "a file missing", "a file truncated"])
+def test_a_half_copied_checkpoint_is_skipped_for_the_previous_one(tmp_path, cut):
+    """Ray Train copies a checkpoint into the run folder in no fixed order: whichever part of the
+    copy is missing, the newest checkpoint whose files all match complete.json is resumed."""
+    run = tmp_path / "run"
+    save(run / "checkpoint_000000", 5)
+    newest = shutil.copytree(save(tmp_path / "staged", 10), run / "checkpoint_000001")
+    if cut == "no marker":
+        (newest / checkpoints.COMPLETE_FILE).unlink()
+    elif cut == "a file missing":
+        (newest / "sae" / "saeforge_state.safetensors").unlink()
+    else:
+        with open(newest / checkpoints.LOOP_STATE_FILE, "r+b") as f:
+            f.truncate(100)
+    assert checkpoints.find_checkpoint(str(run)) == run / "checkpoint_000000"
+    with pytest.raises(UserError, match="incomplete"):
+        checkpoints.find_checkpoint(str(newest))
+
+
+def test_the_newest_complete_checkpoint_is_taken(tmp_path):
+    run = tmp_path / "run"
+    save(run / "checkpoint_000000", 5)
+    save(run / "checkpoint_000001", 10)
+    assert checkpoints.find_checkpoint(str(run)) == run / "checkpoint_000001"
