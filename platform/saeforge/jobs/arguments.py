@@ -147,6 +147,40 @@ class EvalArgs:
 
 
 @dataclass
+class BrowseArgs:
+    """Everything `saeforge browse` accepts."""
+
+    uri: str = opt(
+        "",
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
+        positional=True,
+        metavar="MODEL_URI",
+    )
+    out: str = opt("", "folder of the site (default ./browser_<name>)", metavar="FOLDER")
+    tokens: int = opt(100_000, "held-out tokens to read (default %(default)s)", minimum=1)
+    latents: str = opt(
+        "frequent",
+        "latents that get a page: 'frequent' (the most frequent, default), 'random', 'all' (up to "
+        "--max-pages) or comma-separated latent ids",
+        metavar="WHICH",
+    )
+    n_latents: int = opt(100, "pages with --latents frequent or random (default %(default)s)", minimum=1)
+    max_pages: int = opt(2048, "the most pages --latents all writes (default %(default)s)", minimum=1)
+    top_k: int = opt(20, "top activating contexts kept per latent (default %(default)s)", minimum=1)
+    model: str = opt("", "model to run (default: model_name in the SAE's cfg.json)")
+    dataset: str = opt(
+        BUILTIN, "text whose held-out split is read: 'wiki' (built in, default) or as `saeforge train --dataset`"
+    )
+    text_column: str = opt("text", "text column of a dataset (default %(default)s)")
+    producers: int = opt(1, "model-slice actors reading the text (default %(default)s)", minimum=1)
+    batch_contexts: int = opt(16, "contexts per producer forward pass (default %(default)s)", minimum=1)
+    seed: int = opt(0, "seed of --latents random and of the quantile samples (default %(default)s)")
+    run_id: str = opt("", "MLflow run to log the site to (required to log a bare SAE folder)")
+    log: bool = opt(True, "log the site to MLflow as artifacts under browser/ (--no-log: do not)")
+    address: str = opt("", "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+
+
+@dataclass
 class CompareArgs:
     """Everything `saeforge compare` accepts."""
 
