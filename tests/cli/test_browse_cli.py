@@ -147,7 +147,7 @@ def narrow_sae(folder: Path) -> str:
         (["models:/no-such-model/1"], "cannot read 'models:/no-such-model/1'"),
         (["TINY", "--latents", "5,999"], "latent 999 is out of range: the SAE has 128 latents"),
         (["TINY", "--latents", "-1"], "latent -1 is out of range"),
-        (["TINY", "--n-latents", "500"], "--n-latents 500 is out of range"),
+        (["TINY", "--n-latents", "0"], "--n-latents must be at least 1"),
         (["TINY", "--latents", "most"], "--latents: expected frequent, random, all or comma-separated"),
         (["TINY", "--tokens", "0"], "--tokens must be at least 1"),
         (["NARROW"], "the SAE reads 32-wide activations but tiny has hidden size 64"),

@@ -87,12 +87,10 @@ def parse_latents(text: str) -> tuple[str, list[int]]:
     return "list", list(dict.fromkeys(int(p) for p in parts))
 
 
-def check_latents(choice: str, ids: list[int], n_latents: int, d_sae: int) -> None:
+def check_latents(ids: list[int], d_sae: int) -> None:
     bad = [i for i in ids if not 0 <= i < d_sae]
     if bad:
         raise UserError(f"--latents: latent {bad[0]} is out of range: the SAE has {d_sae} latents (0-{d_sae - 1})")
-    if choice in ("frequent", "random") and n_latents > d_sae:
-        raise UserError(f"--n-latents {n_latents} is out of range: the SAE has {d_sae} latents")
 
 
 def check_width(sae_d_in: int, config, model_name: str) -> None:
@@ -190,13 +188,13 @@ def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print)
     sae, cfg = resolved.sae, resolved.cfg
     meta = SaeMeta.from_cfg(cfg)
     d_sae = sae.cfg.d_sae
-    check_latents(choice, ids, args.n_latents, d_sae)
     model_name = args.model or meta.model_name
     spec = resolve_model(model_name)
     config = load_config(spec)
     hook = HookPoint.parse(meta.hook_name)
     hook.check(config.num_hidden_layers, model_name)
     check_width(sae.cfg.d_in, config, model_name)
+    check_latents(ids, d_sae)  # --n-latents above d_sae just means every latent that fired
     if args.log and args.run_id:
         tracking.require_store(args.uri)
         from mlflow.exceptions import MlflowException
