@@ -93,21 +93,25 @@ def best_order(score: Tensor, context: Tensor, k: int) -> Tensor:
     return by_id.gather(1, torch.argsort(score.gather(1, by_id), dim=1, descending=True, stable=True))[:, :k]
 
 
-def batch_examples(f: Tensor, context_ids: Tensor, score: Tensor, value: Tensor, peak: Tensor, k: int) -> Examples:
-    """The best k contexts of one batch per latent (score (L, b); -inf: not a candidate), with
-    their windows cut from f (b, T, L)."""
+def context_windows(f: Tensor) -> Tensor:
+    """(b, T, L, W) view: [r, p, l] is latent l's activations in batch row r over the window
+    around position p (NaN beyond the context's ends), from latents f (b, T, L)."""
     b, t, n = f.shape
+    padded = torch.full((b, WINDOW_BEFORE + t + WINDOW_AFTER, n), math.nan)
+    padded[:, WINDOW_BEFORE : WINDOW_BEFORE + t] = f
+    return padded.unfold(1, WINDOW_BEFORE + 1 + WINDOW_AFTER, 1)
+
+
+def batch_examples(windows: Tensor, context_ids: Tensor, score: Tensor, value: Tensor, peak: Tensor, k: int) -> Examples:
+    """The best k contexts of one batch per latent (score (L, b); -inf: not a candidate), with
+    their windows (`context_windows` of the batch)."""
+    n, b = score.shape
     top = best_order(score, context_ids.long().unsqueeze(0).expand(n, b), min(k, b))  # (L, k) batch rows
     s = score.gather(1, top)
     ctx = torch.where(torch.isfinite(s), context_ids.long()[top], torch.full_like(top, -1))
     pk = peak.gather(1, top)
-    offsets = torch.arange(-WINDOW_BEFORE, WINDOW_AFTER + 1)
-    pos = pk.unsqueeze(-1) + offsets  # (L, k, W)
-    inside = (pos >= 0) & (pos < t)
-    latent = torch.arange(n).view(n, 1, 1).expand_as(pos)
-    rows = top.unsqueeze(-1).expand_as(pos)
-    window = f[rows, pos.clamp(0, t - 1), latent].float()
-    window = torch.where(inside & (ctx >= 0).unsqueeze(-1), window, torch.full_like(window, math.nan))
+    window = windows[top, pk, torch.arange(n).unsqueeze(1)]  # (L, k, W)
+    window = torch.where((ctx >= 0).unsqueeze(-1), window, torch.full_like(window, math.nan))
     return Examples(s, ctx, value.gather(1, top).float(), pk, window)
 
 
@@ -146,30 +150,30 @@ class LatentStats:
         f = f.clamp_min(0)  # a latent "fires" when > 0; no variant emits negative latents
         context_ids = context_ids.long().cpu()
         rows = f[mask]  # (N, d_sae) real tokens
-        fired = rows > 0
         self.tokens += rows.shape[0]
         self.contexts += int(mask.any(1).sum())
-        self.fire_counts += fired.sum(0)
-        self.act_sum += rows.sum(0).double()
-        self.act_max = torch.maximum(self.act_max, rows.amax(0) if len(rows) else self.act_max)
-        self.l0_counts += torch.bincount(fired.sum(1), minlength=self.d_sae + 1)
-        self._add_histogram(rows)
+        # Every firing as (token, latent, value): the counts, sums and histogram read these alone.
+        token, latent = (rows > 0).nonzero(as_tuple=True)
+        values = rows[token, latent]
+        self.fire_counts += torch.bincount(latent, minlength=self.d_sae)
+        self.act_sum.index_add_(0, latent, values.double())
+        self.act_max = self.act_max.scatter_reduce(0, latent, values, "amax")
+        self.l0_counts += torch.bincount(torch.bincount(token, minlength=len(rows)), minlength=self.d_sae + 1)
+        self._add_histogram(latent, values)
 
+        windows = context_windows(f)
         peak_value, peak = f.max(1)  # (b, d_sae): each context's peak per latent
         value, peak = peak_value.T.contiguous(), peak.T.contiguous()  # (d_sae, b)
         fires = value > 0
         top_score = torch.where(fires, value.double(), torch.full_like(value, -math.inf, dtype=torch.float64))
-        self.top = self.top.merge(batch_examples(f, context_ids, top_score, value, peak, self.top_k))
+        self.top = self.top.merge(batch_examples(windows, context_ids, top_score, value, peak, self.top_k))
         keys = sample_keys(context_ids, torch.arange(self.d_sae), self.seed).T  # (d_sae, b)
         sample_score = torch.where(fires, -keys, torch.full_like(keys, -math.inf))
-        self.sample = self.sample.merge(batch_examples(f, context_ids, sample_score, value, peak, self.samples))
+        self.sample = self.sample.merge(batch_examples(windows, context_ids, sample_score, value, peak, self.samples))
 
-    def _add_histogram(self, rows: Tensor) -> None:
-        where = (rows > 0).nonzero()
-        if not len(where):
+    def _add_histogram(self, latent: Tensor, values: Tensor) -> None:
+        if not len(values):
             return
-        values = rows[where[:, 0], where[:, 1]]
-        latent = where[:, 1]
         need = torch.zeros(self.d_sae, dtype=torch.long)
         top = torch.zeros(self.d_sae).scatter_reduce_(0, latent, values, "amax")
         fired = top > 0
