@@ -101,7 +101,9 @@ class MatryoshkaBatchTopK(BatchTopK):
 
     def latent_groups(self) -> LatentGroups:
         """Block g holds the latents m_(g-1) <= i < m_g: the latents prefix g adds."""
-        return LatentGroups("prefix block", torch.bucketize(torch.arange(self.cfg.d_sae), torch.tensor(self.widths), right=True))
+        return LatentGroups(
+            "prefix block", torch.bucketize(torch.arange(self.cfg.d_sae), torch.tensor(self.widths), right=True)
+        )
 
     def diagnostics(self, x, mask=None):
         """Each prefix's explained variance and L0 (the platform's formulas, on these rows)."""

@@ -56,7 +56,7 @@ def test_ray_pass_equals_an_in_process_pass(tiny_run, tmp_path):
         want = order[:TOP_K]
         got = [int(c) for c in stats.top.context[latent] if c >= 0]
         assert torch.allclose(stats.top.value[latent, : len(got)], column[got], rtol=1e-5, atol=1e-6)
-        gaps = [float(column[a] - column[b]) for a, b in zip(order, order[1:])][: TOP_K]
+        gaps = [float(column[a] - column[b]) for a, b in zip(order, order[1:])][:TOP_K]
         if all(g > 1e-4 for g in gaps):  # no near-tie that the last float bits could flip
             assert got == want, latent
             checked += 1

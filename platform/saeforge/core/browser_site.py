@@ -72,7 +72,8 @@ def svg_bars(counts, *, labels: tuple[str, str, str], xlabel: str, ylabel: str =
         + f'<text x="{left}" y="{axis_y + 14}" font-size="11">{first}</text>'
         f'<text x="{left + plot_w / 2}" y="{axis_y + 14}" font-size="11" text-anchor="middle">{mid}</text>'
         f'<text x="{width - 8}" y="{axis_y + 14}" font-size="11" text-anchor="end">{last}</text>'
-        f'<text x="{left + plot_w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">{html.escape(xlabel)}</text>'
+        f'<text x="{left + plot_w / 2}" y="{height - 4}" font-size="11" text-anchor="middle">'
+        f"{html.escape(xlabel)}</text>"
         f'<text x="4" y="{top + 10}" font-size="11">{peak:g}</text>'
         f'<text x="4" y="{axis_y}" font-size="11">0</text>'
         f'<text x="12" y="{top + plot_h / 2 + 30}" font-size="11" transform="rotate(-90 12,{top + plot_h / 2 + 30})">'
@@ -96,7 +97,9 @@ def l0_chart(stats: LatentStats, max_bars: int = 50) -> str:
     binned = [sum(counts[s : s + width]) for s in range(0, last + 1, width)]
     edges = [float(s) for s in range(0, last + 1 + width, width)]
     mean = sum(i * c for i, c in enumerate(counts)) / max(stats.tokens, 1)
-    svg = svg_bars(binned, labels=edge_labels(edges, "{:.0f}"), xlabel="latents firing on a token (L0)", ylabel="tokens")
+    svg = svg_bars(
+        binned, labels=edge_labels(edges, "{:.0f}"), xlabel="latents firing on a token (L0)", ylabel="tokens"
+    )
     return chart("L0 distribution", svg, f"mean L0 {mean:.1f} over {stats.tokens:,} tokens")
 
 
@@ -211,7 +214,11 @@ def info_list(info: dict[str, str]) -> str:
 
 
 def cards(items: list[tuple[str, str]]) -> str:
-    return '<div class="cards">' + "".join(f'<div class="card"><b>{v}</b><span>{k}</span></div>' for k, v in items) + "</div>"
+    return (
+        '<div class="cards">'
+        + "".join(f'<div class="card"><b>{v}</b><span>{k}</span></div>' for k, v in items)
+        + "</div>"
+    )
 
 
 def groups_section(data: SiteData) -> str:
@@ -235,9 +242,8 @@ def groups_section(data: SiteData) -> str:
     kind = html.escape(data.group_kind)
     n = len(parts)
     ends = (str(parts[0]), str(parts[n // 2]), str(parts[-1]))
-    charts_ = (
-        chart(f"latents per {kind}", svg_bars(sizes, labels=ends, xlabel=kind, ylabel="latents"))
-        + chart(f"zero fraction per {kind}", svg_bars(zero, labels=ends, xlabel=kind, ylabel="zero fraction"))
+    charts_ = chart(f"latents per {kind}", svg_bars(sizes, labels=ends, xlabel=kind, ylabel="latents")) + chart(
+        f"zero fraction per {kind}", svg_bars(zero, labels=ends, xlabel=kind, ylabel="zero fraction")
     )
     table = (
         f'<table class="groups"><thead><tr><th>{kind}</th><th>latents</th><th>dead</th><th>zero fraction</th></tr>'
@@ -245,7 +251,7 @@ def groups_section(data: SiteData) -> str:
     )
     return (
         f'<h2 id="groups">Structure: {n} {kind}s</h2><p class="note">zero fraction: share of (token, latent) '
-        f"entries of the {kind} that are 0</p><div class=\"charts\">{charts_}</div>{table}"
+        f'entries of the {kind} that are 0</p><div class="charts">{charts_}</div>{table}'
     )
 
 
@@ -331,7 +337,8 @@ def latent_body(data: SiteData, latent: int) -> str:
     edges, counts = stats.histogram(latent)
     has_page = set(data.pages)
     similar = "".join(
-        f'<tr><td>{latent_link(j, has_page)}</td><td class="num">{c:.3f}</td></tr>' for j, c in data.similar.get(latent, [])
+        f'<tr><td>{latent_link(j, has_page)}</td><td class="num">{c:.3f}</td></tr>'
+        for j, c in data.similar.get(latent, [])
     )
     freq = float(stats.frequency[latent])
     info = {
@@ -345,14 +352,18 @@ def latent_body(data: SiteData, latent: int) -> str:
         f'<p><a href="../{INDEX}">&larr; overview</a></p><h1>Latent {latent}</h1>'
         + info_list(info)
         + '<div class="charts">'
-        + chart("activation histogram (tokens it fires on)", svg_bars(counts, labels=edge_labels(edges), xlabel="activation", ylabel="tokens"))
+        + chart(
+            "activation histogram (tokens it fires on)",
+            svg_bars(counts, labels=edge_labels(edges), xlabel="activation", ylabel="tokens"),
+        )
         + "</div>"
         + f'<h2>Top activating contexts</h2><div id="top">{top or "<p>never fired on these tokens</p>"}</div>'
         + f'<h2>Examples across activation quantiles</h2><div id="quantiles">{"".join(bands)}</div>'
         + '<div class="cols">'
         + token_table("Promoted tokens (W_dec x unembedding)", data.promoted.get(latent, []), data)
         + token_table("Suppressed tokens", data.suppressed.get(latent, []), data)
-        + f'<div><h2>Most similar latents (decoder cosine)</h2><table class="similar"><tbody>{similar}</tbody></table></div>'
+        + "<div><h2>Most similar latents (decoder cosine)</h2>"
+        + f'<table class="similar"><tbody>{similar}</tbody></table></div>'
         + "</div>"
     )
 

@@ -102,7 +102,9 @@ def context_windows(f: Tensor) -> Tensor:
     return padded.unfold(1, WINDOW_BEFORE + 1 + WINDOW_AFTER, 1)
 
 
-def batch_examples(windows: Tensor, context_ids: Tensor, score: Tensor, value: Tensor, peak: Tensor, k: int) -> Examples:
+def batch_examples(
+    windows: Tensor, context_ids: Tensor, score: Tensor, value: Tensor, peak: Tensor, k: int
+) -> Examples:
     """The best k contexts of one batch per latent (score (L, b); -inf: not a candidate), with
     their windows (`context_windows` of the batch)."""
     n, b = score.shape

@@ -167,7 +167,7 @@ def decoder_effects(actors: list, directions: torch.Tensor) -> tuple[torch.Tenso
 
 
 def token_texts(tokenizer) -> Callable[[int], str]:
-    @functools.lru_cache(maxsize=None)
+    @functools.cache
     def text(token: int) -> str:
         return tokenizer.decode([token])
 
