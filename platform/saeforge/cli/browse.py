@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json, progress, summary_only_on_stdout
+from saeforge.cli.output import not_logged, print_json, progress, summary_only_on_stdout
 from saeforge.jobs.arguments import BrowseArgs
 
 NAME = "browse"
@@ -43,5 +43,5 @@ def run(ns: argparse.Namespace) -> int:
     if summary["logged"]:
         print(f"saeforge: logged to MLflow run {summary['run_id']} as {summary['artifact_path']}")
     else:
-        print("saeforge: not logged to MLflow (" + ("--no-log" if not args.log else "no run: pass --run-id") + ")")
+        print(not_logged(args.log))
     return 0

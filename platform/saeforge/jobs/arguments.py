@@ -25,6 +25,16 @@ def opt(default: Any, help: str, **meta) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+def model_uri() -> Any:
+    """The positional MODEL_URI of the verbs that read a registered or saved SAE (eval, browse)."""
+    return opt(
+        "",
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
+        positional=True,
+        metavar="MODEL_URI",
+    )
+
+
 @dataclass
 class SourceArgs:
     """Where the activations come from: the model, the hook point and the text."""
@@ -124,12 +134,7 @@ class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
 class EvalArgs:
     """Everything `saeforge eval` accepts."""
 
-    uri: str = opt(
-        "",
-        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
-        positional=True,
-        metavar="MODEL_URI",
-    )
+    uri: str = model_uri()
     suites: str = opt("all", "comma-separated suites, or 'all' (default)", flag="--suite")
     out: str = opt("", "JSON report file (default ./eval_<name>.json)")
     run_id: str = opt("", "MLflow run to log to (required to log a bare SAE folder)")
@@ -150,12 +155,7 @@ class EvalArgs:
 class BrowseArgs:
     """Everything `saeforge browse` accepts."""
 
-    uri: str = opt(
-        "",
-        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
-        positional=True,
-        metavar="MODEL_URI",
-    )
+    uri: str = model_uri()
     out: str = opt("", "folder of the site (default ./browser_<name>)", metavar="FOLDER")
     tokens: int = opt(100_000, "held-out tokens to read (default %(default)s)", minimum=1)
     latents: str = opt(

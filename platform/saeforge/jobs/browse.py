@@ -32,10 +32,9 @@ from saeforge.core.hooks import HookPoint
 from saeforge.core.model import load_config, load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
-from saeforge.jobs import tracking
 from saeforge.jobs.activation_stream import ActivationProducer
 from saeforge.jobs.arguments import BrowseArgs, check_ranges
-from saeforge.jobs.evaluate import resolve_sae
+from saeforge.jobs.evaluate import require_run, resolve_sae
 from saeforge.jobs.plan import StreamSpec
 from saeforge.jobs.ray_cluster import connect_ray, cores
 
@@ -196,14 +195,7 @@ def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print)
     check_width(sae.cfg.d_in, config, model_name)
     check_latents(ids, d_sae)  # --n-latents above d_sae just means every latent that fired
     if args.log and args.run_id:
-        tracking.require_store(args.uri)
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient().get_run(args.run_id)
-        except MlflowException as err:
-            raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
+        require_run(args.uri, args.run_id)
     tokenizer = load_tokenizer(spec)
     special = tuple(corpus.special_ids(tokenizer))
     n_contexts = -(-args.tokens // (meta.context_size - 1))
