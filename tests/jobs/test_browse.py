@@ -61,3 +61,19 @@ def test_ray_pass_equals_an_in_process_pass(tiny_run, tmp_path):
             assert got == want, latent
             checked += 1
     assert checked > sae.cfg.d_sae // 2
+
+
+def test_choosing_the_latents_that_get_pages():
+    from saeforge.core.browser_stats import LatentStats
+    from saeforge.jobs.browse import choose_pages, parse_latents
+
+    stats = LatentStats(6)
+    stats.fire_counts = torch.tensor([5, 0, 9, 1, 0, 9])
+    assert parse_latents("frequent") == ("frequent", []) and parse_latents("4, 2,4") == ("list", [4, 2])
+    assert choose_pages(stats, "frequent", [], 2, 10, 0) == [2, 5]  # ties: lower id first
+    assert choose_pages(stats, "frequent", [], 50, 10, 0) == [2, 5, 0, 3]  # only latents that fired
+    assert choose_pages(stats, "all", [], 0, 10, 0) == [0, 2, 3, 5]
+    assert choose_pages(stats, "all", [], 0, 3, 0) == [2, 5, 0]  # capped: the most frequent
+    random = choose_pages(stats, "random", [], 3, 10, 7)
+    assert len(random) == 3 and set(random) <= {0, 2, 3, 5} and random == choose_pages(stats, "random", [], 3, 10, 7)
+    assert choose_pages(stats, "list", [4, 1], 0, 10, 0) == [4, 1]
