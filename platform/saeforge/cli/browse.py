@@ -35,9 +35,11 @@ def run(ns: argparse.Namespace) -> int:
     if ns.json:
         print_json({k: v for k, v in summary.items() if k != "stats"})
         return 0
+    memory = {k: v / 1024 for k, v in summary["peak_memory_mb"].items()}
     print(
         f"saeforge: {summary['pages']} latent pages over {summary['tokens']:,} tokens "
-        f"({summary['dead']} latents never fired), {summary['seconds']:.0f} s"
+        f"({summary['dead']} latents never fired), {summary['seconds']:.0f} s; peak memory "
+        f"{memory['driver']:.2f} GiB driver, {memory['producer']:.2f} GiB per producer"
     )
     print(f"saeforge: feature browser written to {summary['index']}")
     if summary["logged"]:

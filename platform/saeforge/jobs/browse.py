@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import re
+import resource
 import tempfile
 import time
 from collections.abc import Callable
@@ -67,9 +68,17 @@ class LatentProducer(ActivationProducer):
     def result(self) -> LatentStats:
         return self.stats
 
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb()
+
     def logit_effects(self, directions: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
         """Promoted / suppressed tokens of decoder directions through this model's unembedding."""
         return logit_effects(directions, self.model.get_output_embeddings().weight.detach(), n)
+
+
+def peak_memory_mb() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # -- validation ------------------------------------------------------------------------------------
@@ -223,6 +232,7 @@ def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print)
     with torch.no_grad():
         directions = (sae.decoder_directions().detach().float() / sae.act_scale).cpu()
     up, up_v, down, down_v = decoder_effects(actors, directions)
+    producer_peak = max(ray.get([a.peak_memory_mb.remote() for a in actors]))
     for actor in actors:
         ray.kill(actor)
     sim_ids, sim_cos = most_similar(directions, torch.tensor(pages, dtype=torch.long), N_SIMILAR)
@@ -278,6 +288,7 @@ def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print)
         "pages": len(pages),
         "dead": int((stats.fire_counts == 0).sum()),
         "seconds": time.time() - started,
+        "peak_memory_mb": {"driver": peak_memory_mb(), "producer": producer_peak},
         "stats": stats,
         "page_latents": pages,
     }
