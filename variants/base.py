@@ -111,6 +111,15 @@ def coerce(value: Any, kind: type, name: str) -> Any:
 
 
 @dataclass
+class LatentGroups:
+    """A variant's own structure over its latents, for the feature browser: what a part is
+    called ("group", "level", "prefix block"...) and each latent's part (d_sae,) long ids."""
+
+    kind: str
+    labels: Tensor
+
+
+@dataclass
 class LossOut:
     """What `Variant.loss` returns: the total, its named weighted terms, and what the SAE computed."""
 
@@ -210,6 +219,11 @@ class Variant(nn.Module):
     def decoder_directions(self) -> Tensor:
         """(d_sae, d_in): one decoder direction per latent (used for shared cosine statistics)."""
         return self.W_dec
+
+    def latent_groups(self) -> LatentGroups | None:
+        """The variant's groups or levels of latents, if it has any (the browser shows their
+        sizes and zero fractions); None for a flat dictionary."""
+        return None
 
     # -- run set-up (called by the platform) ---------------------------------------------------
     def begin_run(self, total_steps: int) -> None:

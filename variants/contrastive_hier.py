@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.base import ConfigError, LatentGroups, LinearSAE, LossOut, VariantConfig, param
 from variants.common import (
     categorical_entropy,
     info_nce_to_centroids,
@@ -151,6 +151,10 @@ class ContrastiveHier(LinearSAE):
 
     def encode(self, x: Tensor) -> Tensor:
         return torch.relu(self.input_norm(x) @ self.W_enc + self.b_enc)
+
+    def latent_groups(self) -> LatentGroups:
+        """Each latent's fine group (coarse group x n_fine + child), its hard assignment."""
+        return LatentGroups("group", self.assignment.clone())
 
     # -- assignment ----------------------------------------------------------------------------
     def membership(self) -> tuple[Tensor, Tensor]:

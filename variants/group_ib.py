@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from variants import register
-from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.base import ConfigError, LatentGroups, LinearSAE, LossOut, VariantConfig, param
 from variants.common import (
     categorical_entropy,
     correlation_matrix,
@@ -163,6 +163,10 @@ class GroupIB(LinearSAE):
     def own_groups(self) -> Tensor:
         """(d_sae, G) one-hot: each latent's own (argmax membership) group."""
         return F.one_hot(self.membership().argmax(-1), self.n_groups).to(self.membership_logits.dtype)
+
+    def latent_groups(self) -> LatentGroups:
+        """Each latent's own group (its argmax membership)."""
+        return LatentGroups("group", self.membership().argmax(-1).detach())
 
     def group_signals(self, f: Tensor) -> Tensor:
         """s_g = sum_i M[i, g] f_i: (..., d_sae) -> (..., G)."""

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import LR_SCHEDULE_HELP, ConfigError, LossOut, Variant, VariantConfig, param
+from variants.base import LR_SCHEDULE_HELP, ConfigError, LatentGroups, LossOut, Variant, VariantConfig, param
 from variants.common import geometric_median, gram_matrix, mse_loss, paper_weight, tied_init
 
 
@@ -116,6 +116,10 @@ class HSAE(Variant):
     def decoder_directions(self) -> Tensor:
         """Level-1 latents: Ws rows (skip path); level-2 latents: rows of Wd2 Wd1."""
         return torch.cat([self.Ws, self.Wd2 @ self.Wd1], dim=0)
+
+    def latent_groups(self) -> LatentGroups:
+        """Level 1 (the first d_sae / 2 latents, z1) and level 2 (z2)."""
+        return LatentGroups("level", torch.arange(self.cfg.d_sae) // (self.cfg.d_sae // 2) + 1)
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:

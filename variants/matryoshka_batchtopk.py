@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from variants import register
-from variants.base import ConfigError, LossOut, param
+from variants.base import ConfigError, LatentGroups, LossOut, param
 from variants.batchtopk import BatchTopK, BatchTopKConfig
 from variants.common import mse_loss, topk_family_terms
 
@@ -98,6 +98,12 @@ class MatryoshkaBatchTopK(BatchTopK):
         terms = topk_family_terms(x, x_hat, pre, self.W_dec, dead, self.aux_latents(), self.cfg.aux_coeff)
         terms["prefix_mse"] = self.cfg.prefix_coeff * sum((mse_loss(r, x) for r in inner), x.new_zeros(()))
         return LossOut(total=sum(terms.values()), terms=terms, latents=f, recon=x_hat)
+
+    def latent_groups(self) -> LatentGroups:
+        """Block g holds the latents m_(g-1) <= i < m_g: the latents prefix g adds."""
+        return LatentGroups(
+            "prefix block", torch.bucketize(torch.arange(self.cfg.d_sae), torch.tensor(self.widths), right=True)
+        )
 
     def diagnostics(self, x, mask=None):
         """Each prefix's explained variance and L0 (the platform's formulas, on these rows)."""

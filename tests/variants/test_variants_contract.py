@@ -372,3 +372,13 @@ def test_penalties_cannot_be_lowered_by_rescaling(name, c):
             assert close(clone.decoder_directions(), model.decoder_directions()), (
                 f"{name}/{move}: after_step changes the reconstruction but leaves readers rescaled"
             )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_latent_groups_label_every_latent_or_are_none(name):
+    """The browser's hook: None for a flat dictionary, else one part id per latent."""
+    groups = build(name).latent_groups()
+    if groups is None:
+        return
+    assert groups.kind and groups.labels.shape == (D_SAE,) and groups.labels.dtype == torch.long
+    assert len(torch.unique(groups.labels)) >= 2

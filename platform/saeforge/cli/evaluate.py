@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.cli.flags import parse_into, verb_parser
-from saeforge.cli.output import print_json, progress, summary_only_on_stdout
+from saeforge.cli.output import not_logged, print_json, progress, summary_only_on_stdout
 from saeforge.core import eval_suites
 from saeforge.jobs.arguments import EvalArgs
 
@@ -56,5 +56,5 @@ def run(ns: argparse.Namespace) -> int:
     if report["logged"]:
         print(f"saeforge: metrics logged to MLflow run {report['run_id']} as eval/<suite>/<metric>")
     else:
-        print("saeforge: not logged to MLflow (" + ("--no-log" if not args.log else "no run: pass --run-id") + ")")
+        print(not_logged(args.log))
     return 0

@@ -54,3 +54,8 @@ def variant_list() -> str:
     import variants
 
     return "\n".join(f"  {name:<18} {variants.get(name).description}" for name in variants.names())
+
+
+def not_logged(log: bool) -> str:
+    """Why eval / browse did not log to MLflow."""
+    return "saeforge: not logged to MLflow (" + ("--no-log" if not log else "no run: pass --run-id") + ")"

@@ -25,6 +25,16 @@ def opt(default: Any, help: str, **meta) -> Any:
     return field(default=default, metadata={"help": help, **meta})
 
 
+def model_uri() -> Any:
+    """The positional MODEL_URI of the verbs that read a registered or saved SAE (eval, browse)."""
+    return opt(
+        "",
+        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
+        positional=True,
+        metavar="MODEL_URI",
+    )
+
+
 @dataclass
 class SourceArgs:
     """Where the activations come from: the model, the hook point and the text."""
@@ -132,12 +142,7 @@ class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
 class EvalArgs:
     """Everything `saeforge eval` accepts."""
 
-    uri: str = opt(
-        "",
-        "models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/PATH] or a saved SAE folder",
-        positional=True,
-        metavar="MODEL_URI",
-    )
+    uri: str = model_uri()
     suites: str = opt("all", "comma-separated suites, or 'all' (default)", flag="--suite")
     out: str = opt("", "JSON report file (default ./eval_<name>.json)")
     run_id: str = opt("", "MLflow run to log to (required to log a bare SAE folder)")
@@ -152,6 +157,35 @@ class EvalArgs:
     batch_contexts: int = opt(8, "sequences per activation forward pass (default %(default)s)", minimum=1)
     use_ray: bool = opt(False, "run each suite as its own Ray task", flag="--ray")
     address: str = opt("", "Ray cluster address with --ray (default: RAY_ADDRESS, else local)")
+
+
+@dataclass
+class BrowseArgs:
+    """Everything `saeforge browse` accepts."""
+
+    uri: str = model_uri()
+    out: str = opt("", "folder of the site (default ./browser_<name>)", metavar="FOLDER")
+    tokens: int = opt(100_000, "held-out tokens to read (default %(default)s)", minimum=1)
+    latents: str = opt(
+        "frequent",
+        "latents that get a page: 'frequent' (the most frequent, default), 'random', 'all' (up to "
+        "--max-pages) or comma-separated latent ids",
+        metavar="WHICH",
+    )
+    n_latents: int = opt(100, "pages with --latents frequent or random (default %(default)s)", minimum=1)
+    max_pages: int = opt(2048, "the most pages --latents all writes (default %(default)s)", minimum=1)
+    top_k: int = opt(20, "top activating contexts kept per latent (default %(default)s)", minimum=1)
+    model: str = opt("", "model to run (default: model_name in the SAE's cfg.json)")
+    dataset: str = opt(
+        BUILTIN, "text whose held-out split is read: 'wiki' (built in, default) or as `saeforge train --dataset`"
+    )
+    text_column: str = opt("text", "text column of a dataset (default %(default)s)")
+    producers: int = opt(1, "model-slice actors reading the text (default %(default)s)", minimum=1)
+    batch_contexts: int = opt(16, "contexts per producer forward pass (default %(default)s)", minimum=1)
+    seed: int = opt(0, "seed of --latents random and of the quantile samples (default %(default)s)")
+    run_id: str = opt("", "MLflow run to log the site to (required to log a bare SAE folder)")
+    log: bool = opt(True, "log the site to MLflow as artifacts under browser/ (--no-log: do not)")
+    address: str = opt("", "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
 
 
 @dataclass

@@ -114,6 +114,18 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
     return ResolvedSAE(sae, cfg, run_id or None, folder.resolve().name)
 
 
+def require_run(uri: str, run_id: str) -> None:
+    """The MLflow run --run-id names exists, or one line (checked before any long work)."""
+    tracking.require_store(uri)
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().get_run(run_id)
+    except MlflowException as err:
+        raise UserError(f"cannot log to run '{run_id}': {str(err).splitlines()[0]}") from None
+
+
 # -- running suites ----------------------------------------------------------------------------------
 
 
@@ -222,14 +234,7 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
     check_ranges(args)
     resolved = resolve_sae(args.uri, args.run_id)
     if args.log and args.run_id:  # check the run now, not after a long evaluation
-        tracking.require_store(args.uri)
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient().get_run(args.run_id)
-        except MlflowException as err:
-            raise UserError(f"cannot log to run '{args.run_id}': {str(err).splitlines()[0]}") from None
+        require_run(args.uri, args.run_id)
     meta = SaeMeta.from_cfg(resolved.cfg)
     check_model_fits(resolved.cfg, args.model or meta.model_name)
     if progress:
