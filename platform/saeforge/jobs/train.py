@@ -1,7 +1,8 @@
-"""The driver of one training run: validate, stream activations into Ray Train, evaluate, track.
+"""The driver of one training run: validate, feed activations to Ray Train, evaluate, track.
 
 Validation (`validate.plan_train`) runs before Ray starts or MLflow records anything. Then: an
-MLflow run, the activation dataset (producer actors over the contexts still to train), one
+MLflow run, the activation dataset (producer actors over the contexts still to train; made
+whole into the object store first on a local Ray, streamed on a cluster: `--stream`), one
 TorchTrainer from the shared factory, the core evaluation (and any extra suites) of the final
 checkpoint's SAE on held-out text with the whole model, and the registry: the final SAE is logged
 once, as the registered pyfunc model, and becomes `champion` if it beats the current one.
