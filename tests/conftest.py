@@ -24,6 +24,24 @@ SMALL_SUITES = {
 }
 
 
+SESSION_STORE: list[str] = []  # the session's MLflow store, once `mlflow_store` made it
+
+
+@pytest.fixture(autouse=True)
+def mlflow_points_at_the_session_store():
+    """After each test, MLFLOW_TRACKING_URI and MLflow's process-wide tracking URI point at the
+    session's store again (once `mlflow_store` made it): a test that unsets or changes either
+    (monkeypatch restores the environment as it was before the test, which loses the session
+    store when `mlflow_store` was first made inside that test) would otherwise leave later
+    tests' MlflowClient() and `use_store()` reading another store."""
+    yield
+    if SESSION_STORE:
+        import mlflow
+
+        os.environ["MLFLOW_TRACKING_URI"] = SESSION_STORE[0]
+        mlflow.set_tracking_uri(SESSION_STORE[0])
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors only lose time to a thread pool, badly so on a busy 2-core machine."""
@@ -64,9 +82,11 @@ def mlflow_store(session_dir):
     import mlflow
 
     uri = f"sqlite:///{session_dir / 'mlflow.db'}"
+    SESSION_STORE.append(uri)
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     yield uri
+    SESSION_STORE.clear()
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
