@@ -72,10 +72,10 @@ def produce_first(mode: str, address: str, activation_bytes: int) -> bool:
 def share_resources(producers: int, workers: int, *, concurrent: bool = True) -> Resources:
     """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
     enough, else every actor shares them equally. Threads: when producers and workers run at once
-    (`concurrent`, a training run) each process gets its share of all the cores, so the threads
-    never outnumber the cores (on 2 cores, 1 + 1 threads and 2 + 2 ran the default run at the same
-    rate, 450-900 tokens/s); when the producers run alone first (a search materialising its
-    activations) they share every core."""
+    (`concurrent`: a streaming training run) each process gets its share of all the cores, so the
+    threads never outnumber the cores (on 2 cores, 1 + 1 threads and 2 + 2 ran the default run at
+    the same rate, 450-900 tokens/s); when the producers run alone first (a search, or a training
+    run that makes its activations first) they share every core, and then the workers do."""
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
