@@ -102,8 +102,8 @@ def activation_dataset(
     count: bool = False,
 ):
     """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids), in order;
-    `count`: producers count their forwards in the `forward_counter` actor (the caller creates it
-    and holds its handle while the dataset runs)."""
+    `count`: producers count their forwards in the `forward_counter` actor (`materialize`
+    creates it and holds its handle while the dataset runs)."""
     import ray
 
     n_blocks = max(producers * 4, len(contexts) // (BATCH_CONTEXTS * 8), 1)
@@ -135,14 +135,14 @@ def plan_dataset(plan: RunPlan, contexts: np.ndarray, *, first_id: int = 0, coun
 
 
 def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
-    """Run `dataset` (made with `count=True`; the caller holds the `forward_counter` handle) to
-    the end into the object store, printing a progress line every `every` seconds from the
-    producers' forward counter. Returns (materialised dataset, producer batches, contexts)."""
+    """Run `dataset` (made with `count=True`) to the end into the object store, printing a
+    progress line every `every` seconds from the producers' forward counter (held here while
+    they count into it). Returns (materialised dataset, producer batches, contexts)."""
     import threading
 
     import ray
 
-    counter = ray.get_actor(COUNTER_NAME)
+    counter = forward_counter()
     before = ray.get(counter.read.remote())
     out: dict = {}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import MASK_COLUMN, forward_counter, materialize, plan_dataset
+from saeforge.jobs.activation_stream import MASK_COLUMN, materialize, plan_dataset
 from saeforge.jobs.plan import Contexts, RunPlan
 
 CACHE_MANIFEST = "manifest.json"
@@ -96,11 +96,9 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
             f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
             f"({plan.args.producers} producer(s))..."
         )
-        counter = forward_counter()  # held while the producers count into it
         produced, batches, forwarded = materialize(
             plan_dataset(plan, contexts.train, count=True), len(contexts.train), progress
         )
-        del counter
         n_contexts, tokens, source = len(contexts.train), _count_tokens(produced), "model"
         if cache:
             folder = Path(cache).expanduser().resolve()

@@ -28,7 +28,7 @@ from saeforge.core.evaluation import evaluate_core
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs import progress_board, tracking
-from saeforge.jobs.activation_stream import forward_counter, materialize, plan_dataset
+from saeforge.jobs.activation_stream import materialize, plan_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
 from saeforge.jobs.ray_cluster import connect_ray, produce_first, share_resources
@@ -75,11 +75,9 @@ def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
         return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
     show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
     started = time.time()
-    counter = forward_counter()  # held while the producers count into it
     dataset, _, _ = materialize(
         plan_dataset(plan, contexts.train, first_id=first_id, count=True), len(contexts.train), show
     )
-    del counter
     show(f"saeforge: activations ready in {time.time() - started:.0f}s")
     return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
 
