@@ -111,6 +111,41 @@ def test_a_baseline_computed_once_gives_the_same_figures():
         assert again[key] == pytest.approx(full[key], rel=1e-6), key
 
 
+def test_the_blocks_before_the_hook_run_once_per_batch_and_a_patched_pass_is_unchanged():
+    """The spliced and zero-ablated passes reuse what entered the hook's block in the clean
+    pass: block 0 runs once per batch (it ran three times before), the last block three times,
+    and a patched pass that skips the early blocks gives the whole pass's hidden states."""
+    from saeforge.core.evaluation import final_hidden
+    from saeforge.core.hooks import block_input, replace, skip_blocks_before
+    from saeforge.core.model import decoder_layers
+
+    tok = ByteTokenizer()
+    special = corpus.special_ids(tok)
+    contexts = corpus.pack_contexts(["Held-out text for counting the blocks each pass runs."] * 4, tok, 24, 6)
+    model = build_tiny_model("tiny")
+    blocks = decoder_layers(model)
+    calls = {0: 0, len(blocks) - 1: 0}
+    handles = [
+        blocks[i].mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls
+    ]  # the block's MLP runs only when the block really runs
+    evaluate_core(model, variants.build("relu", d_in=64, d_sae=128), HOOK, contexts, special, batch_contexts=4)
+    for h in handles:
+        h.remove()
+    assert calls == {0: 2, len(blocks) - 1: 6}  # 2 batches: 1 clean pass each for block 0, 3 passes for the last
+
+    ids = torch.from_numpy(contexts[:2].astype(np.int64))
+    halve = lambda out: out * 0.5  # any patch at the hook
+    with torch.no_grad():
+        with block_input(model, HOOK.layer) as entering:
+            final_hidden(model, ids)
+        with replace(model, HOOK, halve):
+            whole = final_hidden(model, ids)
+        with replace(model, HOOK, halve), skip_blocks_before(model, HOOK.layer, entering["hidden"]):
+            skipped = final_hidden(model, ids)
+        assert "forward" not in vars(blocks[0])  # the blocks' own forward is back
+    torch.testing.assert_close(skipped, whole, rtol=1e-6, atol=1e-6)
+
+
 def test_bootstrap_stderr_shrinks_with_more_contexts():
     rng = np.random.default_rng(0)
 

@@ -29,7 +29,7 @@ import variants
 from saeforge.core import metrics
 from saeforge.core.batches import real_rows, sae_input
 from saeforge.core.corpus import valid_mask
-from saeforge.core.hooks import HookPoint, capture, replace
+from saeforge.core.hooks import HookPoint, block_input, capture, replace, skip_blocks_before
 from variants.common import mean_abs_correlation
 
 MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
@@ -98,7 +98,7 @@ def evaluate_core(
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
         scored = real[:, :-1]  # predictions made at real tokens (entry i predicts token i + 1)
-        with capture(model, [hook]) as captured:
+        with capture(model, [hook]) as captured, block_input(model, hook.layer) as entering:
             clean_hidden = final_hidden(model, ids)
         acts = captured[hook.name].float()
         x, m = sae_input(variant, acts.cpu(), real.cpu())
@@ -132,7 +132,7 @@ def evaluate_core(
 
         patches = {"sae": spliced, **({} if reference is not None else {"zero": torch.zeros_like})}
         per["ce_targets"].append(scored.sum(1).double().cpu())
-        for key, value in _losses(model, hook, ids, real, clean_hidden, patches).items():
+        for key, value in _losses(model, hook, ids, real, clean_hidden, entering["hidden"], patches).items():
             per[key].append(value)
         if progress:
             progress(min(start + batch_contexts, len(contexts)), len(contexts))
@@ -176,7 +176,9 @@ def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)
-        losses = _losses(model, hook, ids, real, final_hidden(model, ids), {"zero": torch.zeros_like})
+        with block_input(model, hook.layer) as entering:
+            clean_hidden = final_hidden(model, ids)
+        losses = _losses(model, hook, ids, real, clean_hidden, entering["hidden"], {"zero": torch.zeros_like})
         ce_zero.append(losses["ce_zero"])
         kl_zero.append(losses["kl_zero"])
     return Baseline(torch.cat(ce_zero).numpy(), torch.cat(kl_zero).numpy())
@@ -197,10 +199,14 @@ def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _losses(model, hook: HookPoint, ids, real, clean_hidden, patches: dict) -> dict[str, torch.Tensor]:
+def _losses(model, hook: HookPoint, ids, real, clean_hidden, entering, patches: dict) -> dict[str, torch.Tensor]:
     """Per context, summed over its real positions: the next-token CE of the clean model and of
     each patched one (`patches`: tag -> function replacing the hook's output; the last column
     predicts nothing and is not scored), and KL(clean || patched).
+
+    A patched pass starts at the hook's block from `entering`, the hidden states the clean pass
+    fed it: the blocks before the hook are the same in every pass (for layer 6 of Gemma 3 270M's
+    18, each patched pass skips 6 of its 18 blocks).
 
     The LM head runs on HEAD_ROWS positions at a time: a (rows, vocab) tensor for all positions
     of a batch is about 0.5 GB with Gemma's 262k-token vocabulary, and allocating and freeing
@@ -209,7 +215,7 @@ def _losses(model, hook: HookPoint, ids, real, clean_hidden, patches: dict) -> d
     about 3.5x slower than 128 (512 positions, 2 threads, best of four: 15.1 s vs 4.1 s)."""
     hidden = {"clean": clean_hidden[real]}
     for tag, fn in patches.items():
-        with replace(model, hook, fn):
+        with replace(model, hook, fn), skip_blocks_before(model, hook.layer, entering):
             hidden[tag] = final_hidden(model, ids)[real]
     targets = torch.full_like(ids, -100)
     targets[:, :-1] = ids[:, 1:]

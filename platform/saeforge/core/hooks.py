@@ -102,3 +102,36 @@ def replace(model, hook: HookPoint, fn: Callable[[torch.Tensor], torch.Tensor]) 
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def block_input(model, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the hidden states entering decoder block `layer` during forward passes inside the
+    block (key "hidden"), for `skip_blocks_before` to hand to later passes over the same ids."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(module, args, kwargs):
+        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def skip_blocks_before(model, layer: int, hidden: torch.Tensor) -> Iterator[None]:
+    """During forward passes inside the block, decoder blocks 0..layer-1 are not run: each
+    returns `hidden`, what entered block `layer` in an earlier pass over the same token ids
+    (`block_input`). A pass that only changes a hook at `layer` or later (the evaluation's
+    spliced and zero-ablated passes) then costs the blocks from `layer` on, and computes exactly
+    what the whole pass would: those blocks see the same input."""
+    blocks = list(decoder_layers(model))[:layer]
+    for block in blocks:
+        block.forward = lambda *args, **kwargs: hidden  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
