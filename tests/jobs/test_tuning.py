@@ -10,6 +10,7 @@ order certain (with two at a time, trial 2 could reach the rung before trial 0 a
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -113,6 +114,26 @@ def test_search_leaves_a_parent_run_with_one_child_run_per_trial(search):
     assert "eval/ce_loss_recovered" not in stopped.data.metrics
     failed = next(c for c in children if c.data.tags["saeforge.status"] == "failed")
     assert "FloatingPointError" in failed.data.tags["saeforge.error"]
+
+
+def test_every_trial_reuses_the_searchs_zero_ablation_and_gets_the_figures_of_a_whole_evaluation(search):
+    """The zero-ablated losses are computed once per search (a Ray task) and handed to every
+    trial: the completed trial's evaluation must equal a whole evaluation of its SAE, zero
+    ablation included, run here in the test's own process."""
+    from mlflow.tracking import MlflowClient
+
+    from saeforge.core.evaluation import evaluate_core
+    from saeforge.core.model import load_model
+    from saeforge.core.sae_files import SAE_DIR, load_sae
+
+    summary, tmp = search
+    good = by_lr(summary)[3e-3]
+    _, plan, contexts = search_plan(tmp)
+    sae, _ = load_sae(Path(good["checkpoint_dir"]) / SAE_DIR)
+    whole = evaluate_core(load_model(plan.stream.model), sae, plan.hook, contexts.eval, list(plan.stream.special_ids))
+    logged = MlflowClient().get_run(good["run_id"]).data.metrics
+    for key in ("ce_loss_zero", "kl_div_zero", "ce_loss_clean", "ce_loss_sae", "ce_loss_recovered", "l0"):
+        assert logged[f"eval/{key}"] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
 
 
 def search_plan(tmp, **changes):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import variants
 from saeforge.core.batches import step_budget
+from saeforge.core.evaluation import Baseline
 from saeforge.core.reporting import pareto_front, plot_l0_vs_ce, write_csv
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
@@ -28,7 +29,7 @@ from saeforge.jobs.plan import RunPlan, TrackingTarget
 from saeforge.jobs.ray_cluster import connect_ray, cores, share_resources
 from saeforge.jobs.search_space import TuneSpace
 from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
-from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial
+from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, zero_ablation
 from saeforge.jobs.validate import plan_train, variant_config
 
 TRIAL_CPU = 0.1  # the trial's own driver: it mostly waits on its TorchTrainer ({"cpu": 0} is refused)
@@ -235,9 +236,11 @@ def search_variant(
     concurrency: tuple[int, int, float],
     progress=print,
     verbose: int = 1,
+    eval_reference: Baseline | None = None,
 ) -> dict:
     """One variant's search: a Tuner over its space on the shared activations, under a parent
-    MLflow run; ends by registering the best trial's SAE."""
+    MLflow run; ends by registering the best trial's SAE. `eval_reference`: the zero-ablated
+    losses of `eval_contexts` (`search_reference`), which every trial's evaluation reuses."""
     import mlflow
     from ray import tune
 
@@ -303,6 +306,7 @@ def search_variant(
             l0_max,
             parent.info.run_id,
             str(storage / search_name / "trials"),
+            eval_reference,
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
         tuner = tune.Tuner(
@@ -397,6 +401,17 @@ def shared_train_args(args: TuneArgs, space: TuneSpace) -> TrainArgs:
     return TrainArgs(**shared, variant=space.variant, overrides=dict(space.fixed), tokens=args.tokens_per_trial)
 
 
+def search_reference(plan: RunPlan, eval_contexts, progress=print) -> Baseline:
+    """The held-out contexts' zero-ablated losses, computed once (a Ray task with every core)
+    for every trial of every variant's search: they depend on the model, the hook and the text,
+    not on the SAE."""
+    import ray
+
+    progress(f"saeforge: zero-ablated losses of the {len(eval_contexts)} held-out contexts, once for every trial...")
+    task = ray.remote(num_cpus=1)(zero_ablation)
+    return ray.get(task.remote(plan.stream.model, plan.hook, eval_contexts, list(plan.stream.special_ids), cores()))
+
+
 def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     """The whole `saeforge tune`: returns a summary dict (also printed by the CLI)."""
     started = time.time()
@@ -420,9 +435,18 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
     acts = shared_activations(plan, contexts, args.activations, progress)
     concurrency = trial_concurrency(args)
+    reference = search_reference(plan, contexts.eval, progress)
     searches = [
         search_variant(
-            space, plan, acts, contexts.eval, args, concurrency=concurrency, progress=progress, verbose=verbose
+            space,
+            plan,
+            acts,
+            contexts.eval,
+            args,
+            concurrency=concurrency,
+            progress=progress,
+            verbose=verbose,
+            eval_reference=reference,
         )
         for space in spaces
     ]

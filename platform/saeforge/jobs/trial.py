@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from saeforge.core.batches import step_budget
-from saeforge.core.evaluation import evaluate_core
-from saeforge.core.model import compute_device, load_model
+from saeforge.core.evaluation import Baseline, baseline, evaluate_core
+from saeforge.core.hooks import HookPoint
+from saeforge.core.model import ModelSpec, compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR, load_sae
 from saeforge.core.training import LoopSettings
 from saeforge.jobs import tracking
@@ -44,6 +45,7 @@ class TrialContext:
     l0_max: float
     parent_run_id: str
     storage: str
+    eval_reference: Baseline | None = None  # the zero-ablated losses of eval_contexts, once per search
 
 
 def trial_plan(ctx: TrialContext, sampled: dict, run_id: str) -> RunPlan:
@@ -96,6 +98,18 @@ def _eval_model(spec):
     return cache[spec]
 
 
+def zero_ablation(
+    spec: ModelSpec, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], threads: int
+) -> Baseline:
+    """The SAE-independent part of a trial's evaluation (the held-out contexts' zero-ablated
+    losses), run once per search as a Ray task so every trial skips that forward pass and the
+    search's driver never loads the full model."""
+    import torch
+
+    torch.set_num_threads(threads)
+    return baseline(_eval_model(spec), hook, contexts, special_ids)
+
+
 def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
     """The Tune function: one TorchTrainer run on the shared activations, then evaluation."""
     import torch
@@ -146,7 +160,12 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
     torch.set_num_threads(plan.resources.worker_threads)
     sae, _ = load_sae(checkpoint / SAE_DIR)
     metrics = evaluate_core(
-        _eval_model(plan.stream.model), sae, plan.hook, ctx.eval_contexts, list(plan.stream.special_ids)
+        _eval_model(plan.stream.model),
+        sae,
+        plan.hook,
+        ctx.eval_contexts,
+        list(plan.stream.special_ids),
+        reference=ctx.eval_reference,
     )
     eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
     final = tracking.finite(metrics)
