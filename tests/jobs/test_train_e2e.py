@@ -57,6 +57,12 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
     sae, _ = load_sae(Path(tiny_run["checkpoint"]) / "sae")
     x = np.random.default_rng(0).normal(size=(5, 64)).astype(np.float32) * 10
     np.testing.assert_allclose(pyfunc.predict(x), sae.encode_raw(torch.from_numpy(x)).detach().numpy(), rtol=1e-5)
+    # logged as models-from-code (no pickle) with every requirement pinned
+    assert (local / "registered_model.py").is_file() and not list(local.rglob("*.pkl"))
+    assert "model_code_path" in (local / "MLmodel").read_text()
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"saeforge", "mlflow", "torch", "safetensors", "numpy"}
+    assert all("==" in r for r in requirements), requirements
     artifacts = Path(mlflow_store[len("sqlite:///") :]).parent / "mlartifacts"
     assert artifacts.is_dir()  # artifacts beside the store, not in Ray's session folder
 

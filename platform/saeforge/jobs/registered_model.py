@@ -1,5 +1,9 @@
 """The SAE as an MLflow pyfunc model: input raw activations (n, d_in), output latents (n, d_sae).
 
+Logged as models-from-code: `tracking.log_and_register` hands MLflow this file's path, MLflow
+copies the file into the model and runs it when the model is loaded (`set_model` below names
+the model), so nothing is pickled and a registered SAE does not depend on the class layout of
+the saeforge that logged it. The SAE itself is the model's one artifact (its SAELens folder).
 Kept apart from tracking.py because defining a PythonModel imports all of mlflow.pyfunc.
 """
 
@@ -10,6 +14,7 @@ import numpy as np
 with warnings.catch_warnings():  # mlflow nags about type hints on predict; numpy arrays need none
     warnings.simplefilter("ignore", UserWarning)
     import mlflow.pyfunc
+    from mlflow.models import set_model
 
     class SAEPyfunc(mlflow.pyfunc.PythonModel):
         def load_context(self, context):
@@ -23,3 +28,5 @@ with warnings.catch_warnings():  # mlflow nags about type hints on predict; nump
             x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
             with torch.no_grad():
                 return self.sae.encode_raw(x).numpy()
+
+    set_model(SAEPyfunc())

@@ -181,15 +181,16 @@ def finite(values: dict) -> dict[str, float]:
 def log_and_register(sae_folder: Path, name: str, run_id: str | None = None) -> int:
     """Log the SAE as a pyfunc model (its folder is the model's one artifact: the SAE is logged
     once) in the active run, or in `run_id`, and register a new version of `name`."""
+    import importlib.util
     import warnings
 
     import mlflow
     from mlflow.models import infer_signature
 
     from saeforge.core.sae_files import read_cfg
-    from saeforge.jobs.registered_model import SAEPyfunc
 
     cfg = read_cfg(sae_folder)
+    model_code = importlib.util.find_spec("saeforge.jobs.registered_model").origin  # models-from-code
     warnings.filterwarnings("ignore", message=".*(type hints|input_example).*", category=UserWarning)
     signature = infer_signature(np.zeros((1, cfg["d_in"]), np.float32), np.zeros((1, cfg["d_sae"]), np.float32))
     with (
@@ -197,13 +198,23 @@ def log_and_register(sae_folder: Path, name: str, run_id: str | None = None) -> 
     ):
         info = mlflow.pyfunc.log_model(
             name=MODEL_NAME,
-            python_model=SAEPyfunc(),
+            python_model=model_code,
             artifacts={"sae": str(sae_folder)},
             signature=signature,
             registered_model_name=name,
-            pip_requirements=["saeforge", "torch", "safetensors", "numpy"],  # skips slow inference
+            pip_requirements=pinned_requirements(),  # given, so MLflow skips its slow inference
         )
     return int(info.registered_model_version)
+
+
+def pinned_requirements() -> list[str]:
+    """What loading a registered SAE needs, pinned to the versions that logged it (a local
+    build tag such as torch's `+cpu` dropped: it names a wheel index, not a release)."""
+    from importlib.metadata import version
+
+    return [
+        f"{dist}=={version(dist).split('+')[0]}" for dist in ("saeforge", "mlflow", "torch", "safetensors", "numpy")
+    ]
 
 
 def champion_version(client, name: str):
