@@ -195,3 +195,15 @@ def test_default_run_names_never_collide():
 
     names = {run_name(TrainArgs(), HookPoint(6, "resid_post")) for _ in range(20)}
     assert len(names) == 20
+
+
+def test_gpus_per_worker_not_a_number(refused):
+    refused([*TRAIN, "--gpus-per-worker", "many"], "--gpus-per-worker must be 'auto' or a number of GPUs")
+
+
+def test_gpus_asked_for_on_a_machine_without_any(refused):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    refused([*TRAIN, "--gpus-per-producer", "1"], "--gpus-per-producer 1 asks for GPUs, but this machine has none")

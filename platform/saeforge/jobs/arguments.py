@@ -63,6 +63,13 @@ class ClusterArgs:
     workers: int = opt(1, "data-parallel SAE workers per run or trial (default %(default)s)", minimum=1)
     storage: str = opt("saeforge_runs", "folder for Ray Train / Tune runs and checkpoints (default %(default)s)")
     address: str = opt("", "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    gpus_per_producer: str = opt(
+        "auto",
+        "GPUs each producer actor asks Ray for, e.g. 1 or 0.5 (default auto: shares of the GPUs the "
+        "cluster has; on an attached cluster with none yet, 1 for a model of a billion parameters or more, "
+        "so an autoscaler adds GPU nodes)",
+    )
+    gpus_per_worker: str = opt("auto", "GPUs each SAE worker asks Ray for (default auto, as --gpus-per-producer)")
 
 
 @dataclass
@@ -228,6 +235,21 @@ def check_ranges(args) -> None:
         low = f.metadata.get("minimum")
         if low is not None and getattr(args, f.name) < low:
             raise UserError(f"{flag_name(f)} must be at least {low:g}, got {getattr(args, f.name)}")
+
+
+def gpu_request(args, name: str) -> float | None:
+    """A --gpus-per-* flag as a number of GPUs (None: auto), or one line naming the flag."""
+    text = str(getattr(args, name)).strip()
+    if text == "auto":
+        return None
+    flag = "--" + name.replace("_", "-")
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{flag} must be 'auto' or a number of GPUs (e.g. 1 or 0.5), got '{text}'") from None
+    if not 0 <= value < 1e6:
+        raise UserError(f"{flag} must be 'auto' or a number of GPUs at least 0, got '{text}'")
+    return value
 
 
 def flag_name(f) -> str:

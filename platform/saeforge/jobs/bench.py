@@ -21,7 +21,7 @@ from saeforge.core.training import make_optimizer, start_fresh, train_loop
 from saeforge.jobs.activation_stream import BATCH_CONTEXTS, MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.arguments import BenchArgs, TrainArgs
 from saeforge.jobs.plan import RunPlan
-from saeforge.jobs.ray_cluster import connect_ray, cores, share_resources
+from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
 from saeforge.jobs.train import run_train, train_on_ray
 from saeforge.jobs.validate import plan_train
 
@@ -110,7 +110,7 @@ def run_bench(args: BenchArgs) -> dict:
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    plan = dataclasses.replace(plan, resources=share_resources(args.producers, 1))
+    plan = dataclasses.replace(plan, resources=plan_resources(plan, workers=1))
     start = time.perf_counter()
     first, rows = None, 0
     for batch in activation_dataset(

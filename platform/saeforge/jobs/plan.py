@@ -75,6 +75,7 @@ class RunPlan:
     resume_from: str = ""  # a checkpoint folder
     name: str = ""  # the run's name: its folder under --storage, its MLflow run name
     progress_board: str = ""  # the named actor rank 0 posts its progress lines to ("": none)
+    model_params: int = 0  # the whole model's parameter count, from its config (GPU defaults read it)
 
     @property
     def hook(self) -> HookPoint:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import os
 import socket
 
-from saeforge.jobs.plan import Resources
+from saeforge.jobs.arguments import gpu_request
+from saeforge.jobs.plan import Resources, RunPlan
 
 
 def connect_ray(address: str = "") -> None:
@@ -69,22 +70,83 @@ def produce_first(mode: str, address: str, activation_bytes: int) -> bool:
     return activation_bytes <= ray.available_resources().get("object_store_memory", 0) / 3
 
 
-def share_resources(producers: int, workers: int, *, concurrent: bool = True) -> Resources:
-    """GPUs and threads for `producers` actors and `workers` trainers: whole GPUs when there are
-    enough, else every actor shares them equally. Threads: when producers and workers run at once
+LARGE_MODEL_PARAMS = 1_000_000_000  # from here on a model is given GPUs on a cluster that has none yet
+
+
+def attached(address: str = "") -> bool:
+    """Whether the run goes to an existing cluster (--address or RAY_ADDRESS) rather than a
+    private local Ray."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
+
+
+def gpus_each(
+    producers: int,
+    workers: int,
+    cluster_gpus: float,
+    *,
+    per_producer: float | None = None,
+    per_worker: float | None = None,
+    large_model: bool = False,
+    on_cluster: bool = False,
+) -> tuple[float, float]:
+    """GPUs per producer actor and per worker. An explicit request (--gpus-per-*) stands. Auto:
+    whole GPUs when the cluster has one for every actor, else equal shares of what it has; and
+    where it has none yet but is an attached cluster (an autoscaler with `min_workers: 0` shows
+    no GPU until a node is asked for) one each for a large model, so the request makes the
+    autoscaler add GPU nodes. A small model on a machine without GPUs runs on CPU."""
+    if cluster_gpus > 0:
+        auto = 1.0 if cluster_gpus >= producers + workers else cluster_gpus / (producers + workers)
+    else:
+        auto = 1.0 if (large_model and on_cluster) else 0.0
+    return (auto if per_producer is None else per_producer, auto if per_worker is None else per_worker)
+
+
+def share_resources(
+    producers: int,
+    workers: int,
+    *,
+    concurrent: bool = True,
+    per_producer: float | None = None,
+    per_worker: float | None = None,
+    large_model: bool = False,
+    on_cluster: bool = False,
+) -> Resources:
+    """GPUs and threads for `producers` actors and `workers` trainers: GPUs as `gpus_each`
+    decides from what the cluster has now. Threads: when producers and workers run at once
     (`concurrent`: a streaming training run) each process gets its share of all the cores, so the
     threads never outnumber the cores (on 2 cores, 1 + 1 threads and 2 + 2 ran the default run at
     the same rate, 450-900 tokens/s); when the producers run alone first (a search, or a training
     run that makes its activations first) they share every core, and then the workers do."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    each = 0.0 if gpus <= 0 else (1.0 if gpus >= producers + workers else gpus / (producers + workers))
+    producer_gpus, worker_gpus = gpus_each(
+        producers,
+        workers,
+        ray.cluster_resources().get("GPU", 0),
+        per_producer=per_producer,
+        per_worker=per_worker,
+        large_model=large_model,
+        on_cluster=on_cluster,
+    )
     at_once = producers + workers if concurrent else producers
     return Resources(
         produce_first=not concurrent,
-        gpus_per_producer=each,
-        gpus_per_worker=each,
+        gpus_per_producer=producer_gpus,
+        gpus_per_worker=worker_gpus,
         producer_threads=max(1, cores() // at_once),
         worker_threads=max(1, cores() // (producers + workers if concurrent else workers)),
+    )
+
+
+def plan_resources(plan: RunPlan, *, concurrent: bool = True, workers: int | None = None) -> Resources:
+    """`share_resources` for a plan's producers and `workers` (default the plan's), with its
+    --gpus-per-* flags and its model's size."""
+    return share_resources(
+        plan.args.producers,
+        plan.args.workers if workers is None else workers,
+        concurrent=concurrent,
+        per_producer=gpu_request(plan.args, "gpus_per_producer"),
+        per_worker=gpu_request(plan.args, "gpus_per_worker"),
+        large_model=plan.model_params >= LARGE_MODEL_PARAMS,
+        on_cluster=attached(plan.args.address),
     )

@@ -26,7 +26,7 @@ from saeforge.errors import UserError
 from saeforge.jobs import search_space, tracking
 from saeforge.jobs.arguments import ClusterArgs, SaeSizeArgs, SourceArgs, TrainArgs, TuneArgs, check_ranges
 from saeforge.jobs.plan import RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, cores, share_resources
+from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
 from saeforge.jobs.search_space import TuneSpace
 from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
 from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, zero_ablation
@@ -431,7 +431,7 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     # Trials report the objective only at their end and the early-stopping score only while they
     # train: Tune must not insist on every metric in every report.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    resources = share_resources(args.producers, 1, concurrent=False)
+    resources = plan_resources(plan, concurrent=False, workers=1)
     plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
     acts = shared_activations(plan, contexts, args.activations, progress)
     concurrency = trial_concurrency(args)

@@ -31,7 +31,7 @@ from saeforge.jobs import progress_board, tracking
 from saeforge.jobs.activation_stream import materialize, plan_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, produce_first, share_resources
+from saeforge.jobs.ray_cluster import connect_ray, plan_resources, produce_first
 from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
@@ -162,10 +162,8 @@ def train_evaluate_register(
     registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
     plan = dataclasses.replace(
         plan,
-        resources=share_resources(
-            args.producers,
-            args.workers,
-            concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train))),
+        resources=plan_resources(
+            plan, concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train)))
         ),
         tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
     )

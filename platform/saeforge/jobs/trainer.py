@@ -17,7 +17,7 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     res = plan.resources
-    resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if 0 < res.gpus_per_worker < 1 else {})}
+    resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
     return TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"plan": plan},

@@ -26,8 +26,9 @@ from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
 from saeforge.jobs import checkpoints, tracking
-from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, pairs_dict
+from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, gpu_request, pairs_dict
 from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
+from saeforge.jobs.ray_cluster import attached
 
 
 def variant_class(name: str) -> type[variants.Variant]:
@@ -142,6 +143,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     if args.resume:
         args, info = resumed_train_args(args)
     check_ranges(args)
+    check_gpu_requests(args)
     variant_class(args.variant)
     hooks = hook_points(args)
     if len(hooks) != 1:
@@ -200,9 +202,37 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         resume_from=args.resume,
         name=name,
         tracking=TrackingTarget(run_id=info.get("run_id", "")),
+        model_params=parameter_count(config),
     )
     done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained
     return plan, Contexts(train[done : total_steps * budget.contexts_per_step], evals)
+
+
+def check_gpu_requests(args) -> None:
+    """--gpus-per-producer / --gpus-per-worker: 'auto' or a number; a GPU asked for on a private
+    local Ray (no --address, no RAY_ADDRESS) needs one on this machine (else the actors would
+    wait for it for ever)."""
+    import torch
+
+    asked = {name: gpu_request(args, name) for name in ("gpus_per_producer", "gpus_per_worker")}
+    if attached(args.address) or torch.cuda.is_available():
+        return
+    for name, value in asked.items():
+        if value:
+            raise UserError(
+                f"--{name.replace('_', '-')} {value:g} asks for GPUs, but this machine has none and no --address "
+                "or RAY_ADDRESS names a cluster"
+            )
+
+
+def parameter_count(config) -> int:
+    """About how many parameters the whole model has, from its config (embeddings, attention
+    and MLP weights; norms left out): what the GPU defaults call a large model."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    attention = 2 * hidden * config.num_attention_heads * head_dim + 2 * hidden * kv_heads * head_dim
+    return int(config.vocab_size * hidden + layers * (attention + 3 * hidden * config.intermediate_size))
 
 
 def warn(message: str, progress=None) -> None:
