@@ -14,6 +14,7 @@ import dataclasses
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from saeforge.jobs.plan import RunPlan, TrackingTarget
 from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
 from saeforge.jobs.search_space import TuneSpace
 from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
+from saeforge.jobs.storage import is_uri, storage_path
 from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, zero_ablation
 from saeforge.jobs.validate import plan_train, variant_config
 
@@ -256,7 +258,7 @@ def search_variant(
     plan = dataclasses.replace(plan, loop=LoopSettings(1, log_every=report_every, report_every=report_every))
     l0_max = space.l0_max() or plan.max_l0
     search_name = f"{args.name or 'tune'}-{space.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = Path(args.storage).expanduser().resolve()
+    storage = storage_path(args.storage)  # a local folder made absolute, or a URI as given
     objective = (
         "pareto: " + ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes))
         if space.multi_objective
@@ -305,7 +307,7 @@ def search_variant(
             args.tokens_per_trial,
             l0_max,
             parent.info.run_id,
-            str(storage / search_name / "trials"),
+            f"{storage}/{search_name}/trials",
             eval_reference,
         )
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
@@ -318,12 +320,13 @@ def search_variant(
                 search_alg=make_search_alg(args, space, n),
                 scheduler=make_scheduler(args, space, grace, max_t),
             ),
-            run_config=tune.RunConfig(name=search_name, storage_path=str(storage), verbose=verbose),
+            run_config=tune.RunConfig(name=search_name, storage_path=storage, verbose=verbose),
         )
         rows = trial_rows(tuner.fit(), space, ctx)
         seconds = time.time() - started
         best = search_space.best_trial(rows, space)
-        out_dir = storage / search_name
+        # the report files, also logged to MLflow: beside the trials, or in a temporary folder for remote storage
+        out_dir = Path(tempfile.mkdtemp(prefix=f"{search_name}-")) if is_uri(storage) else Path(storage) / search_name
         out_dir.mkdir(parents=True, exist_ok=True)
         table = write_csv(rows, out_dir / "trials.csv")
         mlflow.log_artifact(str(table), artifact_path="search")

@@ -20,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 from saeforge.core import sae_files
 from saeforge.core.eval_suites.runner import build_context, run_local
@@ -32,6 +31,7 @@ from saeforge.jobs.activation_stream import materialize, plan_dataset
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
 from saeforge.jobs.ray_cluster import connect_ray, plan_resources, produce_first
+from saeforge.jobs.storage import local_checkpoint
 from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
@@ -171,7 +171,7 @@ def train_evaluate_register(
         log_params(plan)
     result = train_on_ray(plan, contexts, plan.name, show=progress)
     phases.done("train")  # activations and SAE steps, with Ray Train's start-up
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = local_checkpoint(result.checkpoint)  # downloaded when --storage is remote
     train_seconds = time.time() - started
     train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
     failures = int(result.metrics.get("mlflow_failures", 0))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saeforge.jobs.plan import RunPlan
+from saeforge.jobs.storage import storage_path
 from saeforge.jobs.train_worker import worker_loop
 
 
@@ -27,7 +28,7 @@ def make_trainer(
         datasets={"train": dataset},
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(Path(storage).expanduser().resolve()),
+            storage_path=storage_path(storage),
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=0),

@@ -12,7 +12,6 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +25,7 @@ from saeforge.core.training import LoopSettings
 from saeforge.jobs import tracking
 from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.search_space import EarlyStopping, TuneSpace
+from saeforge.jobs.storage import local_checkpoint
 from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import variant_config
 
@@ -156,7 +156,7 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
         )
     )
     train_seconds = time.time() - started
-    checkpoint = Path(result.checkpoint.path)
+    checkpoint = local_checkpoint(result.checkpoint)  # downloaded when the storage is remote
     torch.set_num_threads(plan.resources.worker_threads)
     sae, _ = load_sae(checkpoint / SAE_DIR)
     metrics = evaluate_core(

@@ -25,7 +25,7 @@ from saeforge.core.model import load_config, load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
-from saeforge.jobs import checkpoints, tracking
+from saeforge.jobs import checkpoints, storage, tracking
 from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, gpu_request, pairs_dict
 from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
 from saeforge.jobs.ray_cluster import attached
@@ -95,8 +95,10 @@ def run_name(args: TrainArgs, hook: HookPoint) -> str:
 
 def check_new_run_folder(args: TrainArgs, name: str) -> None:
     """An explicit --run-name whose folder exists holds another run's checkpoints: refused."""
-    folder = Path(args.storage).expanduser().resolve() / name
-    if args.run_name and not args.resume and folder.exists():
+    if not args.run_name or args.resume:
+        return
+    folder = storage.run_exists(args.storage, name)
+    if folder:
         raise UserError(
             f"--run-name {name}: {folder} already exists (another run's checkpoints); "
             f"choose another name, or continue that run with --resume {folder}"
@@ -150,6 +152,14 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         raise UserError("--layer: one layer per training run")
     name = run_name(args, hooks[0])
     check_new_run_folder(args, name)
+    lost = storage.temporary_outputs(args.storage, tracking.tracking_uri())
+    if lost:
+        warn(
+            f"this run is inside Ray's temporary copy of the job's working directory, which Ray deletes later: "
+            f"{' and '.join(lost)} would be lost with it; give --storage a shared folder or URI and set "
+            "MLFLOW_TRACKING_URI (see the README's Ray Jobs section)",
+            progress,
+        )
     spec = resolve_model(args.model)  # prepares (de-quantises) the packaged Gemma the first time
     config = load_config(spec)
     for hook in hooks:
