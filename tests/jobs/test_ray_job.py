@@ -107,14 +107,13 @@ def ray_head(tmp_path):
     subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
-    from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def submit(url, env, store, submission_id, argv, cwd_files=None):
+    """`ray job submit` of one saeforge command (the repository as the working dir, the test's
+    MLflow store in the job's environment); returns (job status, output)."""
+    from ray.job_submission import JobSubmissionClient
 
-    url, env = ray_head
-    store = f"sqlite:///{tmp_path / 'jobs.db'}"
     runtime_env = f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{store}", "RAY_AUTH_MODE": "disabled"}}}}'
-    submit = subprocess.run(
+    done = subprocess.run(
         [
             str(BIN / "ray"),
             "job",
@@ -126,42 +125,80 @@ def test_training_job_submitted_to_a_ray_head(ray_head, tmp_path):
             "--runtime-env-json",
             runtime_env,
             "--submission-id",
-            "saeforge-test-job",
+            submission_id,
             "--",
             str(BIN / "saeforge"),
-            "train",
-            "--model",
-            "tiny",
-            "--variant",
-            "relu",
-            "--layer",
-            "2",
-            "--tokens",
-            "6000",
-            "--d-sae",
-            "128",
-            "--set",
-            "batch_size=512",
-            "--set",
-            "lr=3e-3",
-            "--set",
-            "l1_coeff=0.004",
-            "--eval-contexts",
-            "4",
-            "--max-l0",
-            "1000000",
-            "--storage",
-            str(tmp_path / "runs"),
+            *argv,
         ],
         env=env,
         capture_output=True,
         text=True,
         timeout=500,
     )
-    output = submit.stdout[-3000:] + submit.stderr[-3000:]
     jobs = {job.submission_id: job.status for job in JobSubmissionClient(url).list_jobs()}
-    assert jobs.get("saeforge-test-job") == JobStatus.SUCCEEDED, f"submit exit {submit.returncode}: {output}"
-    assert "registered model" in submit.stdout
+    return (
+        jobs.get(submission_id),
+        done.stdout,
+        f"submit exit {done.returncode}: {done.stdout[-3000:]}{done.stderr[-3000:]}",
+    )
+
+
+TINY = ["--model", "tiny", "--variant", "relu", "--layer", "2", "--d-sae", "128", "--eval-contexts", "4"]
+SPACE = """\
+variant: relu
+objective: {metric: ce_loss_recovered, mode: max, l0_max: 1000000}
+params:
+  l1_coeff: {sampler: grid, values: [0.004, 0.01]}
+fixed:
+  batch_size: 256
+  lr: 3.0e-3
+"""
+
+
+def test_train_eval_and_tune_jobs_submitted_to_a_ray_head(ray_head, tmp_path):
+    """Every verb that runs on Ray goes through `ray job submit`: a training run, the evaluation
+    of its champion, and a search whose trials each train with two DDP workers."""
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus
+
+    url, env = ray_head
+    store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    train = [
+        "train",
+        *TINY,
+        "--tokens",
+        "6000",
+        *("--set", "batch_size=512", "--set", "lr=3e-3", "--set", "l1_coeff=0.004"),
+        *("--max-l0", "1000000", "--storage", str(tmp_path / "runs")),
+    ]
+    status, stdout, output = submit(url, env, store, "saeforge-test-train", train)
+    assert status == JobStatus.SUCCEEDED, output
+    assert "registered model" in stdout
     client = MlflowClient(store)
     name = "tiny__blocks.2.hook_resid_post__relu"
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+    out = tmp_path / "eval.json"
+    evaluate = ["eval", f"models:/{name}@champion", "--suite", "core", "--set", "core.contexts=4", "--out", str(out)]
+    status, _, output = submit(url, env, store, "saeforge-test-eval", evaluate)
+    assert status == JobStatus.SUCCEEDED, output
+    run_id = client.get_model_version_by_alias(name, "champion").run_id
+    assert "eval/core/ce_loss_recovered" in client.get_run(run_id).data.metrics and out.is_file()
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    tune = [
+        "tune",
+        *TINY,
+        *("--space", str(tmp_path / "space.yaml"), "--search-alg", "random", "--samples", "1", "--scheduler", "fifo"),
+        *("--tokens-per-trial", "3000", "--workers", "2"),
+        *("--report-every", "2", "--storage", str(tmp_path / "tune"), "--max-l0", "1000000"),
+    ]
+    status, _, output = submit(url, env, store, "saeforge-test-tune", tune)
+    assert status == JobStatus.SUCCEEDED, output
+    trials = client.search_runs(
+        [client.get_experiment_by_name("saeforge/tiny/blocks.2.hook_resid_post").experiment_id],
+        "tags.saeforge.status = 'completed' and params.variant = 'relu'",
+    )
+    trials = [t for t in trials if "mlflow.parentRunId" in t.data.tags]
+    assert len(trials) == 2, [t.data.tags for t in trials]
+    assert [t.data.params["workers"] for t in trials] == ["2", "2"]  # each trial trained with two DDP workers

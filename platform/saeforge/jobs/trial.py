@@ -140,6 +140,7 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
                 **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
                 "variant": space.variant,
                 "total_steps": total_steps,
+                "workers": plan.stream.workers,
             }.items()
         ],
     )
