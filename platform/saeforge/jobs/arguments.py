@@ -17,6 +17,8 @@ from saeforge.core.hooks import SITES
 from saeforge.core.model import DEFAULT_MODEL
 from saeforge.errors import UserError
 
+DEFAULT_MAX_FAILURES = 3  # --max-failures
+
 
 def opt(default: Any, help: str, **meta) -> Any:
     """A field of the argument model: its default, its help text and how the flag looks."""
@@ -63,6 +65,13 @@ class ClusterArgs:
     workers: int = opt(1, "data-parallel SAE workers per run or trial (default %(default)s)", minimum=1)
     storage: str = opt("saeforge_runs", "folder for Ray Train / Tune runs and checkpoints (default %(default)s)")
     address: str = opt("", "Ray cluster address (default: RAY_ADDRESS, else a private local Ray)")
+    max_failures: int = opt(
+        DEFAULT_MAX_FAILURES,
+        "crashes survived before the run fails (default %(default)s): Ray Train restarts lost SAE "
+        "workers from the latest checkpoint up to N times per run (per trial in a search), and each "
+        "producer actor is restarted and its batch retried up to N times; 0: the first crash ends the run",
+        minimum=0,
+    )
 
 
 @dataclass
