@@ -143,3 +143,21 @@ def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
     (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'oom'")
     assert run.info.status == "FAILED"
     print(f"deterministic producer crash: failed in {seconds:.0f}s")
+
+
+def test_two_workers_one_killed_train_every_planned_step_and_token(ray_session, tmp_path):
+    """Data parallelism: rank 0 of two DDP workers dies at step 7; the whole group restarts from
+    the checkpoint at step 6, each rank skips its 6 steps' share, and the run ends with the
+    planned steps and every context's tokens counted once."""
+    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    marker = tmp_path / "worker-exited"
+    plan, contexts = plan_train(small_args(tmp_path, workers=2))
+    assert plan.stream.contexts_per_worker == 2 and plan.loop.total_steps > KILL_AT
+    plan = dataclasses.replace(with_resources(plan, True), worker_exit=InjectedExit(KILL_AT, str(marker)))
+    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    assert marker.exists()
+    assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
+    assert torch.isfinite(sae.W_dec).all()

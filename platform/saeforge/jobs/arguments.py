@@ -71,6 +71,7 @@ class ClusterArgs:
         "workers from the latest checkpoint up to N times per run (per trial in a search), and each "
         "producer actor is restarted and its batch retried up to N times; 0: the first crash ends the run",
         minimum=0,
+        metavar="N",
     )
 
 

@@ -47,6 +47,8 @@ def describe(err: BaseException) -> str:
         return f"rank {rank}: {describe(first)}"
     if isinstance(err, TrainingFailedError) and getattr(err, "controller_failure", None) is not None:
         return describe(err.controller_failure)
+    if not type(err).__module__.startswith("ray."):  # the worker's own exception, as it raised it
+        return f"{type(err).__name__}: {one_line(err)}"
     return _died(err) or one_line(err)
 
 

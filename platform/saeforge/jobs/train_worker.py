@@ -5,6 +5,10 @@ variant (or restores a checkpoint), gives a fresh SAE its data-dependent start o
 (the activation scale averaged over workers) before wrapping it for DDP, and turns the loop's
 log and checkpoint callbacks into MLflow curves (best-effort: a failure is counted, reported with
 each checkpoint, never fatal) and `ray.train.report` calls.
+
+After a worker is lost, Ray Train starts the group again (`--max-failures`) with the run's latest
+checkpoint; the dataset shard then starts again at the stream's first step, so each worker skips
+the steps trained since then and the run trains every planned step once.
 """
 
 from __future__ import annotations
