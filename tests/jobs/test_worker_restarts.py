@@ -42,7 +42,7 @@ def assert_same_sae(a, b):
         torch.testing.assert_close(b.state_dict()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def with_resources(plan, produce_first: bool):
+def with_produce_first(plan, produce_first: bool):
     return dataclasses.replace(plan, resources=dataclasses.replace(plan.resources, produce_first=produce_first))
 
 
@@ -53,7 +53,7 @@ def reference(ray_session, session_dir):
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(small_args(session_dir / "reference"))
-    sae, info = final_state(train_on_ray(with_resources(plan, True), contexts, plan.name))
+    sae, info = final_state(train_on_ray(with_produce_first(plan, True), contexts, plan.name))
     assert info["step"] == plan.loop.total_steps > KILL_AT
     return sae, info
 
@@ -76,9 +76,13 @@ def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_
         return dataclasses.replace(plan, worker_exit=InjectedExit(KILL_AT, str(marker))), contexts
 
     monkeypatch.setattr(train, "plan_train", plan_with_a_crash)
-    started = time.time()
-    summary = train.run_train(small_args(tmp_path, stream="off", run_name="worker-killed"), progress=lambda *_: None)
+    started, lines = time.time(), []
+    summary = train.run_train(small_args(tmp_path, stream="off", run_name="worker-killed"), progress=lines.append)
     assert marker.exists()  # the worker did die
+    logged = [line.split()[2] for line in lines if line.startswith("[saeforge] step ")]
+    # rank 0's lines: restarted from a checkpoint (at 6, or at 3 when the controller had not yet
+    # taken the report at 6 when the worker died), never from the start
+    assert logged.count("3/11") == 1 and logged[-2:] == ["9/11", "11/11"], logged
     sae, info = final_state(summary["checkpoint"])
     assert (info["step"], info["tokens_seen"]) == (planned["steps"], planned["tokens"])
     assert info["tokens_seen"] == reference[1]["tokens_seen"]
@@ -99,7 +103,7 @@ def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
 
     marker = tmp_path / "producer-exited"
     plan, contexts = plan_train(small_args(tmp_path))
-    plan = dataclasses.replace(with_resources(plan, False), producer_exit=InjectedExit(3, str(marker)))
+    plan = dataclasses.replace(with_produce_first(plan, False), producer_exit=InjectedExit(3, str(marker)))
     sae, info = final_state(train_on_ray(plan, contexts, plan.name))
     assert marker.exists()
     assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
@@ -156,7 +160,7 @@ def test_two_workers_one_killed_train_every_planned_step_and_token(ray_session, 
     marker = tmp_path / "worker-exited"
     plan, contexts = plan_train(small_args(tmp_path, workers=2))
     assert plan.stream.contexts_per_worker == 2 and plan.loop.total_steps > KILL_AT
-    plan = dataclasses.replace(with_resources(plan, True), worker_exit=InjectedExit(KILL_AT, str(marker)))
+    plan = dataclasses.replace(with_produce_first(plan, True), worker_exit=InjectedExit(KILL_AT, str(marker)))
     sae, info = final_state(train_on_ray(plan, contexts, plan.name))
     assert marker.exists()
     assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
