@@ -73,6 +73,28 @@ def test_unknown_optimizer(refused):
     refused([*TRAIN, "--set", "optimizer=sgd"], "optimizer must be one of adam, adamw, got 'sgd'")
 
 
+def test_negative_max_failures(refused):
+    refused([*TRAIN, "--max-failures", "-1"], "--max-failures must be at least 0, got -1")
+
+
+def test_negative_max_failures_in_a_search(refused, monkeypatch):
+    import saeforge.jobs.search
+
+    def tripwire(*_):
+        raise AssertionError("Ray was started before the input was checked")
+
+    monkeypatch.setattr(saeforge.jobs.search, "connect_ray", tripwire)
+    refused(
+        ["tune", "--model", "tiny", "--layer", "3", "--max-failures", "-2"], "--max-failures must be at least 0, got -2"
+    )
+
+
+def test_max_failures_that_is_not_a_number(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*TRAIN, "--max-failures", "many"])
+    assert exit_.value.code == 2 and "--max-failures: invalid int value: 'many'" in capsys.readouterr().err
+
+
 def test_negative_d_sae(refused):
     refused([*TRAIN, "--d-sae", "-8"], "--d-sae must be at least 0, got -8")
 
@@ -164,6 +186,19 @@ def test_resume_with_flags_that_would_be_ignored(refused, tmp_path):
         ["train", "--resume", str(folder), "--tokens", "5000", "--variant", "topk"],
         "--resume continues a run with its own arguments; drop --tokens 5000 (the run has 12000)",
     )
+
+
+def test_a_resumed_run_takes_this_invocations_max_failures(tmp_path):
+    """--max-failures is how many crashes this invocation survives, not part of the run: a
+    resumed run may change it (and gets the default when it is not given)."""
+    from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES, TrainArgs
+    from saeforge.jobs.validate import resumed_train_args
+
+    folder = saved_checkpoint(tmp_path)
+    args, _ = resumed_train_args(TrainArgs(resume=str(folder), max_failures=7))
+    assert args.max_failures == 7 and args.tokens == 12_000  # the rest is the run's own
+    args, _ = resumed_train_args(TrainArgs(resume=str(folder)))
+    assert args.max_failures == DEFAULT_MAX_FAILURES
 
 
 def test_an_explicit_run_name_whose_folder_exists(refused, tmp_path):

@@ -1,5 +1,5 @@
-"""A `saeforge train` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`) ends its MLflow
-run KILLED, exits 130 with one line, and leaves no run RUNNING."""
+"""A `saeforge train` or `saeforge tune` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`)
+ends its MLflow run KILLED, exits 130 with one line, and leaves no run RUNNING."""
 
 import os
 import signal
@@ -9,23 +9,25 @@ import sys
 import time
 
 
-def run_statuses(db) -> list[str]:
-    """The runs' statuses, read straight from the SQLite file (no MLflow client: it would race
-    the child's creation of the store)."""
+def run_rows(db) -> list[tuple[str, str]]:
+    """(name, status) of every run, read straight from the SQLite file (no MLflow client: it would
+    race the child's creation of the store)."""
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
-            return [row[0] for row in conn.execute("select status from runs")]
+            return list(conn.execute("select name, status from runs"))
     except sqlite3.Error:
         return []
 
 
-def test_sigterm_ends_the_run_killed(tmp_path):
+def stopped_by_sigterm(tmp_path, argv: list[str], started) -> tuple[int, str]:
+    """Run `saeforge ARGV` in a fresh process on the tiny model with its own store, send SIGTERM
+    once `started(rows)` holds (and 3 s more), return (exit code, stderr)."""
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    args = ["--model", "tiny", "--layer", "3", "--variant", "relu", "--d-sae", "128", "--tokens", "2000000"]
+    tiny = ["--model", "tiny", "--layer", "3", "--variant", "relu", "--storage", str(tmp_path / "runs")]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "saeforge.cli", "train", *args, "--storage", str(tmp_path / "runs")],
+        [sys.executable, "-m", "saeforge.cli", *argv, *tiny],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -34,15 +36,36 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     )
     try:
         deadline = time.time() + 240
-        while run_statuses(db) != ["RUNNING"]:
+        while not started(run_rows(db)):
             assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() else "timeout"
             time.sleep(0.5)
-        time.sleep(3)  # into Ray Train's start-up
+        time.sleep(3)  # into Ray Train's (or Tune's) start-up
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert run_statuses(db) == ["KILLED"], stderr
-    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "saeforge: interrupted", stderr
     assert "Traceback" not in stderr
+    assert proc.returncode == 130 and stderr.strip().splitlines()[-1] == "saeforge: interrupted", stderr
+    return proc.returncode, stderr
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    _, stderr = stopped_by_sigterm(
+        tmp_path,
+        ["train", "--d-sae", "128", "--tokens", "2000000"],
+        lambda rows: [status for _, status in rows] == ["RUNNING"],
+    )
+    assert [status for _, status in run_rows(tmp_path / "mlflow.db")] == ["KILLED"], stderr
+
+
+def test_sigterm_ends_the_search_killed(tmp_path):
+    """The search's parent run ends KILLED, and so does any trial run it had started."""
+    _, stderr = stopped_by_sigterm(
+        tmp_path,
+        ["tune", "--d-sae", "64", "--samples", "4", "--tokens-per-trial", "30000"],
+        lambda rows: any(name.startswith("tune-relu-") for name, _ in rows),
+    )
+    rows = run_rows(tmp_path / "mlflow.db")
+    assert [status for name, status in rows if name.startswith("tune-relu-")] == ["KILLED"], (rows, stderr)
+    assert all(status != "RUNNING" for _, status in rows), rows

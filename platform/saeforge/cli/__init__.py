@@ -9,9 +9,10 @@ import sys
 import variants
 from saeforge.cli import bench, browse, compare, evaluate, list_variants, train, tune
 from saeforge.cli.output import quiet_libraries
-from saeforge.errors import UserError
+from saeforge.errors import RunFailed, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_RUN_FAILED = 1
 VERBS = (train, tune, evaluate, browse, compare, list_variants, bench)
 
 
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, variants.UnknownVariant, variants.ConfigError) as err:
         print(f"saeforge: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunFailed as err:
+        print(f"saeforge: error: {err}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("saeforge: interrupted", file=sys.stderr)
         return 130

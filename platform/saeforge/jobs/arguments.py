@@ -17,6 +17,8 @@ from saeforge.core.hooks import SITES
 from saeforge.core.model import DEFAULT_MODEL
 from saeforge.errors import UserError
 
+DEFAULT_MAX_FAILURES = 3  # --max-failures
+
 
 def opt(default: Any, help: str, **meta) -> Any:
     """A field of the argument model: its default, its help text and how the flag looks."""
@@ -70,6 +72,14 @@ class ClusterArgs:
         "so an autoscaler adds GPU nodes)",
     )
     gpus_per_worker: str = opt("auto", "GPUs each SAE worker asks Ray for (default auto, as --gpus-per-producer)")
+    max_failures: int = opt(
+        DEFAULT_MAX_FAILURES,
+        "crashes survived before the run fails (default %(default)s): Ray Train restarts lost SAE "
+        "workers from the latest checkpoint up to N times per run (per trial in a search), and each "
+        "producer actor is restarted and its batch retried up to N times; 0: the first crash ends the run",
+        minimum=0,
+        metavar="N",
+    )
 
 
 @dataclass

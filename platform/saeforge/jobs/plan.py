@@ -8,7 +8,9 @@ them into the activation dataset, which Ray ships to the workers.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -31,10 +33,34 @@ class StreamSpec:
     context_size: int
     contexts_per_step: int  # global, over every data-parallel worker
     workers: int
+    first_step: int = 0  # the step the stream's first context belongs to (a resumed run's checkpoint step)
 
     @property
     def contexts_per_worker(self) -> int:
         return self.contexts_per_step // self.workers
+
+
+@dataclass(frozen=True)
+class InjectedExit:
+    """A crash the fault tests inject (nothing on the command line sets one): the process exits at
+    once (os._exit: no exception, no clean-up, as an OOM kill or a lost node ends it) when it
+    reaches `at`: a training step for rank 0 of the Train workers (about to train it), a batch for
+    a producer actor (0: while it loads the model). With a `marker` file it fires once per run:
+    the process that fires creates the file, whose existence disarms the processes restarted after
+    it; without one it fires every time (a deterministic crash)."""
+
+    at: int
+    marker: str = ""
+
+    def check(self, reached: int) -> None:
+        if reached != self.at:
+            return
+        if self.marker:
+            try:
+                Path(self.marker).touch(exist_ok=False)
+            except FileExistsError:
+                return
+        os._exit(1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +102,8 @@ class RunPlan:
     name: str = ""  # the run's name: its folder under --storage, its MLflow run name
     progress_board: str = ""  # the named actor rank 0 posts its progress lines to ("": none)
     model_params: int = 0  # the whole model's parameter count, from its config (GPU defaults read it)
+    worker_exit: InjectedExit | None = None  # fault tests only
+    producer_exit: InjectedExit | None = None  # fault tests only
 
     @property
     def hook(self) -> HookPoint:

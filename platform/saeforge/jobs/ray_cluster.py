@@ -14,8 +14,12 @@ files (/tmp/ray/session_latest/logs) instead of drowning it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 from saeforge.jobs.arguments import gpu_request
 from saeforge.jobs.plan import Resources, RunPlan
@@ -26,6 +30,7 @@ def connect_ray(address: str = "") -> None:
 
     if ray.is_initialized():
         return
+    quiet_ray_data()
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address:
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
@@ -46,6 +51,38 @@ def connect_ray(address: str = "") -> None:
         # workers on 2 cores cost memory and set off the raylet's "too many workers" warning.
         _system_config={"prestart_worker_first_driver": False},
     )
+
+
+def quiet_ray_data() -> None:
+    """Nothing from Ray Data's logger on the driver's terminal: it prints INFO lines for every
+    dataset and, when an actor dies, a full internal traceback. A run prints its own progress,
+    and one line for a failure that ends it (`failures`); Ray Data's log file, in the session's
+    logs folder, still gets every record."""
+    import logging
+
+    import ray.data  # noqa: F401  (configures its logger on import)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__:
+            handler.setLevel(logging.CRITICAL)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """While the block runs, SIGTERM raises KeyboardInterrupt in the driver, as Ctrl-C does
+    (Ray's own handler exits without a word), so the run is ended KILLED on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cores() -> int:

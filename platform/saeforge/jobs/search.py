@@ -10,10 +10,10 @@ and champion rule, early stopping and the activation cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +26,9 @@ from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
 from saeforge.jobs import search_space, tracking
 from saeforge.jobs.arguments import ClusterArgs, SaeSizeArgs, SourceArgs, TrainArgs, TuneArgs, check_ranges
+from saeforge.jobs.failures import one_line
 from saeforge.jobs.plan import RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
+from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources, sigterm_interrupts
 from saeforge.jobs.search_space import TuneSpace
 from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
 from saeforge.jobs.storage import is_uri, storage_path
@@ -145,15 +146,6 @@ def make_search_alg(args: TuneArgs, space: TuneSpace, max_concurrent: int):
     return FinalResultOptuna(metric="objective", mode=space.modes[0], seed=args.seed)
 
 
-def one_line(err: BaseException | str) -> str:
-    """The most telling line of an error (Ray wraps the worker's own exception in its report)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[A-Za-z_.]*(Error|Exception)\b", line):
-            return line
-    return lines[-1] if lines else type(err).__name__
-
-
 def _trial_id(result, known: list[str]) -> str | None:
     """The trial's id: from its last report, else (a trial that died before reporting) from its
     folder's name, which Tune builds from the id."""
@@ -214,6 +206,22 @@ def trial_rows(grid, space: TuneSpace, ctx: TrialContext) -> list[dict]:
     return rows
 
 
+@contextlib.contextmanager
+def killed_on_interrupt(uri: str, experiment_id: str, parent_run_id: str):
+    """Ctrl-C or SIGTERM (see `sigterm_interrupts`) inside: the search's MLflow run and its
+    trials' unfinished runs end KILLED, not FAILED (mlflow.start_run's own exit) or RUNNING."""
+    import mlflow
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit):
+        for child in tracking.child_runs(uri, experiment_id, parent_run_id):
+            if child.info.status == "RUNNING":
+                tracking.close_run(uri, child.info.run_id, "KILLED", {tracking.STATUS_TAG: "interrupted"})
+        mlflow.end_run("KILLED")
+        raise
+
+
 def register_best(best: dict, space: TuneSpace, plan: RunPlan, l0_max: float) -> tuple[str, int, bool, str]:
     """Register the search's best trial (its SAE, logged once in its child run); it becomes
     champion only when it met every constraint and beats the current champion."""
@@ -270,11 +278,14 @@ def search_variant(
         f"{', '.join(map(str, space.constraints)) or 'none'})"
     )
     started = time.time()
-    with mlflow.start_run(
-        experiment_id=plan.tracking.experiment_id,
-        run_name=search_name,
-        tags={"saeforge.kind": "tune_search", tracking.VARIANT_TAG: space.variant},
-    ) as parent:
+    with (
+        mlflow.start_run(
+            experiment_id=plan.tracking.experiment_id,
+            run_name=search_name,
+            tags={"saeforge.kind": "tune_search", tracking.VARIANT_TAG: space.variant},
+        ) as parent,
+        killed_on_interrupt(plan.tracking.uri, plan.tracking.experiment_id, parent.info.run_id),
+    ):
         mlflow.log_params(
             {
                 "variant": space.variant,
@@ -434,25 +445,29 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     # Trials report the objective only at their end and the early-stopping score only while they
     # train: Tune must not insist on every metric in every report.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ctrl-C raises KeyboardInterrupt here, as in `saeforge train`: Tune's own handler would end
+    # the search quietly and register its best trial so far as if it had finished.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     resources = plan_resources(plan, concurrent=False, workers=1)
     plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
-    acts = shared_activations(plan, contexts, args.activations, progress)
-    concurrency = trial_concurrency(args)
-    reference = search_reference(plan, contexts.eval, progress)
-    searches = [
-        search_variant(
-            space,
-            plan,
-            acts,
-            contexts.eval,
-            args,
-            concurrency=concurrency,
-            progress=progress,
-            verbose=verbose,
-            eval_reference=reference,
-        )
-        for space in spaces
-    ]
+    with sigterm_interrupts():  # after ray.init, which sets a handler of its own
+        acts = shared_activations(plan, contexts, args.activations, progress)
+        concurrency = trial_concurrency(args)
+        reference = search_reference(plan, contexts.eval, progress)
+        searches = [
+            search_variant(
+                space,
+                plan,
+                acts,
+                contexts.eval,
+                args,
+                concurrency=concurrency,
+                progress=progress,
+                verbose=verbose,
+                eval_reference=reference,
+            )
+            for space in spaces
+        ]
     return {
         "searches": searches,
         "activations": acts.summary(),

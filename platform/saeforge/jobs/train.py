@@ -13,12 +13,8 @@ The MLflow run ends FINISHED, KILLED (Ctrl-C, or SIGTERM: `ray job stop`, a sche
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
 
 from saeforge.core import sae_files
@@ -29,47 +25,39 @@ from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs import progress_board, tracking
 from saeforge.jobs.activation_stream import materialize, plan_dataset
 from saeforge.jobs.arguments import TrainArgs
+from saeforge.jobs.failures import run_failed
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, plan_resources, produce_first
+from saeforge.jobs.ray_cluster import connect_ray, plan_resources, produce_first, sigterm_interrupts
 from saeforge.jobs.storage import local_checkpoint
 from saeforge.jobs.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """While the block runs, SIGTERM raises KeyboardInterrupt in the driver, as Ctrl-C does
-    (Ray's own handler exits without a word), so the run is ended KILLED on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
     """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result. `show`
     prints the driver's and rank 0's progress lines as they come. With
     `plan.resources.produce_first` every activation is made before the trainer starts (same
-    rows, same order), else the trainer reads them as the producers make them."""
+    rows, same order), else the trainer reads them as the producers make them.
+
+    Lost workers and producers are restarted up to `--max-failures` times (trainer.make_trainer,
+    activation_stream.activation_dataset); past that, or on an error in training itself, this
+    raises RunFailed with one line (the Ray error chained)."""
     import ray.data
+    import ray.exceptions
+    import ray.train
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
-    if show is None:
-        return _fit_on_ray(plan, contexts, name, lambda line: None)
-    with progress_board.printed(f"saeforge-progress-{name}", show) as board:
-        return _fit_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name, show)
+    try:
+        if show is None:
+            return _fit_on_ray(plan, contexts, name, lambda line: None)
+        with progress_board.printed(f"saeforge-progress-{name}", show) as board:
+            return _fit_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name, show)
+    except (ray.exceptions.RayError, ray.train.TrainingFailedError) as err:
+        raise run_failed(err, plan.args.max_failures) from err
 
 
 def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
-    first_id = plan.loop.total_steps * plan.stream.contexts_per_step - len(contexts.train)
+    first_id = plan.stream.first_step * plan.stream.contexts_per_step
     if not plan.resources.produce_first:
         dataset = plan_dataset(plan, contexts.train, first_id=first_id)
         return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))

@@ -5,6 +5,10 @@ variant (or restores a checkpoint), gives a fresh SAE its data-dependent start o
 (the activation scale averaged over workers) before wrapping it for DDP, and turns the loop's
 log and checkpoint callbacks into MLflow curves (best-effort: a failure is counted, reported with
 each checkpoint, never fatal) and `ray.train.report` calls.
+
+After a worker is lost, Ray Train starts the group again (`--max-failures`) with the run's latest
+checkpoint; the dataset shard then starts again at the stream's first step, so each worker skips
+the steps trained since then and the run trains every planned step once.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from saeforge.core import metrics
 from saeforge.core.training import LoopState, start_fresh, train_loop
 from saeforge.jobs import checkpoints, progress_board, tracking
 from saeforge.jobs.activation_stream import step_batches
-from saeforge.jobs.plan import RunPlan
+from saeforge.jobs.plan import InjectedExit, RunPlan
 
 
 def _all_reduce(value: float, average: bool) -> float:
@@ -39,6 +43,13 @@ def progress_line(step: int, total_steps: int, values: dict[str, float], eta: fl
     )
 
 
+def exit_at_step(batches, step: int, inject: InjectedExit):
+    """The batches, checking the fault tests' crash before handing out each step's (from `step`)."""
+    for n, batch in enumerate(batches, step):
+        inject.check(n)
+        yield batch
+
+
 def worker_loop(config: dict) -> None:
     """The per-worker training function given to TorchTrainer (config: {"plan": RunPlan})."""
     import ray.train
@@ -49,12 +60,18 @@ def worker_loop(config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # set after a restart: the run's latest checkpoint
     resume_dir = checkpoint.to_directory() if checkpoint else plan.resume_from
     variant, state = checkpoints.load_checkpoint(resume_dir) if resume_dir else (plan.build_variant(), LoopState())
     device = ray.train.torch.get_device()
     variant.to(device)
-    batches = step_batches(ray.train.get_dataset_shard("train"), plan.stream, device=device)
+    # the shard starts at the stream's first step whatever was trained since: skip that
+    trained = state.step - plan.stream.first_step
+    if trained < 0:
+        raise ValueError(f"checkpoint at step {state.step} is before the stream's first step {plan.stream.first_step}")
+    batches = step_batches(ray.train.get_dataset_shard("train"), plan.stream, device=device, skip_steps=trained)
+    if rank == 0 and plan.worker_exit:
+        batches = exit_at_step(batches, state.step, plan.worker_exit)
     if not resume_dir:
         batches = start_fresh(variant, batches, average=lambda v: _all_reduce(v, average=True))
     model = ray.train.torch.prepare_model(variant) if world > 1 else variant

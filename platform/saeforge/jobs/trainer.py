@@ -31,7 +31,8 @@ def make_trainer(
             storage_path=storage_path(storage),
             callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            # a lost worker: the group restarts from the latest checkpoint (worker_loop skips what it trained)
+            failure_config=ray.train.FailureConfig(max_failures=plan.args.max_failures),
         ),
     )
 

@@ -57,8 +57,9 @@ def hook_points(args) -> tuple[HookPoint, ...]:
     return tuple(HookPoint(int(layer), args.site) for layer in dict.fromkeys(layers))
 
 
-# Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs.
-RESUME_MAY_CHANGE = ("resume", "address")
+# Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs
+# and how many crashes it survives.
+RESUME_MAY_CHANGE = ("resume", "address", "max_failures", "gpus_per_producer", "gpus_per_worker")
 
 
 def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
@@ -80,7 +81,8 @@ def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
         raise UserError(
             f"--resume continues a run with its own arguments; drop {', '.join(changed)} or start a new run"
         )
-    saved.address = given.address
+    for name in RESUME_MAY_CHANGE[1:]:  # where and how it runs now: this invocation's
+        setattr(saved, name, getattr(given, name))
     return saved, info
 
 
@@ -198,13 +200,14 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     if len(evals) == 0:
         raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
     total_steps = info.get("total_steps") or budget.total_steps
+    first_step = int(info.get("step", 0))  # a resumed run's stream starts after what it trained
     check_services(args.address)  # last: the network, once everything local is known good
     hook = hooks[0]
     plan = RunPlan(
         args=args,
         variant_name=args.variant,
         variant=cfg,
-        stream=StreamSpec(spec, hooks, special, args.context_size, budget.contexts_per_step, args.workers),
+        stream=StreamSpec(spec, hooks, special, args.context_size, budget.contexts_per_step, args.workers, first_step),
         loop=LoopSettings(total_steps, args.log_every, args.checkpoint_every),
         sae_meta=SaeMeta(args.model, hook.name, hook.layer, args.context_size, args.dataset),
         eval_suites=suites,
@@ -214,7 +217,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         tracking=TrackingTarget(run_id=info.get("run_id", "")),
         model_params=parameter_count(config),
     )
-    done = int(info.get("step", 0)) * budget.contexts_per_step  # a resumed run skips what it trained
+    done = first_step * budget.contexts_per_step
     return plan, Contexts(train[done : total_steps * budget.contexts_per_step], evals)
 
 

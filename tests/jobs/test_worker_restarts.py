@@ -1,0 +1,167 @@
+"""Workers and producers can die (issue 10 item 1), on the tiny Gemma with real Ray Train workers,
+Ray Data producers and the session's SQLite MLflow store. A crash is injected with the plan's
+`InjectedExit` (the process calls os._exit at a chosen step or batch, once: a marker file disarms
+the restarted process), and the run must end as if nothing happened: every planned step once,
+every planned token once, the same SAE as an uninterrupted run (one worker, fixed data order)."""
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_args
+
+KILL_AT = 7  # the step (or producer batch) at which the process dies: after the checkpoint at step 6
+
+
+def small_args(tmp: Path, **changes):
+    """11 steps of 4 contexts, a checkpoint every 3: a kill at step 7 loses step 6 and restarts there."""
+    return tiny_args(tmp, tokens=6000, checkpoint_every=3, log_every=3, **changes)
+
+
+def planned_tokens(plan, contexts) -> int:
+    from saeforge.core.corpus import valid_mask
+
+    return int(valid_mask(contexts.train, list(plan.stream.special_ids)).sum())
+
+
+def final_state(result):
+    from saeforge.core.sae_files import SAE_DIR, load_sae
+    from saeforge.jobs.checkpoints import RUN_INFO_FILE
+
+    folder = Path(result.checkpoint.path) if hasattr(result, "checkpoint") else Path(result)
+    sae, _ = load_sae(folder / SAE_DIR)
+    return sae, json.loads((folder / RUN_INFO_FILE).read_text())
+
+
+def assert_same_sae(a, b):
+    for name, weight in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def with_produce_first(plan, produce_first: bool):
+    return dataclasses.replace(plan, resources=dataclasses.replace(plan.resources, produce_first=produce_first))
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, session_dir):
+    """The uninterrupted run every faulty one is compared with (produce-first: fixed order)."""
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    plan, contexts = plan_train(small_args(session_dir / "reference"))
+    sae, info = final_state(train_on_ray(with_produce_first(plan, True), contexts, plan.name))
+    assert info["step"] == plan.loop.total_steps > KILL_AT
+    return sae, info
+
+
+def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_store, tmp_path, monkeypatch):
+    """Rank 0 dies at step 7: Ray Train restarts it from the checkpoint at step 6, the worker skips
+    the 6 steps' contexts it already trained, and the run ends in the same MLflow run, FINISHED,
+    with the planned steps and tokens and the uninterrupted run's SAE."""
+    from mlflow.tracking import MlflowClient
+
+    import saeforge.jobs.train as train
+    from saeforge.jobs.plan import InjectedExit
+
+    marker = tmp_path / "worker-exited"
+    planned, real = {}, train.plan_train
+
+    def plan_with_a_crash(args, progress=None):
+        plan, contexts = real(args, progress)
+        planned.update(steps=plan.loop.total_steps, tokens=planned_tokens(plan, contexts))
+        return dataclasses.replace(plan, worker_exit=InjectedExit(KILL_AT, str(marker))), contexts
+
+    monkeypatch.setattr(train, "plan_train", plan_with_a_crash)
+    started, lines = time.time(), []
+    summary = train.run_train(small_args(tmp_path, stream="off", run_name="worker-killed"), progress=lines.append)
+    assert marker.exists()  # the worker did die
+    logged = [line.split()[2] for line in lines if line.startswith("[saeforge] step ")]
+    # rank 0's lines: restarted from a checkpoint (at 6, or at 3 when the controller had not yet
+    # taken the report at 6 when the worker died), never from the start
+    assert logged.count("3/11") == 1 and logged[-2:] == ["9/11", "11/11"], logged
+    sae, info = final_state(summary["checkpoint"])
+    assert (info["step"], info["tokens_seen"]) == (planned["steps"], planned["tokens"])
+    assert info["tokens_seen"] == reference[1]["tokens_seen"]
+    assert_same_sae(reference[0], sae)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("saeforge/tiny/blocks.3.hook_resid_post")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'worker-killed'")
+    assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
+    print(f"worker killed at step {KILL_AT}: run done in {time.time() - started:.0f}s")
+
+
+def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
+    """The producer dies at its 3rd batch while it streams into training: Ray Data restarts it and
+    retries the batch, in order, and the run trains the uninterrupted run's SAE."""
+    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    marker = tmp_path / "producer-exited"
+    plan, contexts = plan_train(small_args(tmp_path))
+    plan = dataclasses.replace(with_produce_first(plan, False), producer_exit=InjectedExit(3, str(marker)))
+    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    assert marker.exists()
+    assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
+    assert_same_sae(reference[0], sae)
+
+
+def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
+    ray_session, mlflow_store, tmp_path, monkeypatch, capsys
+):
+    """A producer that dies every time it loads the model (as out of memory would) is restarted
+    --max-failures times, then the run fails: one line, exit 1, the MLflow run FAILED."""
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+
+    import saeforge.jobs.train as train
+    from saeforge.cli import main
+    from saeforge.jobs.plan import InjectedExit
+
+    real, producer_class = train.plan_train, "MapWorker(MapBatches(ActivationProducer))"
+    assert not list_actors(filters=[("class_name", "=", producer_class), ("state", "!=", "DEAD")])
+
+    def plan_with_a_crash(args, progress=None):
+        plan, contexts = real(args, progress)
+        return dataclasses.replace(plan, producer_exit=InjectedExit(0)), contexts
+
+    monkeypatch.setattr(train, "plan_train", plan_with_a_crash)
+    argv = ["train", "--model", "tiny", "--layer", "3", "--variant", "relu", "--tokens", "2000", "--d-sae", "64"]
+    started = time.time()
+    code = main([*argv, "--storage", str(tmp_path), "--run-name", "oom", "--stream", "off", "--max-failures", "1"])
+    seconds = time.time() - started
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]
+    print(line)
+    assert code == 1 and "Traceback" not in err
+    assert line.startswith("saeforge: error: the run failed (a producer actor died: its process died")
+    assert "--max-failures 1" in line
+    restarts = [a.num_restarts for a in list_actors(filters=[("class_name", "=", producer_class)], detail=True)]
+    assert restarts == [1]  # restarted once (--max-failures 1), then given up
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("saeforge/tiny/blocks.3.hook_resid_post")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'oom'")
+    assert run.info.status == "FAILED"
+    print(f"deterministic producer crash: failed in {seconds:.0f}s")
+
+
+def test_two_workers_one_killed_train_every_planned_step_and_token(ray_session, tmp_path):
+    """Data parallelism: rank 0 of two DDP workers dies at step 7; the whole group restarts from
+    the checkpoint at step 6, each rank skips its 6 steps' share, and the run ends with the
+    planned steps and every context's tokens counted once."""
+    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    marker = tmp_path / "worker-exited"
+    plan, contexts = plan_train(small_args(tmp_path, workers=2))
+    assert plan.stream.contexts_per_worker == 2 and plan.loop.total_steps > KILL_AT
+    plan = dataclasses.replace(with_produce_first(plan, True), worker_exit=InjectedExit(KILL_AT, str(marker)))
+    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    assert marker.exists()
+    assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
+    assert torch.isfinite(sae.W_dec).all()
