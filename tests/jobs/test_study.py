@@ -15,11 +15,9 @@ TARGET, TOLERANCE, SEEDS = 16.0, 0.25, 2
 ONLY = ("mi_ortho", "relu", "topk")
 FAST = ["lr=3e-3", "l1_coeff=0.004", "kde_tokens=64", "n_candidates=128"]
 SUITES = [
-    "core.contexts=4",
     "disentanglement.contexts=4",
     "disentanglement.n_pairs=8",
     "disentanglement.kde_tokens=128",
-    "groups.contexts=4",
     "probing.tasks=person_vs_not,language_es",
     "probing.train_size=40",
     "probing.test_size=20",
@@ -120,6 +118,8 @@ def test_the_study_is_a_parent_run_with_one_child_per_sae(study):
             assert math.isfinite(m[f"eval/{key}"]), key
         assert "eval/probing/mean/sae_top_5_acc" in m and "eval/absorption/absorption_rate" in m
         assert "eval/unlearning/grid/n5_m10/forget_acc" in m  # the full grid
+        # groups and core read the same 4 held-out contexts: zero fraction = 1 - L0 / d_sae
+        assert m["eval/groups/zero_fraction"] == pytest.approx(1 - m["eval/core/l0"] / 128, rel=1e-5)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
     assert {"study/study.md", "study/core_ce_loss_recovered_vs_l0.png", "study/calibration.csv"} <= artifacts
 

@@ -187,7 +187,10 @@ def render(report: dict, plots: list[Path]) -> str:
         f"({info['contexts']} contexts) produced once from {info['activations_source']} "
         f"({info['contexts_forwarded']} contexts forwarded) and read by every SAE; batch {info['batch_size']} tokens; "
         f"target L0s {', '.join(f'{t:g}' for t in info['targets'])} (tolerance {info['tolerance']:.0%}); "
-        f"{info['seeds']} seed(s) per final SAE; {info['seconds'] / 60:.1f} min.",
+        f"{info['seeds']} seed(s) per final SAE; {info['seconds'] / 60:.1f} min in all "
+        f"(activations {info.get('activation_seconds', math.nan):.0f} s, L0 search "
+        f"{info.get('calibration_seconds', math.nan):.0f} s, final SAEs {info.get('final_seconds', math.nan):.0f} s, "
+        f"{info.get('concurrent_saes', 1)} SAE(s) at a time).",
         "",
         "Statistics are mean ± sample standard deviation over seeds. A difference counts only when it exceeds "
         "the sum of the two spreads; with one seed there is no spread and the verdicts are indicative only.",

@@ -34,6 +34,14 @@ from saeforge.jobs.study_trial import CALIBRATION, FINAL, StudyContext, study_tr
 from saeforge.jobs.validate import plan_train, variant_config
 
 TRIAL_CPU = 1.0  # one SAE trains (and evaluates) in its trial's own process
+# The suites' sizes in a study unless --eval-set says otherwise: smaller than `saeforge eval`'s so
+# that one seed of the default study fits about an hour on 2 cores (README); core and groups read
+# the --eval-contexts held-out contexts (the same ones: groups' zero fraction is 1 - L0 / d_sae).
+SUITE_DEFAULTS = {
+    "probing": {"train_size": 100, "test_size": 50, "ks": (1, 5)},
+    "unlearning": {"train_contexts": 16, "eval_contexts": 8},
+    "disentanglement": {"contexts": 16},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +98,17 @@ def plan_study(args: StudyArgs) -> StudyPlan:
         args.seeds,
         {"batch_size": str(args.batch_size), **pairs_dict(args.overrides)},
         tuple(dict.fromkeys(s for st in studies for s in st.suites)),
-        parse_options(args.eval_options),
+        suite_options(args),
     )
+
+
+def suite_options(args: StudyArgs) -> dict[str, dict]:
+    """The study's suite sizes (`SUITE_DEFAULTS`, core and groups on --eval-contexts contexts),
+    then what --eval-set gives."""
+    given = parse_options(args.eval_options)
+    held_out = {"contexts": args.eval_contexts}
+    base = {**SUITE_DEFAULTS, "core": held_out, "groups": held_out}
+    return {k: {**base.get(k, {}), **given.get(k, {})} for k in {*base, *given}}
 
 
 def shared_train_args(args: StudyArgs, variant: str) -> TrainArgs:
@@ -106,7 +123,9 @@ def run_jobs(jobs: list[dict], ctx: StudyContext, name: str, storage: Path, conc
     """One Tuner over the jobs (a grid, `concurrency` at once); each job's result, or its error."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(study_trial, ctx=ctx), {"cpu": TRIAL_CPU})
+    gpus = ctx.plan.resources.gpus_per_worker
+    resources = {"cpu": TRIAL_CPU, **({"gpu": gpus} if gpus else {})}
+    trainable = tune.with_resources(tune.with_parameters(study_trial, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable,
         param_space={"job": tune.grid_search(jobs)},
@@ -133,7 +152,7 @@ def calibrate(plan: StudyPlan, args: StudyArgs, ctx: StudyContext, storage: Path
 
     def measure(jobs: list[dict], round_no: int) -> None:
         for r in run_jobs(jobs, ctx, f"{Path(ctx.folder).name}-calibration-{round_no}", storage, n):
-            l0 = r["metrics"].get("core/l0", math.nan)
+            l0 = r["metrics"].get("l0", math.nan)
             job = r["job"]
             rows.append({"round": round_no, **job, "l0": l0, "error": r.get("error", "")})
             if math.isfinite(l0):
@@ -190,8 +209,10 @@ def run_study(args: StudyArgs, progress=print) -> dict:
         variant_config(name, base.variant.d_in, base.variant.d_sae, given)
     base, acts = open_search(base, contexts, args, progress)
     uri, experiment_id = base.tracking.uri, base.tracking.experiment_id
-    n, threads, _ = trial_concurrency(args)
-    base = dataclasses.replace(base, resources=dataclasses.replace(base.resources, worker_threads=threads))
+    n, threads, gpus = trial_concurrency(args)
+    base = dataclasses.replace(
+        base, resources=dataclasses.replace(base.resources, worker_threads=threads, gpus_per_worker=gpus)
+    )
     name = args.name or f"study-{args.study}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = Path(args.storage).expanduser().resolve()
     folder = storage / name
@@ -217,7 +238,6 @@ def run_study(args: StudyArgs, progress=print) -> dict:
             base,
             acts.dataset,
             acts.contexts,
-            contexts.eval,
             args.tokens,
             plan.overrides,
             plan.suites,
@@ -225,7 +245,9 @@ def run_study(args: StudyArgs, progress=print) -> dict:
             parent.info.run_id,
             str(folder),
         )
+        phase = time.time()
         factors, calibration = calibrate(plan, args, ctx, storage, n, progress)
+        calibration_seconds, phase = time.time() - phase, time.time()
         jobs = [
             _job(v, t, factors[(v, t)], seed, FINAL)
             for v in plan.variants
@@ -234,7 +256,7 @@ def run_study(args: StudyArgs, progress=print) -> dict:
         ]
         progress(f"saeforge: training and evaluating {len(jobs)} final SAE(s), {n} at a time")
         finals = run_jobs(jobs, ctx, f"{name}-final", storage, n)
-        seconds = time.time() - started
+        final_seconds, seconds = time.time() - phase, time.time() - started
         info = {
             "name": name,
             "model": args.model,
@@ -249,6 +271,10 @@ def run_study(args: StudyArgs, progress=print) -> dict:
             "tolerance": args.tolerance,
             "batch_size": args.batch_size,
             "seconds": seconds,
+            "activation_seconds": acts.seconds,
+            "calibration_seconds": calibration_seconds,
+            "final_seconds": final_seconds,
+            "concurrent_saes": n,
         }
         report = study_report.build(plan.studies, plan.variants, finals, calibration, info)
         paths = study_report.write(report, folder)

@@ -4,9 +4,9 @@ once, not from data parallelism inside one), save it, evaluate it, report.
 
 A job is a dict: variant, target L0, factor (the multiplier of the variant's `sparsity_fields`;
 ignored for an `l0_field` variant, whose field is set to the target), seed, role ("calibration":
-the core suite only, no MLflow run; "final": every suite of the study and an MLflow child run of
-the study). What the trial measured goes to `result.json` in its SAE folder (the driver reads
-it; Tune's own report carries the scalars only).
+its held-out L0 only, through the model slice, no MLflow run; "final": every suite of the
+study and an MLflow child run of the study). What the trial measured goes to `result.json` in
+its SAE folder (the driver reads it; Tune's own report carries the scalars only).
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 import variants
 from saeforge.core.batches import step_budget
@@ -40,7 +38,6 @@ class StudyContext:
     plan: RunPlan
     dataset: Any  # the materialised activations, one row per context
     available_contexts: int
-    eval_contexts: np.ndarray
     tokens: int
     overrides: dict[str, str]  # set on every variant that has the field
     suites: tuple[str, ...]
@@ -79,6 +76,14 @@ def trial_model(spec):
     return cache[spec]
 
 
+def trial_device(plan: RunPlan) -> str:
+    """The trial's GPU when Tune gave it one, else the CPU (the evaluation model follows
+    `compute_device`, which picks the same GPU)."""
+    import torch
+
+    return "cuda" if plan.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+
+
 def train_sae(ctx: StudyContext, job: dict) -> tuple[variants.Variant, int]:
     """A fresh SAE trained on the first contexts of the shared activations; (SAE, steps)."""
     plan = ctx.plan
@@ -89,27 +94,41 @@ def train_sae(ctx: StudyContext, job: dict) -> tuple[variants.Variant, int]:
     )
     budget = step_budget(ctx.tokens, cfg.batch_size, plan.stream.context_size, 1, ctx.available_contexts)
     stream = dataclasses.replace(plan.stream, contexts_per_step=budget.contexts_per_step, workers=1)
-    sae = cls(cfg)
-    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream))
+    sae = cls(cfg).to(trial_device(plan))
+    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream, device=trial_device(plan)))
     train_loop(sae, batches, LoopSettings(budget.total_steps, log_every=budget.total_steps, checkpoint_every=0))
     return sae, budget.total_steps
 
 
+def heldout_l0(ectx, n_contexts: int) -> float:
+    """Mean L0 over the real tokens of the first `n_contexts` held-out contexts (the core
+    suite's contexts), through the model slice only: what the L0 search reads."""
+    from saeforge.core.eval_suites.context import heldout_contexts, token_latents
+
+    fired, tokens = 0.0, 0
+    for _, f, mask in token_latents(ectx, heldout_contexts(ectx, n_contexts)):
+        rows = f[mask]
+        fired += (rows > 0).sum().item()
+        tokens += rows.shape[0]
+    return fired / max(tokens, 1)
+
+
 def evaluate(ctx: StudyContext, sae: variants.Variant, suites: tuple[str, ...]) -> tuple[dict, dict]:
-    """({suite/metric: value}, {suite: {table: rows}}) of the registered suites on this SAE."""
+    """({suite/metric: value}, {suite: {table: rows}}) of the registered suites on this SAE, and
+    `l0`: its held-out L0 on the core suite's contexts."""
     from saeforge.core.eval_suites.runner import build_context, run_local
 
     model, tokenizer = trial_model(ctx.plan.stream.model)
     cfg = sae_cfg(sae, ctx.plan.sae_meta)
     ectx = build_context(sae, cfg, model, tokenizer, dataset=ctx.plan.args.dataset)
-    options = {**ctx.suite_options, "core": {"contexts": len(ctx.eval_contexts), **ctx.suite_options.get("core", {})}}
-    results = run_local(ectx, list(suites), options)
+    results = run_local(ectx, list(suites), ctx.suite_options)
     metrics = {
         f"{suite}/{k}": float(v)
         for suite, r in results.items()
         for k, v in r.metrics.items()
         if isinstance(v, (int, float))
     }
+    metrics["l0"] = heldout_l0(ectx, ctx.suite_options["core"]["contexts"])
     return metrics, {suite: r.tables for suite, r in results.items() if r.tables}
 
 
@@ -125,7 +144,7 @@ def study_trial(config: dict, ctx: StudyContext | None = None) -> None:
     train_seconds = time.time() - started
     folder = Path(ctx.folder) / "saes" / job_name(job)
     save_sae(sae, folder, ctx.plan.sae_meta)
-    suites = ctx.suites if job["role"] == FINAL else ("core",)
+    suites = ctx.suites if job["role"] == FINAL else ()  # the search reads the held-out L0 only
     metrics, tables = evaluate(ctx, sae, suites)
     result = {
         "job": job,
@@ -139,7 +158,7 @@ def study_trial(config: dict, ctx: StudyContext | None = None) -> None:
         "run_id": log_final(ctx, job, sae, metrics, folder) if job["role"] == FINAL else "",
     }
     (folder / RESULT_FILE).write_text(json.dumps(result, default=float))
-    tune.report({"l0": metrics.get("core/l0", float("nan")), "result_file": str(folder / RESULT_FILE), "done": 1})
+    tune.report({"l0": metrics["l0"], "result_file": str(folder / RESULT_FILE), "done": 1})
 
 
 def log_final(ctx: StudyContext, job: dict, sae: variants.Variant, metrics: dict, folder: Path) -> str:
