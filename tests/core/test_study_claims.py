@@ -119,7 +119,12 @@ def planted_finals():
         for seed, c in enumerate(corr):
             metrics = {"core/l0": 32.0 + seed, "core/ce_loss_recovered": 0.9, "disentanglement/mean_abs_corr": c}
             metrics["unlearning/score"] = 0.0
-            out.append({"job": {"variant": variant, "target": 32.0, "factor": 1.0, "seed": seed}, "metrics": metrics})
+            job = {"variant": variant, "target": 32.0, "factor": 1.0, "seed": seed}
+            levels = [
+                {"part": f"level {i}", "latents": 64, "zero_fraction": 0.7 + 0.1 * i + 0.01 * seed} for i in (1, 2)
+            ]
+            tables = {"groups": {"zero fraction per level": levels}} if variant == "mi_ortho" else {}
+            out.append({"job": job, "metrics": metrics, "tables": tables})
     return out
 
 
@@ -147,6 +152,11 @@ def test_report_on_planted_results(tmp_path):
     assert {v["sae"] for v in zero} == {"mi_ortho", "relu"} and {v["verdict"] for v in zero} == {sc.REPRODUCED}
     rows = {r["variant"]: r for r in report["rows"]}
     assert rows["relu"]["core/l0"] == pytest.approx(33.0, rel=1e-6) and rows["relu"]["l0_matched"]
+    assert [(p["part"], round(p["zero_fraction"], 6)) for p in report["parts"]] == [
+        ("level 1", 0.81),
+        ("level 2", 0.91),
+    ]
+    assert report["parts"][0]["spread"] == pytest.approx(0.01, rel=1e-5)
     paths = study_report.write(report, tmp_path)
     text = paths["report"].read_text()
     assert "| mean_abs_corr | 32 | mi_ortho | relu |" in text and "reproduced" in text

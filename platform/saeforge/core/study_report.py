@@ -118,6 +118,33 @@ def unlearning(finals: list[dict]) -> list[dict]:
     return out
 
 
+def parts(names, finals: list[dict]) -> list[dict]:
+    """Per (variant, target, part) of a variant's own parts (hsae's levels, Matryoshka's prefix
+    blocks, contrastive_hier's groups): the zero fraction over seeds, from the groups suite."""
+    by: dict[tuple, list[float]] = {}
+    sizes: dict[tuple, int] = {}
+    for r in finals:
+        for rows in (r.get("tables", {}).get("groups") or {}).values() if not r.get("error") else ():
+            for row in rows:
+                key = (r["job"]["variant"], r["job"]["target"], row["part"])
+                by.setdefault(key, []).append(row["zero_fraction"])
+                sizes[key] = row["latents"]
+    out = []
+    for key in sorted(by, key=lambda k: (names.index(k[0]) if k[0] in names else 99, k[1])):
+        s = sc.Stat.of(by[key])
+        out.append(
+            {
+                "variant": key[0],
+                "target_l0": key[1],
+                "part": key[2],
+                "latents": sizes[key],
+                "zero_fraction": s.mean,
+                "spread": s.spread,
+            }
+        )
+    return out
+
+
 def _pm(s: sc.Stat | None) -> str:
     if s is None or s.n == 0:
         return "-"
@@ -156,6 +183,7 @@ def build(studies, names, finals: list[dict], calibration: list[dict], info: dic
         "verdicts": verdict_rows,
         "unlearning": [{k: v for k, v in u.items() if k != "grid"} for u in unlearned],
         "unlearning_grids": unlearned,
+        "parts": parts(list(names), finals),
         "calibration": calibration,
         "failed": [{"job": r["job"], "error": r["error"]} for r in finals if r.get("error")],
     }
@@ -212,6 +240,15 @@ def render(report: dict, plots: list[Path]) -> str:
     lines.append(markdown_table(report["rows"], keys + report["measures"]))
     lines += ["", "Spreads (sample standard deviation over seeds):", ""]
     lines.append(markdown_table(report["rows"], ["variant", "target_l0"] + [f"{m} spread" for m in report["measures"]]))
+    if report["parts"]:
+        lines += [
+            "",
+            "## Zero fraction per part (each variant's own levels, groups or prefix blocks)",
+            "",
+            "The Matryoshka SAE's parts are its prefix blocks, measured as levels (`groups` suite).",
+            "",
+            markdown_table(report["parts"], ["variant", "target_l0", "part", "latents", "zero_fraction", "spread"]),
+        ]
     lines += ["", "## Unlearning", "", unlearning_summary(report["unlearning"]), ""]
     lines.append(
         markdown_table(
