@@ -145,6 +145,23 @@ def parts(names, finals: list[dict]) -> list[dict]:
     return out
 
 
+def costs(names, finals: list[dict]) -> list[dict]:
+    """Per variant: mean seconds of a final SAE's training, its evaluation and each suite."""
+    out = []
+    for variant in names:
+        runs = [r for r in finals if not r.get("error") and r["job"]["variant"] == variant]
+        if not runs:
+            continue
+        row = {"variant": variant, "saes": len(runs)}
+        row["train_s"] = sum(r.get("train_seconds", math.nan) for r in runs) / len(runs)
+        row["eval_s"] = sum(r.get("eval_seconds", math.nan) for r in runs) / len(runs)
+        suites = sorted({k for r in runs for k in r["metrics"] if k.endswith("/seconds")})
+        for key in suites:
+            row[key.replace("/seconds", "_s")] = sum(r["metrics"].get(key, 0.0) for r in runs) / len(runs)
+        out.append(row)
+    return out
+
+
 def _pm(s: sc.Stat | None) -> str:
     if s is None or s.n == 0:
         return "-"
@@ -184,6 +201,7 @@ def build(studies, names, finals: list[dict], calibration: list[dict], info: dic
         "unlearning": [{k: v for k, v in u.items() if k != "grid"} for u in unlearned],
         "unlearning_grids": unlearned,
         "parts": parts(list(names), finals),
+        "costs": costs(list(names), finals),
         "calibration": calibration,
         "failed": [{"job": r["job"], "error": r["error"]} for r in finals if r.get("error")],
     }
@@ -269,6 +287,10 @@ def render(report: dict, plots: list[Path]) -> str:
             "retain_ce",
         ]
         lines.append(markdown_table(u["grid"], keys))
+    if report["costs"]:
+        keys = list(dict.fromkeys(k for row in report["costs"] for k in row))
+        lines += ["## Cost of a final SAE (seconds, mean over its seeds and targets)", ""]
+        lines += [markdown_table(report["costs"], keys), ""]
     lines += [
         "## Matching L0: every calibration SAE",
         "",

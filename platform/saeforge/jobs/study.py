@@ -178,15 +178,13 @@ def calibrate(plan: StudyPlan, args: StudyArgs, ctx: StudyContext, storage: Path
         progress(f"saeforge: matching L0: round {round_no}, {len(jobs)} SAE(s) not yet within {args.tolerance:.0%}")
         measure(jobs, round_no)
     for v in searched:
-        if not points.get(v):
-            raise UserError(f"{v}: no calibration SAE trained ({_first_error(rows, v)})")
         for t in plan.targets:
-            chosen[(v, t)] = l0_match.closest(points[v], t)[0]
+            if points.get(v):
+                chosen[(v, t)] = l0_match.closest(points[v], t)[0]
+            else:  # every calibration SAE failed (their errors are in the rows): no final SAEs
+                progress(f"saeforge: warning: {v}: no calibration SAE trained; it is left out of the study")
+                chosen.pop((v, t))
     return chosen, rows
-
-
-def _first_error(rows: list[dict], variant: str) -> str:
-    return next((r["error"] for r in rows if r["variant"] == variant and r["error"]), "no result")
 
 
 def _job(variant: str, target: float, factor: float, seed: int, role: str) -> dict:
@@ -248,12 +246,7 @@ def run_study(args: StudyArgs, progress=print) -> dict:
         phase = time.time()
         factors, calibration = calibrate(plan, args, ctx, storage, n, progress)
         calibration_seconds, phase = time.time() - phase, time.time()
-        jobs = [
-            _job(v, t, factors[(v, t)], seed, FINAL)
-            for v in plan.variants
-            for t in plan.targets
-            for seed in range(plan.seeds)
-        ]
+        jobs = [_job(v, t, factor, seed, FINAL) for (v, t), factor in factors.items() for seed in range(plan.seeds)]
         progress(f"saeforge: training and evaluating {len(jobs)} final SAE(s), {n} at a time")
         finals = run_jobs(jobs, ctx, f"{name}-final", storage, n)
         final_seconds, seconds = time.time() - phase, time.time() - started

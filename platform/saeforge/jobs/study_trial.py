@@ -128,6 +128,7 @@ def evaluate(ctx: StudyContext, sae: variants.Variant, suites: tuple[str, ...]) 
         for k, v in r.metrics.items()
         if isinstance(v, (int, float))
     }
+    metrics.update({f"{suite}/seconds": r.seconds for suite, r in results.items()})
     metrics["l0"] = heldout_l0(ectx, ctx.suite_options["core"]["contexts"])
     return metrics, {suite: r.tables for suite, r in results.items() if r.tables}
 
