@@ -94,6 +94,8 @@ STUDIES = {
                 "group-wise information bottleneck lowers the dependence between latents (KDE MI)",
                 "disentanglement/top_pairs_kde_mi_mean",
                 LOWER,
+                note="the paper gives no number; group_ib's own window MI and inter-group correlation exist only "
+                "for grouped SAEs (its diagnostics, in its child runs as disentanglement/inter_group_correlation)",
             ),
             Claim(
                 "group_correlation",
