@@ -21,6 +21,7 @@ SMALL_SUITES = {
     "probing": {"tasks": "person_vs_not,language_es", "train_size": 40, "test_size": 20, "ks": (1, 2)},
     "unlearning": {"train_contexts": 4, "eval_contexts": 2, "n_latents": (2, 5), "multipliers": (10.0,)},
     "absorption": {"max_words": 400, "min_words_per_letter": 5},
+    "groups": {"contexts": 4},
 }
 
 

@@ -59,6 +59,7 @@ class AdaptiveMask(LinearSAE):
     Config = AdaptiveMaskConfig
     description = "ReLU SAE with a learnt per-latent sigmoid importance gate and an L1 on the gates"
     term_coefficients = {"l1": "l1_coeff", "mask_l1": "mask_l1_coeff"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: AdaptiveMaskConfig):
         super().__init__(cfg)

@@ -155,6 +155,12 @@ class Variant(nn.Module):
     term_coefficients: ClassVar[dict[str, str]] = {}
     # Non-empty: why the rescaling property (see `rescaled_latents`) does not apply to this variant.
     rescale_exempt: ClassVar[str] = ""
+    # How a caller (`saeforge study`) brings the variant to a target L0 without naming it: either
+    # `l0_field`, a config field that *is* the mean L0 (k of the top-k family), or
+    # `sparsity_fields`, penalty coefficients multiplied together by one factor, where a larger
+    # factor gives a lower L0. Every variant sets exactly one of the two.
+    l0_field: ClassVar[str] = ""
+    sparsity_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: VariantConfig):
         super().__init__()

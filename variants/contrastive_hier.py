@@ -131,6 +131,7 @@ class ContrastiveHier(LinearSAE):
         "contrast": "contrast_coeff",
         "entropy": "entropy_coeff",
     }
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: ContrastiveHierConfig):
         super().__init__(cfg)

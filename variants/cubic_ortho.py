@@ -82,6 +82,7 @@ class CubicOrtho(LinearSAE):
     Config = CubicOrthoConfig
     description = "ReLU SAE + gamma(t) * sum |c_ij|^3 |<w_i,w_j>| orthogonality of correlated latents"
     term_coefficients = {"l1": "l1_coeff", "ortho": "ortho_alpha"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: CubicOrthoConfig):
         super().__init__(cfg)  # the linear SAE's layout; the paper's initialisation replaces its weights

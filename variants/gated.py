@@ -65,6 +65,7 @@ class Gated(Variant):
     description = "Gated SAE: a gate path picks latents (L1 on it), a magnitude path sharing W_enc sizes them"
     saelens_architecture = "gated"
     term_coefficients = {"l1": "l1_coeff", "aux": "aux_coeff"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)

@@ -127,6 +127,7 @@ class GroupIB(LinearSAE):
     description = "Group-wise information bottleneck: 32-latent groups, window MI independence, InfoNCE"
     batch_layout = "contexts"
     term_coefficients = {"l1": "l1_coeff", "mi": "mi_coeff", "contrast": "contrast_coeff"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: GroupIBConfig):
         super().__init__(cfg)

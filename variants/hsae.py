@@ -71,6 +71,7 @@ class HSAE(Variant):
     Config = HSAEConfig
     description = "Two-level hierarchical SAE (d_sae / 2 latents per level, d_sae even) with a skip connection"
     term_coefficients = {"l1_level1": "l1_level1", "l1_level2": "l1_level2", "gram": "gram_coeff"}
+    sparsity_fields = ("l1_level1", "l1_level2")
 
     def __init__(self, cfg: HSAEConfig):
         super().__init__(cfg)

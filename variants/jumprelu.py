@@ -100,6 +100,7 @@ class JumpReLU(LinearSAE):
     description = "JumpReLU SAE: learnt thresholds via straight-through estimators, L0 penalty"
     saelens_architecture = "jumprelu"
     term_coefficients = {"l0": "l0_coeff"}
+    sparsity_fields = ("l0_coeff",)
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

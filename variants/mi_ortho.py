@@ -84,6 +84,7 @@ class MIOrtho(LinearSAE):
     Config = MIOrthoConfig
     description = "ReLU SAE + MI-scaled co-activation penalty on the KDE-most-dependent latent pairs"
     term_coefficients = {"l1": "l1_coeff", "mi_ortho": "base_weight"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: MIOrthoConfig):
         super().__init__(cfg)

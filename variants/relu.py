@@ -37,6 +37,7 @@ class Relu(LinearSAE):
     description = "ReLU SAE, loss = MSE + l1_coeff * sum_i f_i ||w_i|| (standard baseline)"
     saelens_architecture = "standard"
     term_coefficients = {"l1": "l1_coeff"}
+    sparsity_fields = ("l1_coeff",)
 
     def penalties(self, x, f, x_hat, step):
         ramp = linear_ramp(step, self.penalty_warmup(self.cfg.l1_warmup_steps))

@@ -85,6 +85,7 @@ class Temporal(LinearSAE):
     description = "Multi-scale temporal SAE: encoder reads the token plus dilated causal convolutions (1, 2, 4)"
     batch_layout = "contexts"
     term_coefficients = {"l1": "l1_coeff"}
+    sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: TemporalConfig):
         super().__init__(cfg)

@@ -64,6 +64,7 @@ class TopK(LinearSAE):
     description = "TopK SAE: k largest pre-activations per token, AuxK loss on dead latents"
     saelens_architecture = "topk"
     term_coefficients = {"auxk": "aux_coeff"}
+    l0_field = "k"
 
     def aux_latents(self) -> int:
         """aux_k, with 0 meaning Gao et al.'s d_in / 2."""

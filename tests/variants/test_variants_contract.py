@@ -94,6 +94,24 @@ def test_class_attributes(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_sparsity_knob_is_declared_and_is_a_real_config_field(name):
+    """`saeforge study` matches L0 through these attributes alone: exactly one is set, an
+    `l0_field` is an int field whose value is the L0 the encoder keeps, and every
+    `sparsity_fields` entry is a float coefficient that weighs one of the loss terms."""
+    cls = variants.get(name)
+    types = cls.Config.field_types()
+    assert bool(cls.l0_field) != bool(cls.sparsity_fields)
+    if cls.l0_field:
+        assert types[cls.l0_field] is int
+        sae = variants.build(name, d_in=D_IN, d_sae=D_SAE, overrides={cls.l0_field: "4"})
+        with torch.no_grad():
+            f = sae.encode(torch.randn(256, D_IN))
+        assert (f > 0).sum(-1).float().mean().item() == pytest.approx(4, abs=0.5)
+    for field_name in cls.sparsity_fields:
+        assert types[field_name] is float and field_name in cls.term_coefficients.values()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_forward_shapes_mse_and_grads_finite(name):
     model = build(name)
     x, mask = Toy().batch(model.batch_layout)

@@ -7,13 +7,13 @@ import argparse
 import sys
 
 import variants
-from saeforge.cli import bench, browse, compare, evaluate, list_variants, train, tune
+from saeforge.cli import bench, browse, compare, evaluate, list_variants, study, train, tune
 from saeforge.cli.output import quiet_libraries
 from saeforge.errors import RunFailed, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
-VERBS = (train, tune, evaluate, browse, compare, list_variants, bench)
+VERBS = (train, tune, study, evaluate, browse, compare, list_variants, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

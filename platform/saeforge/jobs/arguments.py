@@ -156,6 +156,46 @@ class TuneArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
 
 
 @dataclass
+class StudyArgs(SourceArgs, ClusterArgs, SaeSizeArgs):
+    """Everything `saeforge study` accepts (docs/study.md)."""
+
+    study: str = opt(
+        "",
+        "seed paper to reproduce: group_ib, mi_ortho, cubic_ortho, contrastive_hier, hsae, or all",
+        positional=True,
+        metavar="SEED",
+    )
+    targets: str = opt("32,64,128", "target L0s, comma-separated: every SAE is brought to each (default %(default)s)")
+    seeds: int = opt(3, "seeds of each final SAE (default %(default)s)", minimum=1)
+    tokens: int = opt(100_000, "activation tokens every SAE trains on, produced once (default %(default)s)", minimum=1)
+    batch_size: int = opt(
+        1024, "activation tokens per optimiser step, the same for every SAE (default %(default)s)", minimum=1
+    )
+    tolerance: float = opt(0.15, "relative L0 tolerance of the match (default %(default)s)", minimum=0.0)
+    rounds: int = opt(4, "rounds of the L0 search per target after the first (default %(default)s)", minimum=0)
+    only: str = opt("", "only these of the study's variants, comma-separated (default: all of them)", metavar="A,B")
+    overrides: list = opt(
+        [],
+        "set a config field of every SAE that has it (repeatable), e.g. lr=1e-3",
+        flag="--set",
+        metavar="NAME=VALUE",
+        pairs=True,
+    )
+    eval_options: list = opt(
+        [],
+        "an evaluation suite option for every SAE (repeatable; `saeforge eval --help` lists them)",
+        flag="--eval-set",
+        metavar="SUITE.OPTION=VALUE",
+        pairs=True,
+    )
+    activations: str = opt(
+        "", "activation cache folder: reused if it holds one, else written (default: object store only)", metavar="PATH"
+    )
+    max_concurrent: int = opt(0, "SAEs trained at once (default: from the resources)", minimum=0)
+    name: str = opt("", "name of the study run and its folder under --storage (default study-SEED-time)")
+
+
+@dataclass
 class EvalArgs:
     """Everything `saeforge eval` accepts."""
 

@@ -426,6 +426,29 @@ def search_reference(plan: RunPlan, eval_contexts, progress=print) -> Baseline:
     return ray.get(task.remote(plan.stream.model, plan.hook, eval_contexts, list(plan.stream.special_ids), cores()))
 
 
+def open_search(plan: RunPlan, contexts, args, progress=print) -> tuple[RunPlan, SharedActivations]:
+    """What every search-like driver (tune, study) does once its inputs are valid: check the
+    activation cache, open the MLflow store and experiment, connect Ray, produce the shared
+    activations. `args` has `activations`, `address` and `producers`. Returns the plan with its
+    resources and tracking target, and the activations."""
+    if args.activations:
+        check_cache(args.activations, plan)
+    uri = tracking.use_store()
+    experiment_id = tracking.ensure_experiment(
+        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
+    )
+    connect_ray(args.address)
+    # Trials report their metrics only at their end (tune: the early-stopping score only while
+    # they train): Tune must not insist on every metric in every report.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+    # Ctrl-C raises KeyboardInterrupt, as in `saeforge train`: Tune's own handler would end the
+    # search quietly and register its best trial so far as if it had finished.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    resources = plan_resources(plan, concurrent=False, workers=1)
+    plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
+    return plan, shared_activations(plan, contexts, args.activations, progress)
+
+
 def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     """The whole `saeforge tune`: returns a summary dict (also printed by the CLI)."""
     started = time.time()
@@ -434,24 +457,10 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     plan, contexts = plan_train(shared_train_args(args, spaces[0]), progress)
     for space in spaces:
         search_space.check_builds(space, plan.variant.d_in, plan.variant.d_sae)
-    if args.activations:
-        check_cache(args.activations, plan)
-
-    uri = tracking.use_store()
-    experiment_id = tracking.ensure_experiment(
-        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
-    )
-    connect_ray(args.address)
-    # Trials report the objective only at their end and the early-stopping score only while they
-    # train: Tune must not insist on every metric in every report.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    # Ctrl-C raises KeyboardInterrupt here, as in `saeforge train`: Tune's own handler would end
-    # the search quietly and register its best trial so far as if it had finished.
-    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
-    resources = plan_resources(plan, concurrent=False, workers=1)
-    plan = dataclasses.replace(plan, resources=resources, tracking=TrackingTarget(uri, experiment_id))
-    with sigterm_interrupts():  # after ray.init, which sets a handler of its own
-        acts = shared_activations(plan, contexts, args.activations, progress)
+    connect_ray(args.address)  # before the SIGTERM handler: ray.init sets one of its own
+    with sigterm_interrupts():
+        plan, acts = open_search(plan, contexts, args, progress)
+        uri, experiment_id = plan.tracking.uri, plan.tracking.experiment_id
         concurrency = trial_concurrency(args)
         reference = search_reference(plan, contexts.eval, progress)
         searches = [
