@@ -80,6 +80,36 @@ def test_checkpoints_follow_the_cadence_and_resume_the_optimizer():
     assert final.step == 12 and final.tokens_seen == 12 * 256
 
 
+def test_the_state_tallies_the_contexts_trained_and_a_checkpoint_keeps_the_tally(tmp_path):
+    """Batches that carry their context ids: the loop counts them (count, sum, sum of squares)
+    into the state, checkpoints carry the tally, and a resumed loop goes on from it."""
+    from saeforge.core.sae_files import SaeMeta
+    from saeforge.jobs.checkpoints import load_checkpoint, save_checkpoint
+
+    def with_ids(batches):
+        for step, (acts, mask) in enumerate(batches):
+            yield acts, mask, torch.arange(8 * step, 8 * step + 8)
+
+    variant = variants.build("relu", d_in=16, d_sae=32)
+    snaps = []
+    settings = LoopSettings(6, checkpoint_every=3)
+    final = train_loop(
+        variant, start_fresh(variant, with_ids(planted_batches(6))), settings, on_checkpoint=snaps.append
+    )
+    ids = range(48)
+    assert (final.contexts.count, final.contexts.id_sum, final.contexts.id_square_sum) == (
+        48,
+        sum(ids),
+        sum(i * i for i in ids),
+    )
+    assert snaps[0].contexts.count == 24  # a snapshot, not the running tally
+    save_checkpoint(tmp_path / "ck", variant, snaps[0], SaeMeta("tiny", "h", 1, 33, "wiki"), {})
+    _, state = load_checkpoint(tmp_path / "ck")
+    assert state.contexts == snaps[0].contexts
+    later = (b for step, b in enumerate(with_ids(planted_batches(6))) if step >= 3)
+    assert train_loop(variant, later, settings, state=state).contexts == final.contexts
+
+
 def test_nan_loss_stops_the_loop():
     variant = variants.build("relu", d_in=16, d_sae=32)
     bad = [(torch.full((2, 8, 16), float("nan")), torch.ones(2, 8, dtype=torch.bool))]

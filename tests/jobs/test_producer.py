@@ -2,12 +2,13 @@
 whole context (its id, its activations, its mask), in the order of the contexts."""
 
 import numpy as np
+import pytest
 import torch
 
 from saeforge.core import corpus
 from saeforge.core.hooks import HookPoint, capture
 from saeforge.core.model import ByteTokenizer, load_model, resolve_model
-from saeforge.jobs.activation_stream import ActivationProducer, activation_dataset, step_batches
+from saeforge.jobs.activation_stream import ActivationProducer, activation_dataset, step_batches, worker_dataset
 from saeforge.jobs.plan import StreamSpec
 
 TEXTS = [f"Article {i}: the quick brown fox jumps over the lazy dog. " * (1 + i % 3) for i in range(30)]
@@ -53,4 +54,43 @@ def test_a_step_reads_whole_contexts(ray_session):
     stream = spec(hook, special, per_step=4)
     steps = list(step_batches(activation_dataset(ctx, stream, producers=1), stream))
     assert len(steps) == 3
-    assert all(acts.shape == (4, 32, 64) and mask.shape == (4, 32) and not mask[:, 0].any() for acts, mask in steps)
+    assert all(acts.shape == (4, 32, 64) and mask.shape == (4, 32) and not mask[:, 0].any() for acts, mask, _ in steps)
+    assert [ids.tolist() for _, _, ids in steps] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+
+
+def test_two_workers_read_the_contexts_one_worker_would_at_each_step(ray_session):
+    """Exact data order with data parallelism: two producers stream into Ray Train's split (with
+    the ingest options the trainer gives it); at every step the two workers hold together the
+    contexts one worker would, each its own half: (step * 2 + rank) * 3 up to the next 3."""
+    import threading
+
+    ctx, special = contexts(96)
+    stream = spec(HookPoint(1), special, per_step=6, workers=2)
+    dataset, config = worker_dataset(activation_dataset(ctx, stream, producers=2), stream)
+    splits = config.configure({"train": dataset}, world_size=2, worker_handles=None, worker_node_ids=None)
+    got: dict[int, list] = {}
+
+    def read(rank):  # step_batches fails on a context out of its place
+        try:
+            got[rank] = [ids.tolist() for _, _, ids in step_batches(splits[rank]["train"], stream, rank=rank)]
+        except RuntimeError as error:
+            got[rank] = error
+
+    readers = [threading.Thread(target=read, args=(rank,)) for rank in (0, 1)]
+    [r.start() for r in readers]
+    [r.join(timeout=120) for r in readers]
+    assert not any(isinstance(g, Exception) for g in got.values()), got
+    assert len(got[0]) == len(got[1]) == 16
+    for step in range(16):
+        assert sorted(got[0][step] + got[1][step]) == list(range(6 * step, 6 * step + 6))
+        assert got[1][step] == list(range(6 * step + 3, 6 * step + 6))
+
+
+def test_a_stream_out_of_order_fails_at_once(ray_session):
+    """A worker handed contexts that do not belong to its step (here a stream that starts at the
+    wrong step) stops with the contexts it got and those it expected."""
+    ctx, special = contexts(8)
+    stream = spec(HookPoint(1), special, per_step=4)
+    batches = step_batches(activation_dataset(ctx, stream, producers=1, first_id=4), stream)
+    with pytest.raises(RuntimeError, match=r"worker 0 got contexts \[4, 5, 6, 7\] for step 0, where contexts 0..3"):
+        next(batches)

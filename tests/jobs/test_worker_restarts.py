@@ -154,10 +154,30 @@ def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
     print(f"deterministic producer crash: failed in {seconds:.0f}s")
 
 
-def test_two_workers_one_killed_train_every_planned_step_and_token(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def two_worker_reference(ray_session, session_dir):
+    """The uninterrupted data-parallel run: two producers streaming into two DDP workers."""
+    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.validate import plan_train
+
+    plan, contexts = plan_train(small_args(session_dir / "two-workers", workers=2, producers=2, stream="on"))
+    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    n = len(contexts.train)  # every context of the plan, once: ids 0..n-1
+    assert n == plan.loop.total_steps * plan.stream.contexts_per_step
+    assert tally(info) == (n, n * (n - 1) // 2, sum(i * i for i in range(n)))
+    return sae, info
+
+
+def tally(info: dict) -> tuple[int, int, int]:
+    """The contexts a run trained (count, sum and sum of squares of their ids), from run.json."""
+    return info["contexts_trained"], info["context_id_sum"], info["context_id_square_sum"]
+
+
+def test_two_workers_one_killed_train_every_planned_step_and_token(two_worker_reference, tmp_path):
     """Data parallelism: rank 0 of two DDP workers dies at step 7; the whole group restarts from
     the checkpoint at step 6, each rank skips its 6 steps' share, and the run ends with the
-    planned steps and every context's tokens counted once."""
+    planned steps, every context once and the uninterrupted run's SAE (made first here, by one
+    producer: the steps hold the same contexts whatever the producers)."""
     from saeforge.jobs.plan import InjectedExit
     from saeforge.jobs.train import train_on_ray
     from saeforge.jobs.validate import plan_train
@@ -169,4 +189,70 @@ def test_two_workers_one_killed_train_every_planned_step_and_token(ray_session, 
     sae, info = final_state(train_on_ray(plan, contexts, plan.name))
     assert marker.exists()
     assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
-    assert torch.isfinite(sae.W_dec).all()
+    assert tally(info) == tally(two_worker_reference[1])
+    assert_same_sae(two_worker_reference[0], sae)
+
+
+DRIVER = """
+import dataclasses, sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from conftest import tiny_args
+import saeforge.jobs.train as train
+from saeforge.jobs.plan import InjectedExit
+
+real = train.plan_train
+
+def plan_with_a_stop(args, progress=None):
+    plan, contexts = real(args, progress)
+    return dataclasses.replace(plan, worker_exit=InjectedExit({at}, {marker!r}, hang=True)), contexts
+
+train.plan_train = plan_with_a_stop
+train.run_train(tiny_args(Path({tmp!r}), **{changes!r}), progress=print)
+"""
+
+
+def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_reference, mlflow_store, tmp_path):
+    """Exact resume (issue 10 item 2): a driver with two producers and two DDP workers is killed
+    (SIGKILL) while rank 0 waits at step 7; `--resume` from its run folder trains the rest, and
+    the run ends as the uninterrupted one did: the same steps, tokens, set of contexts (counted)
+    and SAE, in the same MLflow run, FINISHED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import ray
+    from mlflow.tracking import MlflowClient
+    from ray.util.state import list_actors
+
+    from saeforge.jobs.arguments import TrainArgs
+    from saeforge.jobs.train import run_train
+
+    marker, tests = tmp_path / "worker-waits", str(Path(__file__).resolve().parents[1])
+    changes = {"workers": 2, "producers": 2, "stream": "on", "run_name": "driver-killed"}
+    changes.update(tokens=6000, checkpoint_every=3, log_every=3, address=ray.get_runtime_context().gcs_address)
+    script = DRIVER.format(tests=tests, at=KILL_AT, marker=str(marker), tmp=str(tmp_path), changes=changes)
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while not marker.exists() and driver.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), driver.communicate(timeout=5)[0].decode()[-3000:]
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    run_folder = tmp_path / "runs" / "driver-killed"
+    assert list(run_folder.glob("checkpoint_*"))  # the checkpoint at step 3 or 6 is there to resume from
+    ours, deadline = ray.get_runtime_context().get_job_id(), time.time() + 60
+    while time.time() < deadline and any(  # the killed driver's actors (its own job) go with it
+        a.job_id != ours for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+    ):
+        time.sleep(0.5)
+
+    summary = run_train(TrainArgs(resume=str(run_folder)), progress=lambda *_: None)
+    sae, info = final_state(summary["checkpoint"])
+    reference = two_worker_reference[1]
+    assert (info["step"], info["tokens_seen"]) == (reference["step"], reference["tokens_seen"])
+    assert tally(info) == tally(reference)
+    assert_same_sae(two_worker_reference[0], sae)
+    run = MlflowClient().get_run(summary["run_id"])
+    assert run.info.run_name == "driver-killed" and run.info.status == "FINISHED"

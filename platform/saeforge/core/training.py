@@ -13,7 +13,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -35,6 +35,39 @@ class LoopSettings:
 
 
 @dataclass
+class ContextTally:
+    """Which contexts the run has trained, as the count, sum and sum of squares of their ids (over
+    every worker): two runs that trained the same set of contexts once each agree on all three,
+    and a context trained twice or skipped shows (the exact-resume tests compare them)."""
+
+    count: int = 0
+    id_sum: int = 0
+    id_square_sum: int = 0
+
+    @staticmethod
+    def of_step(ids: Tensor) -> list[int]:
+        """This step's (count, sum, sum of squares) of `ids` (int64), to be summed over workers."""
+        ids = ids.to("cpu", torch.int64)
+        return [ids.numel(), int(ids.sum()), int((ids * ids).sum())]
+
+    def update(self, totals: list[int]) -> None:
+        self.count += totals[0]
+        self.id_sum += totals[1]
+        self.id_square_sum += totals[2]
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "contexts_trained": self.count,
+            "context_id_sum": self.id_sum,
+            "context_id_square_sum": self.id_square_sum,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> ContextTally:
+        return cls(raw.get("contexts_trained", 0), raw.get("context_id_sum", 0), raw.get("context_id_square_sum", 0))
+
+
+@dataclass
 class LoopState:
     """What a checkpoint must carry besides the weights to resume exactly where it stopped."""
 
@@ -42,6 +75,7 @@ class LoopState:
     tokens_seen: int = 0
     optimizer: dict = field(default_factory=dict)
     scheduler: dict = field(default_factory=dict)
+    contexts: ContextTally = field(default_factory=ContextTally)
 
 
 def make_optimizer(variant: Variant) -> torch.optim.Optimizer:
@@ -85,30 +119,32 @@ def start_fresh(
     batches, the first one included. Call it before wrapping the variant for DDP, which then
     broadcasts rank 0's start to every rank."""
     batches = iter(batches)
-    acts, mask = next(batches)
+    first = next(batches)
+    acts, mask = first[0], first[1]
     variant.act_scale.fill_(average(estimate_act_scale(acts, mask)))
     x, m = sae_input(variant, acts, mask)
     variant.init_from_data(real_rows(x, m))
-    return itertools.chain([(acts, mask)], batches)
+    return itertools.chain([first], batches)
 
 
 def train_loop(
     model: torch.nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, ...]],
     settings: LoopSettings,
     *,
     state: LoopState | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[LoopState], None] | None = None,
-    count_tokens: Callable[[int], int] = lambda n: n,
+    sum_over_workers: Callable[[list[int]], list[int]] = lambda values: values,
 ) -> LoopState:
     """Train `model` (a Variant, or a DDP wrapper around one) on (raw activations, mask) batches of
-    whole contexts, until `settings.total_steps` or the batches run out (a fresh SAE has been
-    through `start_fresh`).
+    whole contexts, or (activations, mask, context ids) ones whose ids the state tallies, until
+    `settings.total_steps` or the batches run out (a fresh SAE has been through `start_fresh`).
 
     `on_log` gets averaged loss terms and shared metrics every
     `log_every` steps; `on_checkpoint` the loop state every `checkpoint_every` steps and once at the
-    end. `count_tokens` turns this rank's token count into the global one (data parallelism).
+    end. `sum_over_workers` turns this rank's counts (tokens, context tally) into the global ones
+    (data parallelism: one all-reduce per step).
     """
     variant: Variant = getattr(model, "module", model)
     state = state or LoopState()
@@ -125,7 +161,7 @@ def train_loop(
     window = metrics.RunningMeans()
     window_start, window_tokens = time.perf_counter(), 0
     model.train()
-    for acts, mask in batches:
+    for acts, mask, *ids in batches:
         if state.step >= total_steps:
             break
         x, m = sae_input(variant, acts, mask)
@@ -139,7 +175,9 @@ def train_loop(
         optimizer.step()
         scheduler.step()
         variant.after_step(state.step)
-        n_tokens = count_tokens(int(mask.sum()))
+        n_tokens, *tally = sum_over_workers([int(mask.sum()), *(ContextTally.of_step(ids[0]) if ids else [])])
+        if tally:
+            state.contexts.update(tally)
         state.step += 1
         state.tokens_seen += n_tokens
         window_tokens += n_tokens
@@ -167,4 +205,6 @@ def train_loop(
 
 
 def _snapshot(state: LoopState, optimizer, scheduler) -> LoopState:
-    return LoopState(state.step, state.tokens_seen, optimizer.state_dict(), scheduler.state_dict())
+    return LoopState(
+        state.step, state.tokens_seen, optimizer.state_dict(), scheduler.state_dict(), replace(state.contexts)
+    )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -195,11 +196,47 @@ def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
     return out["dataset"], after[0] - before[0], after[1] - before[1]
 
 
-def step_batches(shard, spec: StreamSpec, device: str | torch.device = "cpu", skip_steps: int = 0):
-    """(activations, mask) torch batches of this worker's contexts of each step, on `device`,
-    from a Ray Data shard (one hook: the first of the spec), after its first `skip_steps` steps'
-    (a restarted worker reads its shard from the start again: those steps are trained already)."""
-    column = spec.hooks[0].name
-    batches = shard.iter_torch_batches(batch_size=spec.contexts_per_worker, drop_last=True, device=device)
-    for batch in itertools.islice(batches, skip_steps, None):
-        yield batch[column], batch[MASK_COLUMN].bool()
+def step_batches(
+    shard, spec: StreamSpec, device: str | torch.device = "cpu", skip_steps: int = 0, rank: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(activations, mask, context ids) torch batches of worker `rank`'s contexts of each step, on
+    `device`, from a Ray Data shard (one hook: the first of the spec), after its first
+    `skip_steps` steps' (a restarted worker reads its shard from the start again: those steps are
+    trained already).
+
+    Which contexts a step trains is fixed by the step alone: step t of worker w holds contexts
+    (t * workers + w) * c up to the next c (c = contexts_per_worker), so together the workers
+    train the same contexts at step t as one worker would, whatever the producers, restarts or
+    `--resume` (`worker_dataset` lays the stream out so). Every batch is checked against that:
+    a stream out of order fails the run at once rather than training some contexts twice."""
+    column, c = spec.hooks[0].name, spec.contexts_per_worker
+    first_id = spec.first_step * spec.contexts_per_step
+    batches = shard.iter_torch_batches(batch_size=c, drop_last=True, device=device)
+    for step, batch in enumerate(itertools.islice(batches, skip_steps, None), skip_steps):
+        ids = batch[ID_COLUMN].to("cpu", torch.int64)
+        start = first_id + (step * spec.workers + rank) * c
+        if not torch.equal(ids, torch.arange(start, start + c)):
+            raise RuntimeError(
+                f"the activation stream is out of order: worker {rank} got contexts {ids.tolist()} for step "
+                f"{spec.first_step + step}, where contexts {start}..{start + c - 1} belong"
+            )
+        yield batch[column], batch[MASK_COLUMN].bool(), ids
+
+
+def worker_dataset(dataset, spec: StreamSpec):
+    """The stream as `step_batches` reads it, with the Ray Train ingest options that keep it so.
+
+    With several workers Ray Train splits the stream (`streaming_split(equal=True)`), handing each
+    bundle of rows in turn to the split that has had the fewest rows: with every bundle exactly
+    one worker's share of a step (c contexts) and the order preserved, bundle j goes to worker
+    j % workers, which is the layout `step_batches` checks. Ray Train's default ingest options
+    take `preserve_order` from the driver's global DataContext, not the dataset's, and locality
+    hints (ignored anyway when the order is preserved) would reorder bundles: both are set here."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True
+    config = ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
+    if spec.workers > 1:
+        dataset = dataset.repartition(target_num_rows_per_block=spec.contexts_per_worker, strict=True)
+    return dataset, config

@@ -23,7 +23,7 @@ import torch
 import variants
 from saeforge.core import sae_files
 from saeforge.core.sae_files import SAE_DIR, SaeMeta
-from saeforge.core.training import LoopState
+from saeforge.core.training import ContextTally, LoopState
 from saeforge.errors import UserError
 from saeforge.jobs.arguments import TrainArgs
 
@@ -44,10 +44,11 @@ def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, m
                 "tokens_seen": state.tokens_seen,
                 "optimizer": state.optimizer,
                 "scheduler": state.scheduler,
+                **state.contexts.as_dict(),
             },
             staging / LOOP_STATE_FILE,
         )
-        progress = {"step": state.step, "tokens_seen": state.tokens_seen}
+        progress = {"step": state.step, "tokens_seen": state.tokens_seen, **state.contexts.as_dict()}
         (staging / RUN_INFO_FILE).write_text(json.dumps({**info, **progress}))
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
         (staging / COMPLETE_FILE).write_text(json.dumps({"files": files, **progress}))
@@ -60,7 +61,8 @@ def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState]:
     folder = sae_files.readable_folder(folder)
     variant, _ = sae_files.load_sae(folder / SAE_DIR)
     raw = torch.load(folder / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
-    return variant, LoopState(raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"])
+    state = LoopState(raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"], ContextTally.from_dict(raw))
+    return variant, state
 
 
 def is_checkpoint(folder: str | Path) -> bool:

@@ -9,6 +9,7 @@ them into the activation dataset, which Ray ships to the workers.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +48,13 @@ class InjectedExit:
     reaches `at`: a training step for rank 0 of the Train workers (about to train it), a batch for
     a producer actor (0: while it loads the model). With a `marker` file it fires once per run:
     the process that fires creates the file, whose existence disarms the processes restarted after
-    it; without one it fires every time (a deterministic crash)."""
+    it; without one it fires every time (a deterministic crash). With `hang` the process stops
+    there instead, until it is killed: the driver-kill test kills the driver while a worker waits
+    (the marker tells it the run has reached `at`)."""
 
     at: int
     marker: str = ""
+    hang: bool = False
 
     def check(self, reached: int) -> None:
         if reached != self.at:
@@ -60,6 +64,8 @@ class InjectedExit:
                 Path(self.marker).touch(exist_ok=False)
             except FileExistsError:
                 return
+        while self.hang:
+            time.sleep(1)
         os._exit(1)
 
 

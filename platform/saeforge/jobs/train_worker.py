@@ -8,7 +8,9 @@ each checkpoint, never fatal) and `ray.train.report` calls.
 
 After a worker is lost, Ray Train starts the group again (`--max-failures`) with the run's latest
 checkpoint; the dataset shard then starts again at the stream's first step, so each worker skips
-the steps trained since then and the run trains every planned step once.
+the steps trained since then and the run trains every planned step once. Which contexts a step
+holds is fixed by the step (`activation_stream.step_batches` checks it), and the loop state
+tallies the contexts trained, so a resumed run can be compared with an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,12 +28,21 @@ from saeforge.jobs.activation_stream import step_batches
 from saeforge.jobs.plan import InjectedExit, RunPlan
 
 
-def _all_reduce(value: float, average: bool) -> float:
+def _average_over_workers(value: float) -> float:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return value
     t = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(t)
-    return t.item() / torch.distributed.get_world_size() if average else t.item()
+    return t.item() / torch.distributed.get_world_size()
+
+
+def _sum_over_workers(values: list[int]) -> list[int]:
+    """Integer counts summed over the data-parallel workers (one all-reduce)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    torch.distributed.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 def progress_line(step: int, total_steps: int, values: dict[str, float], eta: float) -> str:
@@ -69,11 +80,13 @@ def worker_loop(config: dict) -> None:
     trained = state.step - plan.stream.first_step
     if trained < 0:
         raise ValueError(f"checkpoint at step {state.step} is before the stream's first step {plan.stream.first_step}")
-    batches = step_batches(ray.train.get_dataset_shard("train"), plan.stream, device=device, skip_steps=trained)
+    batches = step_batches(
+        ray.train.get_dataset_shard("train"), plan.stream, device=device, skip_steps=trained, rank=rank
+    )
     if rank == 0 and plan.worker_exit:
         batches = exit_at_step(batches, state.step, plan.worker_exit)
     if not resume_dir:
-        batches = start_fresh(variant, batches, average=lambda v: _all_reduce(v, average=True))
+        batches = start_fresh(variant, batches, average=_average_over_workers)
     model = ray.train.torch.prepare_model(variant) if world > 1 else variant
 
     curves = tracking.RunCurves(plan.tracking.uri, plan.tracking.run_id) if rank == 0 else None
@@ -117,5 +130,5 @@ def worker_loop(config: dict) -> None:
         state=state,
         on_log=on_log,
         on_checkpoint=on_checkpoint,
-        count_tokens=lambda n: int(_all_reduce(n, average=False)),
+        sum_over_workers=_sum_over_workers,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saeforge.jobs.activation_stream import worker_dataset
 from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.storage import storage_path
 from saeforge.jobs.train_worker import worker_loop
@@ -18,6 +19,7 @@ def make_trainer(
     from ray.train.torch import TorchTrainer
 
     res = plan.resources
+    dataset, data_config = worker_dataset(dataset, plan.stream)
     resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
     return TorchTrainer(
         train_loop_per_worker=worker_loop,
@@ -26,6 +28,7 @@ def make_trainer(
             num_workers=plan.stream.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources
         ),
         datasets={"train": dataset},
+        dataset_config=data_config,
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path(storage),
