@@ -233,11 +233,13 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
     changes = {"workers": 2, "producers": 2, "stream": "on", "run_name": "driver-killed"}
     changes.update(tokens=6000, checkpoint_every=3, log_every=3, address=ray.get_runtime_context().gcs_address)
     script = DRIVER.format(tests=tests, at=KILL_AT, marker=str(marker), tmp=str(tmp_path), changes=changes)
-    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
+    with log.open("wb") as out:
+        driver = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while not marker.exists() and driver.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert marker.exists(), driver.communicate(timeout=5)[0].decode()[-3000:]
+    assert marker.exists(), log.read_text()[-3000:]
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
     run_folder = tmp_path / "runs" / "driver-killed"
