@@ -4,7 +4,18 @@ import pytest
 import torch
 
 from saeforge.core.hooks import HookPoint, capture, layers_needed, replace
-from saeforge.core.model import ByteTokenizer, build_tiny_model, load_config, load_model, resolve_model, run_slice
+from saeforge.core.model import (
+    BF16_MIN_SPEEDUP,
+    ByteTokenizer,
+    build_tiny_model,
+    cpu_bf16_speedup,
+    load_config,
+    load_model,
+    resolve_model,
+    resolve_precision,
+    run_slice,
+    slice_dtype,
+)
 from saeforge.errors import UserError
 
 
@@ -95,3 +106,17 @@ def test_gguf_is_parsed_once_and_strings_decode_as_transformers_does(tmp_path):
         assert first is second
         assert tokens(first) == plain == words
     assert gguf.GGUFReader(str(path)) is not first  # restored afterwards
+
+
+def test_precision_auto_is_bf16_on_a_gpu_and_measured_on_a_cpu():
+    """--precision: an explicit value stands; auto is bf16 on a GPU, and on a CPU bf16 exactly
+    when its bf16 matmuls measured at least BF16_MIN_SPEEDUP times faster than fp32 (the probe
+    is cached: one measurement per process). A CPU keeps fp32 weights whatever it computes in."""
+    assert resolve_precision("float32", "cuda") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"
+    assert resolve_precision("auto", "cuda") == "bfloat16"
+    speedup = cpu_bf16_speedup()
+    assert speedup > 0 and cpu_bf16_speedup() == speedup
+    assert resolve_precision("auto", "cpu") == ("bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32")
+    assert slice_dtype("bfloat16", "cpu") == torch.float32
+    assert slice_dtype("bfloat16", "cuda") == torch.bfloat16 and slice_dtype("float32", "cuda") == torch.float32

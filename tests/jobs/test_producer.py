@@ -19,8 +19,8 @@ def contexts(n=None):
     return corpus.pack_contexts(TEXTS, tok, 32, n or 1000), corpus.special_ids(tok)
 
 
-def spec(hook, special, per_step=4, workers=1):
-    return StreamSpec(resolve_model("tiny"), (hook,), tuple(special), 32, per_step, workers)
+def spec(hook, special, per_step=4, workers=1, precision="float32"):
+    return StreamSpec(resolve_model("tiny"), (hook,), tuple(special), 32, per_step, workers, precision=precision)
 
 
 def test_producer_emits_whole_contexts_with_the_full_models_values_and_mask():
@@ -34,6 +34,26 @@ def test_producer_emits_whole_contexts_with_the_full_models_values_and_mask():
     with torch.no_grad(), capture(full, [hook]) as want:
         full(input_ids=torch.from_numpy(ctx[:4]).long())
     np.testing.assert_allclose(out[hook.name], want[hook.name].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_producer_on_the_cpu_runs_its_matmuls_in_bf16_and_stays_close_to_fp32():
+    """--precision bfloat16 on a CPU: the slice's weights stay fp32, its linear layers compute in
+    bf16 (autocast), and the emitted activations are fp32 within a bf16 matmul's error of the
+    fp32 producer's (the residual stream and the norms stay fp32)."""
+    ctx, special = contexts()
+    hook = HookPoint(2)
+    exact = ActivationProducer(spec(hook, special))
+    fast = ActivationProducer(spec(hook, special, precision="bfloat16"))
+    assert next(fast.model.parameters()).dtype == torch.float32
+    seen = []
+    first_linear = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+    batch = {"context_id": np.arange(4), "input_ids": ctx[:4]}
+    got, want = fast(batch)[hook.name], exact(batch)[hook.name]
+    assert seen == [torch.bfloat16] and got.dtype == np.float32
+    mask = corpus.valid_mask(ctx[:4], special)
+    relative = np.linalg.norm(got[mask] - want[mask], axis=-1) / np.linalg.norm(want[mask], axis=-1)
+    assert 0 < relative.mean() < 0.02  # bf16 keeps 8 bits of mantissa: differences of ~0.4-1%
 
 
 def test_ray_data_actor_pool_streams_every_context_in_order(ray_session):

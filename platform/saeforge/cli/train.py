@@ -35,6 +35,7 @@ def run(ns: argparse.Namespace) -> int:
     m = summary["metrics"]
     print(f"\nsaeforge: done in {summary['seconds']:.0f}s")
     print("  time              " + " | ".join(f"{k} {v:.0f}s" for k, v in summary["phase_seconds"].items()))
+    print(f"  producers         the model slice in {summary['producer_precision']} (--precision)")
     print(
         f"  CE loss recovered {m['ce_loss_recovered']:.4f} +- {m.get('ce_loss_recovered_stderr', 0):.4f} | "
         f"L0 {m['l0']:.1f} | explained variance {m['explained_variance']:.3f} | KL {m['kl_div_sae']:.4f} "

@@ -19,7 +19,7 @@ import torch
 
 from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import capture, layers_needed
-from saeforge.core.model import compute_device, load_model, run_slice
+from saeforge.core.model import compute_device, forward_precision, load_model, resolve_precision, run_slice, slice_dtype
 from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
 from saeforge.jobs.plan import InjectedExit, RunPlan, StreamSpec
 
@@ -65,12 +65,22 @@ class ActivationProducer:
             inject_exit.check(0)
         torch.set_num_threads(threads)
         self.spec = spec
-        self.device, dtype = compute_device()
-        self.model = load_model(spec.model, n_layers=layers_needed(list(spec.hooks)), dtype=dtype, device=self.device)
+        self.device = compute_device()[0]
+        self.precision = resolve_precision(spec.precision, self.device)
+        self.model = load_model(
+            spec.model,
+            n_layers=layers_needed(list(spec.hooks)),
+            dtype=slice_dtype(self.precision, self.device),
+            device=self.device,
+        )
         self.counter = ray.get_actor(COUNTER_NAME) if count else None
 
     def activations(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        with torch.inference_mode(), capture(self.model, list(self.spec.hooks)) as captured:
+        with (
+            torch.inference_mode(),
+            forward_precision(self.precision, self.device),
+            capture(self.model, list(self.spec.hooks)) as captured,
+        ):
             run_slice(self.model, input_ids)
         return {name: t.float() for name, t in captured.items()}
 

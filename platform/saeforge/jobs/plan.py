@@ -35,6 +35,7 @@ class StreamSpec:
     contexts_per_step: int  # global, over every data-parallel worker
     workers: int
     first_step: int = 0  # the step the stream's first context belongs to (a resumed run's checkpoint step)
+    precision: str = "float32"  # the slice's forward: float32, bfloat16, or auto (each producer decides)
 
     @property
     def contexts_per_worker(self) -> int:

@@ -84,6 +84,7 @@ def log_params(plan: RunPlan) -> None:
             **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
             "total_steps": plan.loop.total_steps,
             "contexts_per_step": plan.stream.contexts_per_step,
+            "producer_precision": plan.stream.precision,
         }
     )
 
@@ -114,7 +115,8 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     progress(
         f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
         f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
-        f"({len(contexts.train)} contexts to train), {args.producers} producer(s), {args.workers} worker(s)"
+        f"({len(contexts.train)} contexts to train), {args.producers} producer(s) computing in "
+        f"{plan.stream.precision}, {args.workers} worker(s)"
     )
     uri = tracking.use_store()
     experiment_id = tracking.ensure_experiment(
@@ -213,4 +215,5 @@ def train_evaluate_register(
         "metrics": results,
         "train_tokens_per_s": train_tokens_per_s,
         "mlflow_failures": failures,
+        "producer_precision": plan.stream.precision,
     }

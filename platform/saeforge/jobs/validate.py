@@ -21,7 +21,7 @@ import variants
 from saeforge.core import corpus, eval_suites
 from saeforge.core.batches import step_budget, tokens_per_context
 from saeforge.core.hooks import HookPoint
-from saeforge.core.model import load_config, load_tokenizer, resolve_model
+from saeforge.core.model import compute_device, load_config, load_tokenizer, resolve_model, resolve_precision
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
@@ -207,7 +207,16 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         args=args,
         variant_name=args.variant,
         variant=cfg,
-        stream=StreamSpec(spec, hooks, special, args.context_size, budget.contexts_per_step, args.workers, first_step),
+        stream=StreamSpec(
+            spec,
+            hooks,
+            special,
+            args.context_size,
+            budget.contexts_per_step,
+            args.workers,
+            first_step,
+            producer_precision(args),
+        ),
         loop=LoopSettings(total_steps, args.log_every, args.checkpoint_every),
         sae_meta=SaeMeta(args.model, hook.name, hook.layer, args.context_size, args.dataset),
         eval_suites=suites,
@@ -219,6 +228,15 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     )
     done = first_step * budget.contexts_per_step
     return plan, Contexts(train[done : total_steps * budget.contexts_per_step], evals)
+
+
+def producer_precision(args: TrainArgs) -> str:
+    """--precision as the producers will run it: decided here, on the machine they run on, for a
+    private local Ray (so the run can say which precision ran); left to each producer on an
+    attached cluster, whose nodes may differ from the driver's."""
+    if attached(args.address):
+        return args.precision
+    return resolve_precision(args.precision, compute_device()[0])
 
 
 def check_gpu_requests(args) -> None:
