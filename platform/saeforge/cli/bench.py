@@ -35,6 +35,10 @@ def run(ns: argparse.Namespace) -> int:
             from saeforge.jobs.same_work import run_same_work
 
             figures = run_same_work(args)
+        elif args.search:
+            from saeforge.jobs.search_bench import run_search_bench
+
+            figures = run_search_bench(args)
         elif args.step_cost:
             figures = bench.run_step_costs(args)
         elif args.variants:

@@ -284,6 +284,13 @@ class BenchArgs:
         "--tokens, --d-sae, --eval-contexts), each a fresh process timed whole, --rounds times",
     )
     rounds: int = opt(2, "rounds of --same-work (default %(default)s)", minimum=1)
+    search: int = opt(
+        0,
+        "instead: an N-trial `saeforge tune` of --variant (its tune space, FIFO) against the same N trials "
+        "as N separate `saeforge train` runs (--tokens each, --eval-contexts), each a fresh process timed whole",
+        minimum=0,
+        metavar="N",
+    )
 
 
 def check_ranges(args) -> None:

@@ -68,7 +68,7 @@ def plain_loop(args: TrainArgs) -> dict:
     }
 
 
-def _timed(command: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
+def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
     """Run a command in a fresh process; its wall time and the JSON it printed last."""
     start = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
@@ -120,9 +120,9 @@ def run_same_work(args: BenchArgs, say=print) -> dict:
         plain_cmd = [sys.executable, "-m", "saeforge.jobs.same_work", json.dumps(dataclasses.asdict(work))]
         for r in range(1, args.rounds + 1):
             say(f"[bench] round {r}/{args.rounds}: the plain loop...")
-            plain_wall, plain = _timed(plain_cmd, folder, env)
+            plain_wall, plain = timed(plain_cmd, folder, env)
             say(f"[bench] round {r}/{args.rounds}: saeforge train...")
-            train_wall, train = _timed(train_command(work, folder / "runs"), folder, env)
+            train_wall, train = timed(train_command(work, folder / "runs"), folder, env)
             rounds.append(
                 {
                     "plain_wall_s": plain_wall,
