@@ -25,7 +25,7 @@ def small_args(tmp: Path, **changes):
 def planned_tokens(plan, contexts) -> int:
     from saeforge.core.corpus import valid_mask
 
-    return int(valid_mask(contexts.train, list(plan.stream.special_ids)).sum())
+    return int(valid_mask(contexts.train.pack(), list(plan.stream.special_ids)).sum())
 
 
 def final_state(result):
