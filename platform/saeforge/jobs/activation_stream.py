@@ -23,6 +23,7 @@ from saeforge.core.hooks import capture, layers_needed
 from saeforge.core.model import compute_device, load_model, run_slice
 from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
 from saeforge.jobs.plan import InjectedExit, StreamSpec
+from saeforge.jobs.ray_cluster import on_this_node
 
 MASK_COLUMN = "mask"
 ID_COLUMN = "context_id"
@@ -58,7 +59,7 @@ def forward_counter():
         def read(self) -> tuple[int, int]:
             return self.batches, self.contexts
 
-    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True).remote()
+    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
 
 
 class ActivationProducer:

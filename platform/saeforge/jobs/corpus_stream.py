@@ -41,14 +41,14 @@ READ_BLOCK_BYTES = 8 * 1024 * 1024  # the dataset's target_max_block_size (see t
 READ_BLOCK_CONTEXTS = 1024  # contexts per block the reader yields (merged up to READ_BLOCK_BYTES)
 
 
-class CorpusEnded(RuntimeError):
+class CorpusEndedError(RuntimeError):
     """The source held fewer training contexts than the run planned (a Hub dataset is not counted
     up front; a local one that shrank since validation)."""
 
 
 def read_contexts(contexts: CorpusRange, block: int = READ_BLOCK_CONTEXTS) -> Iterator:
     """The read task's body (in a Ray worker): Arrow blocks of (context id, tokens), in order,
-    ids `contexts.start` up to `contexts.stop`; CorpusEnded if the source runs out sooner."""
+    ids `contexts.start` up to `contexts.stop`; CorpusEndedError if the source runs out sooner."""
     import pyarrow as pa
     from ray.data.extensions import ArrowTensorArray
 
@@ -59,7 +59,7 @@ def read_contexts(contexts: CorpusRange, block: int = READ_BLOCK_CONTEXTS) -> It
             {ID_COLUMN: np.arange(first, end, dtype=np.int64), TOKENS_COLUMN: ArrowTensorArray.from_numpy(array)}
         )
     if end < contexts.stop:
-        raise CorpusEnded(
+        raise CorpusEndedError(
             f"dataset '{contexts.dataset}' ended after {end} training contexts, but the run planned {contexts.stop} "
             f"(about {end * (contexts.context_size - 1):,} tokens: ask --tokens for no more)"
         )
@@ -95,10 +95,11 @@ def block_rows(n_contexts: int, producers: int) -> int:
     return max(1, min(BATCH_CONTEXTS * 8, n_contexts // (4 * producers)))
 
 
-def corpus_dataset(contexts: CorpusRange, *, producers: int = 1, max_failures: int = DEFAULT_MAX_FAILURES):
-    """A lazy Ray Dataset of the range's contexts (one row per context: its id, its tokens), in
-    order. The read task is retried at most `max_failures` times when its process dies (Ray
-    Data's default is forever), and not at all when it raises (CorpusEnded, a broken file)."""
+def read_corpus(contexts: CorpusRange, *, max_failures: int = DEFAULT_MAX_FAILURES):
+    """The read alone: a lazy Ray Dataset of the range's contexts (one row per context: its id,
+    its tokens), in order, in blocks of about READ_BLOCK_BYTES. The read task is retried at most
+    `max_failures` times when its process dies (Ray Data's default is forever), and not at all
+    when it raises (CorpusEndedError, a broken file)."""
     import ray
 
     with plain_remote_args():
@@ -107,7 +108,14 @@ def corpus_dataset(contexts: CorpusRange, *, producers: int = 1, max_failures: i
         )
     ds.context.execution_options.preserve_order = True
     ds.context.target_max_block_size = READ_BLOCK_BYTES
-    return ds.repartition(target_num_rows_per_block=block_rows(len(contexts), producers))
+    return ds
+
+
+def corpus_dataset(contexts: CorpusRange, *, producers: int = 1, max_failures: int = DEFAULT_MAX_FAILURES):
+    """`read_corpus`, its blocks cut for `producers` (`block_rows`): what the producers read."""
+    return read_corpus(contexts, max_failures=max_failures).repartition(
+        target_num_rows_per_block=block_rows(len(contexts), producers)
+    )
 
 
 def plan_dataset(plan: RunPlan, contexts: CorpusRange, *, count: bool = False):

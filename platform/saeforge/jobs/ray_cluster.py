@@ -53,6 +53,16 @@ def connect_ray(address: str = "") -> None:
     )
 
 
+def on_this_node():
+    """The scheduling of a driver's helper actor (progress board, forward counter): the driver's own
+    node. A 0-CPU actor may otherwise land on any node, and losing that node (a trainer node
+    taken away mid-run) would end a run that Ray Train itself survives."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+
 def quiet_ray_data() -> None:
     """Nothing from Ray Data's logger on the driver's terminal: it prints INFO lines for every
     dataset and, when an actor dies, a full internal traceback. A run prints its own progress,
