@@ -82,6 +82,36 @@ def test_a_source_that_ends_before_the_planned_contexts_fails_in_one_line(ray_se
     assert f"ended after {held} training contexts, but the run planned {held + 50}" in line
 
 
+def test_a_hub_dataset_is_checked_one_step_deep_not_counted(tmp_path, monkeypatch):
+    """Validation reads a streamed (Hub) source only as far as one step: the run is planned from
+    --tokens, with no warning, and its range marked uncounted (the read task then checks it)."""
+    from saeforge.core import corpus
+    from saeforge.jobs.validate import plan_train
+
+    path = write_corpus(tmp_path / "hub-like.txt", 60)
+    read = []
+    real_texts = corpus.split_texts
+
+    def counted_texts(*args):
+        for text in real_texts(*args):
+            read.append(text)
+            yield text
+
+    monkeypatch.setattr(corpus, "split_texts", counted_texts)
+    said = []
+    local_plan, _ = plan_train(tiny_args(tmp_path, dataset=path, tokens=10**6), said.append)
+    assert any("instead of" in line for line in said)  # a local source is counted: shortened, warned
+    monkeypatch.setattr(corpus, "is_local", lambda dataset: False)  # as a Hub id is
+    read.clear()
+    said.clear()
+    plan, contexts = plan_train(tiny_args(tmp_path, dataset=path, tokens=10**6), said.append)
+    assert not said and not contexts.train.counted
+    assert plan.loop.total_steps > local_plan.loop.total_steps  # planned from --tokens
+    assert len(contexts.train) == plan.loop.total_steps * plan.stream.contexts_per_step
+    training_read = [t for t in read if not corpus.is_eval_document(t)]
+    assert len(training_read) < 10  # one step's worth (4 contexts of 128 bytes), not the 54 documents
+
+
 def test_the_driver_never_holds_the_corpus(ray_session, tmp_path):
     """The driver's peak memory (Python allocations, tracemalloc) while it plans a run over a whole
     local corpus and the run's corpus stage streams every context to a consumer in another

@@ -2,8 +2,9 @@
 to every Ray Train worker and Tune trial (frozen and picklable; nothing in it is re-parsed).
 
 A Tune trial derives its own plan with `dataclasses.replace(plan, variant=..., loop=...)` from
-the sampled values, once. The token contexts themselves are not in the plan: the driver turns
-them into the activation dataset, which Ray ships to the workers.
+the sampled values, once. The token contexts themselves are not in the plan: `Contexts` describes
+the training contexts (`CorpusRange`), which a Ray Data read task packs into the activation
+dataset's input (`corpus_stream`), and holds the few held-out ones.
 """
 
 from __future__ import annotations
