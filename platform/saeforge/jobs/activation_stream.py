@@ -146,10 +146,10 @@ def produce_activations(
     inject_exit: InjectedExit | None = None,
 ):
     """The producer actors over `tokens` (a Ray Dataset of contexts: ids and token ids, in order):
-    a lazy Ray Dataset of activations, in the same order; `resources`: custom Ray resources each
-    producer asks for (they pin producers to the nodes that offer them); `count`: producers count their forwards
-    in the `forward_counter` actor (`materialize` creates it and holds its handle while the
-    dataset runs).
+    a lazy Ray Dataset of activations, in the same order. `resources`: custom Ray resources each
+    producer asks for (they pin producers to the nodes that offer them); `count`: producers count
+    their forwards in the `forward_counter` actor (`materialize` creates it and holds its handle
+    while the dataset runs).
 
     A producer whose process dies is restarted and its batch retried, each at most
     `max_failures` times (Ray Data's default is forever: a crash that recurs, e.g. out of memory

@@ -257,7 +257,7 @@ def count_contexts(
     counted up to `wanted`, so a run asking for more is shortened and warned about here; a Hub
     dataset (streamed, possibly billions of tokens) only up to one step (`per_step`): reading
     it all up front would cost a whole pass, so a stream that ends before the planned contexts
-    fails the run at that point with one line (`activation_stream.corpus_dataset`)."""
+    fails the run at that point with one line (`corpus_stream.read_contexts`)."""
     limit = wanted if corpus.is_local(args.dataset) else per_step
     texts = corpus.split_texts(args.dataset, "train", args.text_column)
     n, real = 0, False
