@@ -18,6 +18,7 @@ whatever the corpus); and the process's peak resident set (ru_maxrss: imports, t
 import argparse
 import json
 import resource
+import shutil
 import tempfile
 import time
 import tracemalloc
@@ -43,13 +44,20 @@ def main() -> None:
     parser.add_argument("--scale", type=int, default=1)
     parser.add_argument("--old", action="store_true", help="pack the contexts in the driver, as before")
     args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="driver-memory-"))
+    try:
+        measure(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def measure(args, folder: Path) -> None:
 
     from saeforge.core import corpus
     from saeforge.core.model import load_tokenizer
     from saeforge.jobs.arguments import TrainArgs
     from saeforge.jobs.validate import count_contexts, plan_train
 
-    folder = Path(tempfile.mkdtemp(prefix="driver-memory-"))
     dataset = corpus_file(args.scale, folder)
     train_args = TrainArgs(dataset=dataset, tokens=300_000 * args.scale, storage=str(folder / "runs"))
     started = time.time()
