@@ -242,3 +242,16 @@ def test_gpus_asked_for_on_a_machine_without_any(refused):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     refused([*TRAIN, "--gpus-per-producer", "1"], "--gpus-per-producer 1 asks for GPUs, but this machine has none")
+
+
+def test_a_custom_resource_amount_that_is_not_a_number(refused):
+    refused([*TRAIN, "--worker-resources", "trainer=lots"], "--worker-resources trainer: the amount must be a number")
+
+
+def test_gpus_named_as_a_custom_resource(refused):
+    refused([*TRAIN, "--producer-resources", "GPU=1"], "--producer-resources: 'GPU' is not a custom resource name")
+
+
+def test_custom_resources_without_a_cluster(refused):
+    """No node of a private local Ray has them: the actors would wait for ever."""
+    refused([*TRAIN, "--producer-resources", "producer=1"], "which only the nodes of a cluster offer")

@@ -59,3 +59,35 @@ def test_valid_mask_works_on_numpy_and_torch():
     ids = np.array([[2, 5, 6, 0, 0]])
     assert corpus.valid_mask(ids, [0, 2]).tolist() == [[False, True, True, False, False]]
     assert corpus.valid_mask(torch.from_numpy(ids), [0, 2]).tolist() == [[False, True, True, False, False]]
+
+
+def naive_pack(texts, tokenizer, context_size, max_contexts):
+    """Packing as saeforge did it before the corpus moved into a Ray Data read task (one list of
+    lists, built whole): the reference the streaming packer must match context for context."""
+    bos, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    body, contexts, stream = context_size - 1, [], []
+    for text in texts:
+        stream.append(bos)
+        stream.extend(tokenizer.encode(text, add_special_tokens=False))
+        while len(stream) >= body and len(contexts) < max_contexts:
+            contexts.append([bos, *stream[:body]])
+            del stream[:body]
+        if len(contexts) >= max_contexts:
+            break
+    if len(contexts) < max_contexts and any(t != bos for t in stream):
+        contexts.append([bos, *stream, *[pad] * (body - len(stream))])
+    return np.asarray(contexts, dtype=np.int32).reshape(-1, context_size)
+
+
+@pytest.mark.parametrize(("context_size", "max_contexts"), [(128, 2400), (32, 500), (7, 10**9)])
+def test_streamed_packing_makes_the_same_contexts_as_before(context_size, max_contexts):
+    """The same contexts as before for the same input (so the default run trains the same SAE),
+    and `context_blocks` cuts any range of them, with their ids."""
+    tok = ByteTokenizer()
+    texts = list(corpus.split_texts(corpus.BUILTIN, "train"))[: 300 if max_contexts > 10**6 else None]
+    before = naive_pack(texts, tok, context_size, max_contexts)
+    assert np.array_equal(corpus.pack_contexts(texts, tok, context_size, max_contexts), before)
+    stop = min(max_contexts, len(before)) - 3
+    blocks = list(corpus.context_blocks(texts, tok, context_size, 5, stop, 100))
+    assert [first for first, _ in blocks] == list(range(5, stop, 100))
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), before[5:stop])

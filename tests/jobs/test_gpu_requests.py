@@ -53,3 +53,16 @@ def test_the_plan_knows_a_large_model_and_the_trainer_asks_for_what_it_says(tmp_
     plan = dataclasses.replace(plan, resources=Resources(gpus_per_worker=2.0))
     scaling = make_trainer(plan, None, name="gpu-request", storage="/tmp/unused").scaling_config
     assert scaling.resources_per_worker == {"CPU": 1, "GPU": 2.0}
+
+
+def test_the_trainer_asks_for_the_workers_custom_resources(tmp_path):
+    """--worker-resources reach the workers' ScalingConfig (the producers' reach map_batches: the
+    multi-node test checks where both ran)."""
+    from saeforge.jobs.plan import Resources
+    from saeforge.jobs.trainer import make_trainer
+    from saeforge.jobs.validate import plan_train
+
+    plan, _ = plan_train(tiny_args(tmp_path, tokens=4000))
+    plan = dataclasses.replace(plan, resources=Resources(worker_resources={"trainer": 1.0}))
+    scaling = make_trainer(plan, None, name="resource-request", storage="/tmp/unused").scaling_config
+    assert scaling.resources_per_worker == {"CPU": 1, "trainer": 1.0}

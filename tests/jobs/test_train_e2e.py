@@ -131,7 +131,7 @@ def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
     info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
     assert info["step"] == plan.loop.total_steps
     # global count: each rank read half of every step's contexts, and every context was read once
-    assert info["tokens_seen"] == valid_mask(contexts.train, list(plan.stream.special_ids)).sum()
+    assert info["tokens_seen"] == valid_mask(contexts.train.pack(), list(plan.stream.special_ids)).sum()
     sae, _ = load_sae(checkpoint / SAE_DIR)
     assert torch.isfinite(sae.W_dec).all()
 

@@ -156,7 +156,7 @@ def test_the_model_ran_once_for_all_trials_and_the_cache_is_reused(search):
     # every training context went through the model exactly once, though three trials trained on them
     assert acts["source"] == "model" and acts["contexts_forwarded"] == acts["contexts"] == len(contexts.train)
     assert 1 <= acts["producer_batches"] <= len(contexts.train) // 16 + 8  # batches of 16 contexts
-    assert acts["tokens"] == valid_mask(contexts.train, list(plan.stream.special_ids)).sum()
+    assert acts["tokens"] == valid_mask(contexts.train.pack(), list(plan.stream.special_ids)).sum()
     # a second search with the same --activations reads the cache: no model forward at all
     again = shared_activations(plan, contexts, args.activations, progress=lambda *_: None)
     assert again.source.startswith("cache:") and again.producer_batches == 0 and again.contexts_forwarded == 0

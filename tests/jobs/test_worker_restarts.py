@@ -25,7 +25,7 @@ def small_args(tmp: Path, **changes):
 def planned_tokens(plan, contexts) -> int:
     from saeforge.core.corpus import valid_mask
 
-    return int(valid_mask(contexts.train, list(plan.stream.special_ids)).sum())
+    return int(valid_mask(contexts.train.pack(), list(plan.stream.special_ids)).sum())
 
 
 def final_state(result):
@@ -258,3 +258,45 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
     assert_same_sae(two_worker_reference[0], sae)
     run = MlflowClient().get_run(summary["run_id"])
     assert run.info.run_name == "driver-killed" and run.info.status == "FINISHED"
+
+
+def test_a_trainer_node_removed_mid_run_restarts_on_another_node(reference, tmp_path):
+    """Scale out (issue 10 item 4), on a simulated cluster (`ray.cluster_utils.Cluster`, run by
+    multi_node_run.py in its own process): a head with no CPUs for work, a producer node and two
+    trainer nodes told apart by custom resources. The producer runs on the producer node and the
+    worker on a trainer node; when rank 0 reaches step 7 its whole node is removed, and Ray Train
+    restarts the worker on the other trainer node from the checkpoint at step 6 (or 3): the run
+    ends with the planned steps, tokens and contexts and the uninterrupted run's SAE."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    script = Path(__file__).with_name("multi_node_run.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), str(tmp_path), str(KILL_AT)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
+    assert done.returncode == 0 and out.exists(), (done.stdout + done.stderr)[-4000:]
+    report = json.loads(out.read_text())
+    nodes, removed = report["nodes"], report["removed"]
+    trainers = {nodes["trainer-a"], nodes["trainer-b"]}
+    assert report["producer_nodes"] == [nodes["producer"]]  # the producer ran on the producer node only
+    assert set(report["worker_nodes"]) == trainers  # rank 0 on one trainer node, then on the other
+    assert removed["node_id"] in trainers
+    logged = [line.split()[2] for line in report["lines"] if line.startswith("[saeforge] step ")]
+    assert logged.count("3/11") == 1 and logged[-2:] == ["9/11", "11/11"], logged  # from a checkpoint
+    info = report["run_info"]
+    assert (info["step"], info["tokens_seen"]) == (report["total_steps"], report["planned_tokens"])
+    n = report["total_steps"] * 4  # 4 contexts a step: ids 0..n-1, each once
+    assert tally(info) == (n, n * (n - 1) // 2, sum(i * i for i in range(n)))
+    sae, _ = final_state(report["checkpoint"])
+    assert_same_sae(reference[0], sae)
+    print(
+        f"trainer node removed at step {KILL_AT}: cluster up in {report['cluster_seconds']:.0f}s, "
+        f"run done in {report['run_seconds']:.0f}s"
+    )

@@ -9,6 +9,7 @@ context: its id, its activations at every hook point and its mask of real tokens
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import warnings
@@ -21,13 +22,24 @@ from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import capture, layers_needed
 from saeforge.core.model import compute_device, forward_precision, load_model, resolve_precision, run_slice, slice_dtype
 from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
-from saeforge.jobs.plan import InjectedExit, RunPlan, StreamSpec
+from saeforge.jobs.plan import InjectedExit, StreamSpec
+from saeforge.jobs.ray_cluster import on_this_node
 
 MASK_COLUMN = "mask"
 ID_COLUMN = "context_id"
 TOKENS_COLUMN = "input_ids"
 BATCH_CONTEXTS = 16  # contexts per producer forward pass
 COUNTER_NAME = "saeforge-model-forward-counter"
+
+
+@contextlib.contextmanager
+def plain_remote_args() -> Iterator[None]:
+    """Ray 2.60 takes an actor pool's restart caps and a read task's retry cap only as plain remote
+    args, which it marks deprecated for 2.64 without a named replacement yet: its warning is
+    silenced here (look again when upgrading)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
 
 
 def forward_counter():
@@ -47,7 +59,7 @@ def forward_counter():
         def read(self) -> tuple[int, int]:
             return self.batches, self.contexts
 
-    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True).remote()
+    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
 
 
 class ActivationProducer:
@@ -119,16 +131,35 @@ def activation_dataset(
     spec: StreamSpec,
     *,
     producers: int,
+    first_id: int = 0,
+    **options,
+):
+    """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids held here:
+    tests and local tools; a training run reads its corpus with `corpus_stream.plan_dataset`),
+    in order, ids from `first_id`; `options` as `produce_activations` takes them."""
+    n_blocks = max(producers * 4, len(contexts) // (BATCH_CONTEXTS * 8), 1)
+    ds = context_dataset(contexts, first_id, n_blocks)
+    ds.context.execution_options.preserve_order = True
+    return produce_activations(ds, spec, producers=producers, **options)
+
+
+def produce_activations(
+    tokens,
+    spec: StreamSpec,
+    *,
+    producers: int,
     threads: int = 1,
     gpus_per_producer: float = 0.0,
-    first_id: int = 0,
+    resources: dict[str, float] | None = None,
     count: bool = False,
     max_failures: int = DEFAULT_MAX_FAILURES,
     inject_exit: InjectedExit | None = None,
 ):
-    """A lazy Ray Dataset of activations for `contexts` ((n, context_size) token ids), in order;
-    `count`: producers count their forwards in the `forward_counter` actor (`materialize`
-    creates it and holds its handle while the dataset runs).
+    """The producer actors over `tokens` (a Ray Dataset of contexts: ids and token ids, in order):
+    a lazy Ray Dataset of activations, in the same order. `resources`: custom Ray resources each
+    producer asks for (they pin producers to the nodes that offer them); `count`: producers count
+    their forwards in the `forward_counter` actor (`materialize` creates it and holds its handle
+    while the dataset runs).
 
     A producer whose process dies is restarted and its batch retried, each at most
     `max_failures` times (Ray Data's default is forever: a crash that recurs, e.g. out of memory
@@ -136,14 +167,8 @@ def activation_dataset(
     (Ray Data's `max_consecutive_actor_init_deaths`, 0 by default)."""
     import ray
 
-    n_blocks = max(producers * 4, len(contexts) // (BATCH_CONTEXTS * 8), 1)
-    ds = context_dataset(contexts, first_id, n_blocks)
-    ds.context.execution_options.preserve_order = True
-    with warnings.catch_warnings():
-        # Ray 2.60 takes an actor pool's restart caps only as plain remote args, which it marks
-        # deprecated for 2.64 without a named replacement yet: look again when upgrading.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return ds.map_batches(
+    with plain_remote_args():
+        return tokens.map_batches(
             ActivationProducer,
             fn_constructor_kwargs={"spec": spec, "threads": threads, "count": count, "inject_exit": inject_exit},
             batch_size=BATCH_CONTEXTS,
@@ -151,25 +176,10 @@ def activation_dataset(
             compute=ray.data.ActorPoolStrategy(size=producers),
             num_gpus=gpus_per_producer,
             num_cpus=1,
+            resources=resources or None,
             max_restarts=max_failures,
             max_task_retries=max_failures,
         )
-
-
-def plan_dataset(plan: RunPlan, contexts: np.ndarray, *, first_id: int = 0, count: bool = False):
-    """`activation_dataset` with the plan's stream, producer count and per-producer resources."""
-    res = plan.resources
-    return activation_dataset(
-        contexts,
-        plan.stream,
-        producers=plan.args.producers,
-        threads=res.producer_threads,
-        gpus_per_producer=res.gpus_per_producer,
-        first_id=first_id,
-        count=count,
-        max_failures=plan.args.max_failures,
-        inject_exit=plan.producer_exit,
-    )
 
 
 def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):

@@ -79,6 +79,19 @@ class ClusterArgs:
         "so an autoscaler adds GPU nodes)",
     )
     gpus_per_worker: str = opt("auto", "GPUs each SAE worker asks Ray for (default auto, as --gpus-per-producer)")
+    producer_resources: list = opt(
+        [],
+        "a custom Ray resource each producer actor asks for (repeatable), e.g. producer=1: producers then "
+        "run only on nodes that offer it (`ray start --resources`, a node type's `resources` in cluster.yaml)",
+        metavar="NAME=AMOUNT",
+        pairs=True,
+    )
+    worker_resources: list = opt(
+        [],
+        "a custom Ray resource each SAE worker asks for (repeatable), e.g. trainer=1: as --producer-resources",
+        metavar="NAME=AMOUNT",
+        pairs=True,
+    )
     max_failures: int = opt(
         DEFAULT_MAX_FAILURES,
         "crashes survived before the run fails (default %(default)s): Ray Train restarts lost SAE "
@@ -314,6 +327,29 @@ def gpu_request(args, name: str) -> float | None:
     if not 0 <= value < 1e6:
         raise UserError(f"{flag} must be 'auto' or a number of GPUs at least 0, got '{text}'")
     return value
+
+
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # Ray's own: not custom resources
+
+
+def resource_request(args, name: str) -> dict[str, float]:
+    """A --*-resources flag as {resource: amount}, or one line naming the flag: custom resources
+    only (GPUs have their own flags), each a positive number."""
+    flag = "--" + name.replace("_", "-")
+    out = {}
+    for resource, text in pairs_dict(getattr(args, name), "NAME=AMOUNT").items():
+        if not resource or resource in RESERVED_RESOURCES:
+            raise UserError(
+                f"{flag}: '{resource}' is not a custom resource name (GPUs: --gpus-per-producer / --gpus-per-worker)"
+            )
+        try:
+            amount = float(text)
+        except ValueError:
+            raise UserError(f"{flag} {resource}: the amount must be a number, got '{text}'") from None
+        if not 0 < amount < 1e9:
+            raise UserError(f"{flag} {resource}: the amount must be above 0, got '{text}'")
+        out[resource] = amount
+    return out
 
 
 def flag_name(f) -> str:

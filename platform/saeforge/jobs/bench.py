@@ -79,6 +79,7 @@ def run_bench(args: BenchArgs) -> dict:
         )
     )
     per_step = plan.stream.contexts_per_step
+    train = contexts.train.pack()  # a bench's few thousand contexts, in this process
     figures: dict = {
         "model": args.model,
         "hook": plan.hook.name,
@@ -89,20 +90,20 @@ def run_bench(args: BenchArgs) -> dict:
         "cpu_cores": cores(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
-    real_tokens = int(valid_mask(contexts.train, list(plan.stream.special_ids)).sum())
+    real_tokens = int(valid_mask(train, list(plan.stream.special_ids)).sum())
 
     _say("1/4 plain single-process forward of the slice")
     producer = ActivationProducer(plan.stream, threads=cores())
-    _forward(producer, contexts.train[:2])  # warm-up (allocations, first-call overheads)
+    _forward(producer, train[:2])  # warm-up (allocations, first-call overheads)
     start = time.perf_counter()
-    blocks = _forward(producer, contexts.train)
+    blocks = _forward(producer, train)
     figures["plain_forward_tok_s"] = real_tokens / (time.perf_counter() - start)
 
     _say("2/4 SAE training alone on activations in memory")
     figures["sae_train_tok_s"] = _train_tokens_per_s(plan, _steps(blocks, per_step))
 
     _say("3/4 plain single-process loop: slice forward + SAE step")
-    figures["plain_loop_tok_s"] = _train_tokens_per_s(plan, _plain_stream(producer, contexts.train, per_step))
+    figures["plain_loop_tok_s"] = _train_tokens_per_s(plan, _plain_stream(producer, train, per_step))
     del producer, blocks
 
     _say("4/4 Ray: producer actors alone, then the whole pipeline into a Ray Train worker")
@@ -114,7 +115,7 @@ def run_bench(args: BenchArgs) -> dict:
     start = time.perf_counter()
     first, rows = None, 0
     for batch in activation_dataset(
-        contexts.train, plan.stream, producers=args.producers, threads=plan.resources.producer_threads
+        train, plan.stream, producers=args.producers, threads=plan.resources.producer_threads
     ).iter_batches(batch_size=None):
         if first is None:
             first = time.perf_counter()
@@ -194,8 +195,9 @@ def run_step_costs(args: BenchArgs, batch_tokens: int = 1024) -> dict:
             overrides={"batch_size": str(batch_tokens)},
         )
     )
-    acts = torch.cat([a for a, _ in _forward(ActivationProducer(plan.stream, threads=cores()), contexts.train)])
-    mask = torch.from_numpy(valid_mask(contexts.train, list(plan.stream.special_ids)))
+    train = contexts.train.pack()
+    acts = torch.cat([a for a, _ in _forward(ActivationProducer(plan.stream, threads=cores()), train)])
+    mask = torch.from_numpy(valid_mask(train, list(plan.stream.special_ids)))
     per_step = plan.stream.contexts_per_step
     acts, mask = acts[:per_step], mask[:per_step]
     d_sae = args.d_sae or plan.variant.d_sae

@@ -2,22 +2,24 @@
 to every Ray Train worker and Tune trial (frozen and picklable; nothing in it is re-parsed).
 
 A Tune trial derives its own plan with `dataclasses.replace(plan, variant=..., loop=...)` from
-the sampled values, once. The token contexts themselves are not in the plan: the driver turns
-them into the activation dataset, which Ray ships to the workers.
+the sampled values, once. The token contexts themselves are not in the plan: `Contexts` describes
+the training contexts (`CorpusRange`), which a Ray Data read task packs into the activation
+dataset's input (`corpus_stream`), and holds the few held-out ones.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
 import variants
+from saeforge.core import corpus
 from saeforge.core.hooks import HookPoint
-from saeforge.core.model import ModelSpec
+from saeforge.core.model import ModelSpec, load_tokenizer
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.jobs.arguments import TrainArgs
@@ -51,7 +53,8 @@ class InjectedExit:
     the process that fires creates the file, whose existence disarms the processes restarted after
     it; without one it fires every time (a deterministic crash). With `hang` the process stops
     there instead, until it is killed: the driver-kill test kills the driver while a worker waits
-    (the marker tells it the run has reached `at`)."""
+    (the marker tells it the run has reached `at`), the multi-node test removes the node the
+    marker names (it holds the Ray node id of the process that fired)."""
 
     at: int
     marker: str = ""
@@ -62,7 +65,8 @@ class InjectedExit:
             return
         if self.marker:
             try:
-                Path(self.marker).touch(exist_ok=False)
+                with open(self.marker, "x") as marker:
+                    marker.write(_node_id())
             except FileExistsError:
                 return
         while self.hang:
@@ -70,10 +74,19 @@ class InjectedExit:
         os._exit(1)
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 @dataclass(frozen=True)
 class Resources:
     """How the run uses the cluster: whether the activations are all made before training
-    (`produce_first`) or streamed into it, GPUs per actor and worker, torch threads in each."""
+    (`produce_first`) or streamed into it, GPUs per actor and worker, torch threads in each, and
+    the custom resources each producer and worker asks for (--producer-resources,
+    --worker-resources: they pin producers and workers to the node types that offer them)."""
 
     produce_first: bool = False
 
@@ -81,6 +94,8 @@ class Resources:
     gpus_per_worker: float = 0.0
     producer_threads: int = 1
     worker_threads: int = 1
+    producer_resources: dict[str, float] = field(default_factory=dict)
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,9 +136,43 @@ class RunPlan:
 
 
 @dataclass(frozen=True)
-class Contexts:
-    """The token contexts a run reads (driver side only): (n, context_size) int32 each; `train`
-    holds only what is left to train (a resumed run starts after its checkpoint's step)."""
+class CorpusRange:
+    """The training contexts a run reads, described rather than held: contexts `start` up to
+    `stop` (their ids) of the training split of `dataset`, packed by `corpus.iter_contexts` with
+    `model`'s tokenizer. Small and picklable: the driver ships it to the Ray Data read task that
+    tokenises and packs it (`activation_stream.corpus_dataset`), so the corpus never passes
+    through the driver. `counted`: validation counted that the source holds them all (a local
+    source); a Hub dataset is streamed and may end sooner, which the read task reports."""
 
-    train: np.ndarray
+    dataset: str
+    text_column: str
+    model: ModelSpec
+    context_size: int
+    start: int
+    stop: int
+    counted: bool = True
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def blocks(self, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(id of the first context, (n, context_size) int32 contexts) blocks of `size`, in order."""
+        texts = corpus.split_texts(self.dataset, "train", self.text_column)
+        tokenizer = load_tokenizer(self.model)
+        yield from corpus.context_blocks(texts, tokenizer, self.context_size, self.start, self.stop, size)
+
+    def pack(self) -> np.ndarray:
+        """Every context of the range in one array, in this process: for local tools and tests on
+        small corpora (a training run never calls it)."""
+        arrays = [contexts for _, contexts in self.blocks(1024)]
+        return np.concatenate(arrays) if arrays else np.zeros((0, self.context_size), dtype=np.int32)
+
+
+@dataclass(frozen=True)
+class Contexts:
+    """The token contexts a run reads (driver side): the training contexts described (what is left
+    to train: a resumed run starts after its checkpoint's step), the few held-out contexts of the
+    evaluation as one (n, context_size) int32 array."""
+
+    train: CorpusRange
     eval: np.ndarray

@@ -13,6 +13,8 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
+from saeforge.jobs.ray_cluster import on_this_node
+
 
 def _board_class():
     import ray
@@ -44,10 +46,11 @@ def post(board: str, line: str) -> None:
 
 @contextlib.contextmanager
 def printed(board: str, show: Callable[[str], None], every_s: float = 0.5) -> Iterator[str]:
-    """A board named `board` whose lines `show` prints while the block runs (then the rest)."""
+    """A board named `board` (on the driver's node) whose lines `show` prints while the block runs
+    (then the rest)."""
     import ray
 
-    actor = _board_class().options(name=board).remote()
+    actor = _board_class().options(name=board, scheduling_strategy=on_this_node()).remote()
     stop = threading.Event()
 
     def pump() -> None:

@@ -21,7 +21,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from saeforge.jobs.arguments import gpu_request
+from saeforge.jobs.arguments import gpu_request, resource_request
 from saeforge.jobs.plan import Resources, RunPlan
 
 
@@ -51,6 +51,16 @@ def connect_ray(address: str = "") -> None:
         # workers on 2 cores cost memory and set off the raylet's "too many workers" warning.
         _system_config={"prestart_worker_first_driver": False},
     )
+
+
+def on_this_node():
+    """The scheduling of a driver's helper actor (progress board, forward counter): the driver's own
+    node. A 0-CPU actor may otherwise land on any node, and losing that node (a trainer node
+    taken away mid-run) would end a run that Ray Train itself survives."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
 
 
 def quiet_ray_data() -> None:
@@ -147,6 +157,8 @@ def share_resources(
     per_worker: float | None = None,
     large_model: bool = False,
     on_cluster: bool = False,
+    producer_resources: dict[str, float] | None = None,
+    worker_resources: dict[str, float] | None = None,
 ) -> Resources:
     """GPUs and threads for `producers` actors and `workers` trainers: GPUs as `gpus_each`
     decides from what the cluster has now. Threads: when producers and workers run at once
@@ -172,12 +184,14 @@ def share_resources(
         gpus_per_worker=worker_gpus,
         producer_threads=max(1, cores() // at_once),
         worker_threads=max(1, cores() // (producers + workers if concurrent else workers)),
+        producer_resources=dict(producer_resources or {}),
+        worker_resources=dict(worker_resources or {}),
     )
 
 
 def plan_resources(plan: RunPlan, *, concurrent: bool = True, workers: int | None = None) -> Resources:
     """`share_resources` for a plan's producers and `workers` (default the plan's), with its
-    --gpus-per-* flags and its model's size."""
+    --gpus-per-* and --*-resources flags and its model's size."""
     return share_resources(
         plan.args.producers,
         plan.args.workers if workers is None else workers,
@@ -186,4 +200,6 @@ def plan_resources(plan: RunPlan, *, concurrent: bool = True, workers: int | Non
         per_worker=gpu_request(plan.args, "gpus_per_worker"),
         large_model=plan.model_params >= LARGE_MODEL_PARAMS,
         on_cluster=attached(plan.args.address),
+        producer_resources=resource_request(plan.args, "producer_resources"),
+        worker_resources=resource_request(plan.args, "worker_resources"),
     )

@@ -50,7 +50,7 @@ def plain_loop(args: TrainArgs) -> dict:
     producer = ActivationProducer(plan.stream, threads=cores())
     variant = plan.build_variant()
     done("load_slice")
-    batches = start_fresh(variant, _plain_stream(producer, contexts.train, plan.stream.contexts_per_step))
+    batches = start_fresh(variant, _plain_stream(producer, contexts.train.pack(), plan.stream.contexts_per_step))
     started = time.perf_counter()
     state = train_loop(variant, batches, dataclasses.replace(plan.loop, log_every=10**9))
     train_seconds = time.perf_counter() - started

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import MASK_COLUMN, materialize, plan_dataset
+from saeforge.jobs.activation_stream import MASK_COLUMN, materialize
 from saeforge.jobs.plan import Contexts, RunPlan
 
 CACHE_MANIFEST = "manifest.json"
@@ -80,6 +80,8 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
     activation cache; with a cache path and no cache there yet, write one."""
     import ray
     import ray.data
+
+    from saeforge.jobs.corpus_stream import plan_dataset
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.time()

@@ -124,7 +124,8 @@ def run_jobs(jobs: list[dict], ctx: StudyContext, name: str, storage: Path, conc
     from ray import tune
 
     gpus = ctx.plan.resources.gpus_per_worker
-    resources = {"cpu": TRIAL_CPU, **({"gpu": gpus} if gpus else {})}
+    # each SAE trains inside its trial: the trial asks for what a worker would (--worker-resources too)
+    resources = {"cpu": TRIAL_CPU, **({"gpu": gpus} if gpus else {}), **ctx.plan.resources.worker_resources}
     trainable = tune.with_resources(tune.with_parameters(study_trial, ctx=ctx), resources)
     tuner = tune.Tuner(
         trainable,

@@ -23,7 +23,7 @@ from saeforge.core.evaluation import evaluate_core
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs import progress_board, tracking
-from saeforge.jobs.activation_stream import materialize, plan_dataset
+from saeforge.jobs.activation_stream import materialize
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.failures import run_failed
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
@@ -57,15 +57,13 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
 
 
 def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
-    first_id = plan.stream.first_step * plan.stream.contexts_per_step
+    from saeforge.jobs.corpus_stream import plan_dataset  # imports Ray Data: only once a run starts
+
     if not plan.resources.produce_first:
-        dataset = plan_dataset(plan, contexts.train, first_id=first_id)
-        return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+        return fit(make_trainer(plan, plan_dataset(plan, contexts.train), name=name, storage=plan.args.storage))
     show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
     started = time.time()
-    dataset, _, _ = materialize(
-        plan_dataset(plan, contexts.train, first_id=first_id, count=True), len(contexts.train), show
-    )
+    dataset, _, _ = materialize(plan_dataset(plan, contexts.train, count=True), len(contexts.train), show)
     show(f"saeforge: activations ready in {time.time() - started:.0f}s")
     return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
 

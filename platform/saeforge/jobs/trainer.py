@@ -20,7 +20,7 @@ def make_trainer(
 
     res = plan.resources
     dataset, data_config = worker_dataset(dataset, plan.stream)
-    resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {})}
+    resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {}), **res.worker_resources}
     return TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"plan": plan},

@@ -8,6 +8,7 @@ bench and study all validate here.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import socket
@@ -26,8 +27,15 @@ from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
 from saeforge.jobs import checkpoints, storage, tracking
-from saeforge.jobs.arguments import TrainArgs, check_ranges, flag_name, gpu_request, pairs_dict
-from saeforge.jobs.plan import Contexts, RunPlan, StreamSpec, TrackingTarget
+from saeforge.jobs.arguments import (
+    TrainArgs,
+    check_ranges,
+    flag_name,
+    gpu_request,
+    pairs_dict,
+    resource_request,
+)
+from saeforge.jobs.plan import Contexts, CorpusRange, RunPlan, StreamSpec, TrackingTarget
 from saeforge.jobs.ray_cluster import attached
 
 
@@ -59,7 +67,15 @@ def hook_points(args) -> tuple[HookPoint, ...]:
 
 # Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs
 # and how many crashes it survives.
-RESUME_MAY_CHANGE = ("resume", "address", "max_failures", "gpus_per_producer", "gpus_per_worker")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "address",
+    "max_failures",
+    "gpus_per_producer",
+    "gpus_per_worker",
+    "producer_resources",
+    "worker_resources",
+)
 
 
 def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
@@ -142,12 +158,15 @@ def check_services(address: str) -> None:
 
 
 def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
-    """Check every input and pack the token contexts; raises UserError on bad input."""
+    """Check every input, count the training contexts and pack the held-out ones; raises UserError
+    on bad input. The training contexts are described (`CorpusRange`), not packed: a Ray Data
+    read task packs them as the run reads them."""
     info: dict = {}
     if args.resume:
         args, info = resumed_train_args(args)
     check_ranges(args)
     check_gpu_requests(args)
+    check_resource_requests(args)
     variant_class(args.variant)
     hooks = hook_points(args)
     if len(hooks) != 1:
@@ -179,18 +198,19 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
             f"--tokens {args.tokens} is less than one optimiser step ({budget.contexts_per_step} contexts of "
             f"{args.context_size} tokens: {step_tokens} tokens for batch_size {cfg.batch_size}); ask for at least that"
         )
-    train = corpus.pack_contexts(
-        corpus.split_texts(args.dataset, "train", args.text_column), tokenizer, args.context_size, budget.contexts
-    )
-    if len(train) < budget.contexts_per_step or not corpus.valid_mask(train, list(special)).any():
+    available, real = count_contexts(args, tokenizer, special, budget.contexts, budget.contexts_per_step)
+    if available < budget.contexts_per_step or not real:
         raise UserError(
             f"dataset '{args.dataset}' yields too few tokens to train on (one step needs "
             f"{budget.contexts_per_step} contexts of {args.context_size} tokens)"
         )
-    budget = step_budget(args.tokens, cfg.batch_size, args.context_size, args.workers, available_contexts=len(train))
+    counted = corpus.is_local(args.dataset)
+    budget = step_budget(
+        args.tokens, cfg.batch_size, args.context_size, args.workers, available_contexts=available if counted else None
+    )
     if budget.short:
         warn(
-            f"dataset '{args.dataset}' holds {len(train)} contexts: training {budget.total_steps} steps instead of "
+            f"dataset '{args.dataset}' holds {available} contexts: training {budget.total_steps} steps instead of "
             f"the {budget.wanted_steps} that --tokens {args.tokens} asks for",
             progress,
         )
@@ -200,7 +220,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     if len(evals) == 0:
         raise UserError(f"dataset '{args.dataset}' has no held-out documents to evaluate on")
     total_steps = info.get("total_steps") or budget.total_steps
-    first_step = int(info.get("step", 0))  # a resumed run's stream starts after what it trained
+    first_step = int(info.get("step", 0))
     check_services(args.address)  # last: the network, once everything local is known good
     hook = hooks[0]
     plan = RunPlan(
@@ -226,8 +246,34 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         tracking=TrackingTarget(run_id=info.get("run_id", "")),
         model_params=parameter_count(config),
     )
-    done = first_step * budget.contexts_per_step
-    return plan, Contexts(train[done : total_steps * budget.contexts_per_step], evals)
+    train = CorpusRange(
+        args.dataset,
+        args.text_column,
+        spec,
+        args.context_size,
+        start=first_step * budget.contexts_per_step,  # a resumed run's stream starts after what it trained
+        stop=total_steps * budget.contexts_per_step,
+        counted=counted,
+    )
+    return plan, Contexts(train, evals)
+
+
+def count_contexts(
+    args: TrainArgs, tokenizer, special: tuple[int, ...], wanted: int, per_step: int
+) -> tuple[int, bool]:
+    """(contexts, whether any holds a real token) of the training split, counted up to what the
+    run wants without keeping any (memory stays flat whatever the corpus). A local source is
+    counted up to `wanted`, so a run asking for more is shortened and warned about here; a Hub
+    dataset (streamed, possibly billions of tokens) only up to one step (`per_step`): reading
+    it all up front would cost a whole pass, so a stream that ends before the planned contexts
+    fails the run at that point with one line (`corpus_stream.read_contexts`)."""
+    limit = wanted if corpus.is_local(args.dataset) else per_step
+    texts = corpus.split_texts(args.dataset, "train", args.text_column)
+    n, real = 0, False
+    for context in itertools.islice(corpus.iter_contexts(texts, tokenizer, args.context_size), limit):
+        n += 1
+        real = real or bool(corpus.valid_mask(context, list(special)).any())
+    return n, real
 
 
 def producer_precision(args: TrainArgs) -> str:
@@ -253,6 +299,18 @@ def check_gpu_requests(args) -> None:
             raise UserError(
                 f"--{name.replace('_', '-')} {value:g} asks for GPUs, but this machine has none and no --address "
                 "or RAY_ADDRESS names a cluster"
+            )
+
+
+def check_resource_requests(args) -> None:
+    """--producer-resources / --worker-resources: NAME=AMOUNT pairs of custom resources, which only
+    an attached cluster's nodes can offer (on a private local Ray the actors would wait for ever)."""
+    for name in ("producer_resources", "worker_resources"):
+        asked = resource_request(args, name)
+        if asked and not attached(args.address):
+            raise UserError(
+                f"--{name.replace('_', '-')} asks for custom resources ({', '.join(asked)}), which only the nodes "
+                "of a cluster offer: give --address or RAY_ADDRESS"
             )
 
 
