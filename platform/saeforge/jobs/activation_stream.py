@@ -185,35 +185,44 @@ def produce_activations(
 def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
     """Run `dataset` (made with `count=True`) to the end into the object store, printing a
     progress line every `every` seconds from the producers' forward counter (held here while
-    they count into it). Returns (materialised dataset, producer batches, contexts)."""
+    they count into it). Returns (materialised dataset, producer batches, contexts).
+
+    The dataset runs in the calling thread and only the progress lines in a helper thread: an
+    interrupt (Ctrl-C, SIGTERM) then stops Ray Data's executor where it stands, and the helper
+    is stopped before the caller goes on. (A daemon thread left running Ray Data would call Ray
+    after the exit's shutdown, and Ray would start a new local instance from that thread.)"""
     import threading
 
     import ray
 
     counter = forward_counter()
     before = ray.get(counter.read.remote())
-    out: dict = {}
-
-    def run():
-        try:
-            out["dataset"] = dataset.materialize()
-        except BaseException as error:  # re-raised in the caller's thread
-            out["error"] = error
-
     started = time.perf_counter()
-    worker = threading.Thread(target=run, name="saeforge-materialize", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(every)
-        if worker.is_alive() and progress is not None:
-            done = ray.get(counter.read.remote())[1] - before[1]
+    stop = threading.Event()
+
+    def report():
+        while not stop.wait(every):
+            try:
+                done = ray.get(counter.read.remote(), timeout=every)[1] - before[1]
+            except Exception:  # a progress line is not worth failing or delaying the run for
+                continue
+            if stop.is_set():
+                return
             rate = done / max(time.perf_counter() - started, 1e-9)
             eta = (n_contexts - done) / rate if rate > 0 else float("nan")
             progress(f"  activations: {done}/{n_contexts} contexts ({rate:.1f} contexts/s, eta {eta:.0f}s)")
-    if "error" in out:
-        raise out["error"]
+
+    reporter = threading.Thread(target=report, name="saeforge-progress-lines", daemon=True)
+    if progress is not None:
+        reporter.start()
+    try:
+        produced = dataset.materialize()
+    finally:
+        stop.set()
+        if reporter.is_alive():
+            reporter.join(every)
     after = ray.get(counter.read.remote())
-    return out["dataset"], after[0] - before[0], after[1] - before[1]
+    return produced, after[0] - before[0], after[1] - before[1]
 
 
 def step_batches(
