@@ -255,3 +255,28 @@ def test_gpus_named_as_a_custom_resource(refused):
 def test_custom_resources_without_a_cluster(refused):
     """No node of a private local Ray has them: the actors would wait for ever."""
     refused([*TRAIN, "--producer-resources", "producer=1"], "which only the nodes of a cluster offer")
+
+
+def test_a_layer_listed_twice(refused):
+    refused(["train", "--model", "tiny", "--layer", "1,3,1"], "--layer 1,3,1: layer 1 is listed twice")
+
+
+def test_a_layer_out_of_range_in_a_list(refused):
+    refused(["train", "--model", "tiny", "--layer", "1,9"], "layer 9 is out of range: tiny has 8 layers (0-7)")
+
+
+def test_a_layer_listed_twice_in_a_search(refused, monkeypatch):
+    import saeforge.jobs.search
+
+    monkeypatch.setattr(saeforge.jobs.search, "connect_ray", lambda *_: pytest.fail("Ray started"))
+    refused(["tune", "--model", "tiny", "--layer", "2,2"], "--layer 2,2: layer 2 is listed twice")
+
+
+def test_a_study_of_several_layers(refused):
+    refused(["study", "mi_ortho", "--model", "tiny", "--layer", "2,3"], "--layer 2,3: a study reads one layer")
+
+
+def test_a_layers_bench_of_one_layer_or_out_of_range(refused):
+    refused(["bench", "--model", "tiny", "--layers", "3"], "--layers 3: give two layers or more")
+    refused(["bench", "--model", "tiny", "--layers", "3,12"], "layer 12 is out of range: tiny has 8 layers")
+    refused(["bench", "--model", "tiny", "--layer", "3,6"], "--layer 3,6: this bench reads one layer")

@@ -167,3 +167,40 @@ def test_the_chunked_lm_head_gives_the_models_own_log_probs(name):
         want = torch.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1)
         got = head_log_probs(model, final_hidden(model, ids))
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_one_clean_pass_serves_the_saes_of_several_hooks():
+    """A k-hook run evaluates its SAEs together: each gets exactly the figures of its own
+    evaluation, the blocks before the shallowest hook run once per batch, and the last block runs
+    once clean plus one spliced and one zero-ablated pass per SAE (not three passes per SAE); the
+    zero ablations of several hooks likewise come from one clean pass."""
+    from saeforge.core.evaluation import baselines, evaluate_hooks
+    from saeforge.core.model import decoder_layers
+
+    tok = ByteTokenizer()
+    special = corpus.special_ids(tok)
+    contexts = corpus.pack_contexts(["Held-out text read at two hooks by two SAEs at once."] * 4, tok, 24, 6)
+    model = build_tiny_model("tiny")
+    hooks = [HookPoint(1), HookPoint(3)]
+    saes = [variants.build(name, d_in=64, d_sae=128, overrides={"seed": "2"}) for name in ("relu", "topk")]
+    for sae in saes:
+        sae.act_scale.fill_(0.3)
+    blocks = decoder_layers(model)
+    calls = {0: 0, len(blocks) - 1: 0}
+    handles = [
+        blocks[i].mlp.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1)) for i in calls
+    ]
+    together = evaluate_hooks(model, list(zip(saes, hooks)), contexts, special, batch_contexts=4)
+    for h in handles:
+        h.remove()
+    assert calls == {0: 2, len(blocks) - 1: 2 * 5}  # 2 batches: 1 clean + 2 spliced + 2 zero-ablated passes
+    for sae, hook, got in zip(saes, hooks, together):
+        alone = evaluate_core(model, sae, hook, contexts, special, batch_contexts=4)
+        assert set(got) == set(alone)
+        for key, value in alone.items():
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (hook, key)
+    both = baselines(model, hooks, contexts, special)
+    for hook in hooks:
+        one = baseline(model, hook, contexts, special)
+        np.testing.assert_allclose(both[hook].ce_zero, one.ce_zero, rtol=1e-6)
+        np.testing.assert_allclose(both[hook].kl_zero, one.kl_zero, rtol=1e-6)

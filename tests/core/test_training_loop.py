@@ -1,6 +1,7 @@
 """The Ray-free training loop on planted sparse features (batches of whole contexts, as the stream
 makes them)."""
 
+import copy
 import math
 
 import pytest
@@ -129,3 +130,75 @@ def test_lr_schedule_warmup_and_cosine():
     assert effective_warmup(variants.build("relu", d_in=4, d_sae=8), 200) == 20
     with pytest.raises(variants.ConfigError, match="lr_schedule"):
         variants.build("relu", d_in=4, d_sae=8, overrides={"lr_schedule": "linear"})
+
+
+def test_side_by_side_trains_each_sae_exactly_as_it_trains_alone():
+    """k SAEs on the k hooks of the same contexts (one model pass): each gets its own optimiser,
+    schedule, state, logs and checkpoints, and ends with the weights it reaches trained alone on
+    its activations; the steps' counts and context tally are shared."""
+    from saeforge.core.training import start_fresh_side_by_side, train_side_by_side
+
+    def hooks(n):  # two "hooks": different activations of the same contexts, one mask, one id range
+        for step, ((a, mask), (b, _)) in enumerate(zip(planted_batches(n, seed=1), planted_batches(n, seed=2))):
+            yield (a, 2 * b), mask, torch.arange(8 * step, 8 * step + 8)
+
+    def build():
+        return [
+            variants.build("relu", d_in=16, d_sae=32, overrides={"lr": "3e-3", "warmup_steps": "4"}),
+            variants.build("topk", d_in=16, d_sae=32, overrides={"k": "4", "seed": "3"}),
+        ]
+
+    settings = LoopSettings(9, log_every=4, checkpoint_every=4)
+    together, logs, snaps = build(), [], []
+    final = train_side_by_side(
+        together,
+        start_fresh_side_by_side(together, hooks(9)),
+        settings,
+        on_log=lambda step, values: logs.append((step, values)),
+        on_checkpoint=snaps.append,
+    )
+    assert [step for step, _ in logs] == [4, 8, 9] and all(len(values) == 2 for _, values in logs)
+    assert [[s.step for s in snap] for snap in snaps] == [[4, 4], [8, 8], [9, 9]]
+    for i, alone in enumerate(build()):
+        alone_logs = []
+        state = train_loop(
+            alone,
+            start_fresh(alone, ((acts[i], mask, ids) for acts, mask, ids in hooks(9))),
+            settings,
+            on_log=lambda step, values, logged=alone_logs: logged.append(values),
+        )
+        for name, weight in alone.state_dict().items():
+            torch.testing.assert_close(together[i].state_dict()[name], weight, rtol=0, atol=0, msg=name)
+        assert (final[i].step, final[i].tokens_seen) == (state.step, state.tokens_seen)
+        assert final[i].contexts == state.contexts
+        assert [values[i]["loss"] for _, values in logs] == [v["loss"] for v in alone_logs]
+    assert final[0].contexts.count == 72
+
+
+def test_side_by_side_resumes_every_sae_from_its_own_state():
+    from saeforge.core.training import start_fresh_side_by_side, train_side_by_side
+
+    def hooks(n, skip=0):
+        for step, ((a, mask), (b, _)) in enumerate(zip(planted_batches(n, seed=1), planted_batches(n, seed=2))):
+            if step >= skip:
+                yield (a, b), mask
+
+    def build():
+        return [variants.build("relu", d_in=16, d_sae=32, overrides={"seed": str(s)}) for s in (0, 1)]
+
+    settings = LoopSettings(8, checkpoint_every=3)
+    whole = build()
+    train_side_by_side(whole, start_fresh_side_by_side(whole, hooks(8)), settings)
+    first, snaps = build(), []
+
+    def checkpoint(states):  # what a checkpoint keeps: every SAE's weights and loop state
+        snaps.append(copy.deepcopy((first, states)))  # as saved to disk: the optimizer state goes on changing
+
+    train_side_by_side(first, start_fresh_side_by_side(first, hooks(8)), settings, on_checkpoint=checkpoint)
+    saes, states = snaps[0]
+    assert [s.step for s in states] == [3, 3]
+    resumed = train_side_by_side(saes, hooks(8, skip=3), settings, states=states)
+    assert [s.step for s in resumed] == [8, 8]
+    for a, b in zip(whole, saes):
+        for name, weight in a.state_dict().items():
+            torch.testing.assert_close(b.state_dict()[name], weight, msg=name)

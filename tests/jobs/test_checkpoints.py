@@ -1,9 +1,11 @@
 """Checkpoints survive crashes: a save killed at any step leaves the old checkpoint or the new
 one, complete; a checkpoint whose copy was cut short is skipped for the one before it."""
 
+import json
 import shutil
 
 import pytest
+import torch
 
 import variants
 from conftest import crash_during, crash_points, tiny_args
@@ -65,3 +67,31 @@ def test_the_newest_complete_checkpoint_is_taken(tmp_path):
     save(run / "checkpoint_000000", 5)
     save(run / "checkpoint_000001", 10)
     assert checkpoints.find_checkpoint(str(run)) == run / "checkpoint_000001"
+
+
+def test_a_checkpoint_of_several_hooks_keeps_each_sae_in_its_hook_folder(tmp_path):
+    """A k-hook run's checkpoint: one subfolder per hook (SAE + loop state), one run.json; it is
+    complete only when every hook's files are, and each hook's SAE and state load back."""
+    hooks = ["blocks.1.hook_resid_post", "blocks.3.hook_resid_post"]
+    saes = [variants.build("relu", d_in=16, d_sae=32, overrides={"seed": str(i)}) for i in range(2)]
+    metas = [SaeMeta("tiny", hook, int(hook.split(".")[1]), 16, "wiki") for hook in hooks]
+    info = checkpoints.run_info(tiny_args(tmp_path, layer="1,3"), "", 20, dict(zip(hooks, ("run-a", "run-b"))))
+    run = tmp_path / "run"
+    for n, step in enumerate((5, 10)):
+        parts = [(sae, LoopState(step, 100 * step), meta) for sae, meta in zip(saes, metas)]
+        checkpoints.save_hooks_checkpoint(run / f"checkpoint_00000{n}", parts, info)
+    newest = run / "checkpoint_000001"
+    assert sorted(p.name for p in newest.iterdir()) == sorted([*hooks, "complete.json", "run.json"])
+    assert checkpoints.is_checkpoint(newest) and checkpoints.find_checkpoint(str(run)) == newest
+    loaded = checkpoints.load_hooks_checkpoint(newest, hooks)
+    for (sae, state), want, meta in zip(loaded, saes, metas):
+        assert state.step == 10 and torch.equal(sae.W_dec, want.W_dec)
+        assert (
+            json.loads((newest / meta.hook_name / "sae" / "cfg.json").read_text())["metadata"]["hook_name"]
+            == meta.hook_name
+        )
+    assert checkpoints.read_info(newest)["hook_run_ids"] == {hooks[0]: "run-a", hooks[1]: "run-b"}
+    (newest / hooks[1] / "sae" / "saeforge_state.safetensors").unlink()  # one hook's copy cut short
+    assert checkpoints.find_checkpoint(str(run)) == run / "checkpoint_000000"
+    with pytest.raises(UserError, match="incomplete"):
+        checkpoints.find_checkpoint(str(newest))

@@ -25,3 +25,19 @@ def test_same_work_bench_times_two_programs_that_train_the_same_sae(tmp_path):
         assert r["saeforge_metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert {"plan", "train", "evaluate"} <= set(r["plain_phases"]) and "ray_start" in r["saeforge_phases"]
     assert "| round | plain loop | saeforge train |" in done.stderr  # the table, on stderr under --json
+
+
+def test_layers_bench_times_one_run_of_every_layer_against_one_run_per_layer(tmp_path):
+    """`bench --layers 1,3`: the k-layer command and the k single-layer commands differ only in
+    --layer (the same work per SAE, so the same SAEs)."""
+    from saeforge.jobs.arguments import BenchArgs
+    from saeforge.jobs.layers_bench import layer_commands
+
+    args = BenchArgs(model="tiny", layers="1,3", tokens=4000, d_sae=128, eval_contexts=4)
+    together, separate = layer_commands(args, tmp_path)
+    assert len(separate) == 2
+    for command, layer in zip([together, *separate], ["1,3", "1", "3"]):
+        at = command.index("--layer")
+        assert command[at + 1] == layer
+        assert command[:at] + command[at + 2 :] == together[:at] + together[at + 2 :]
+    assert together[together.index("--variant") + 1] == "relu" and "--json" in together

@@ -21,7 +21,8 @@ def add_parser(sub) -> None:
         run,
         help="measure producer, SAE and end-to-end throughput side by side",
         description="Benchmark on one model/layer: plain single-process slice forward vs Ray "
-        "producers, SAE training alone, and end to end vs a plain loop.",
+        "producers, SAE training alone, and end to end vs a plain loop; or (--layers) one run of "
+        "several layers vs one run per layer; or (--search N) an N-trial search vs its N trials as separate runs.",
         json_help="print the figures as JSON",
     )
 
@@ -30,8 +31,14 @@ def run(ns: argparse.Namespace) -> int:
     from saeforge.jobs import bench
 
     args = parse_into(BenchArgs, ns)
+    if not args.layers:
+        bench.check_one_layer(args)
     with summary_only_on_stdout(ns.json):
-        if args.same_work:
+        if args.layers:
+            from saeforge.jobs.layers_bench import run_layers_bench
+
+            figures = run_layers_bench(args)
+        elif args.same_work:
             from saeforge.jobs.same_work import run_same_work
 
             figures = run_same_work(args)

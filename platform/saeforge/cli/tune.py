@@ -41,7 +41,7 @@ def run(ns: argparse.Namespace) -> int:
     )
     for s in summary["searches"]:
         print(
-            f"\n{s['variant']}: {s['trials']} trials ({s['trials_completed']} completed, "
+            f"\n{s['variant']} on {s['hook']}: {s['trials']} trials ({s['trials_completed']} completed, "
             f"{s['trials_early_stopped']} stopped early, {s['trials_failed']} failed) in {s['seconds']:.0f}s; "
             f"parent run {s['parent_run_id']}"
         )

@@ -18,7 +18,9 @@ reader can tell whether the held-out text was enough.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,22 +87,85 @@ def evaluate_core(
 ) -> dict[str, float]:
     """Every core metric of one SAE on held-out contexts ((n, context_size) token ids). With a
     `reference` (`baseline` of the same contexts) the zero-ablated forward is not run again."""
-    variant.eval()
+    (result,) = evaluate_hooks(
+        model,
+        [(variant, hook)],
+        contexts,
+        special_ids,
+        batch_contexts,
+        progress,
+        references={hook: reference} if reference is not None else None,
+    )
+    return result
+
+
+@torch.no_grad()
+def evaluate_hooks(
+    model,
+    saes: Sequence[tuple[variants.Variant, HookPoint]],
+    contexts: np.ndarray,
+    special_ids: list[int],
+    batch_contexts: int = 4,
+    progress=None,
+    references: dict[HookPoint, Baseline] | None = None,
+) -> list[dict[str, float]]:
+    """`evaluate_core` of several SAEs, each at its own hook, on the same held-out contexts (the
+    SAEs of a k-hook run): one clean forward per batch serves them all (every hook's activations
+    and block input are captured in it, and the clean log-probabilities are computed once per
+    chunk of positions), then each SAE's spliced pass and each hook's zero-ablated pass (unless
+    `references` holds that hook's `baseline`) start at their hook's block. Each SAE's figures
+    are the ones `evaluate_core` gives it alone."""
+    references = references or {}
     device = next(model.parameters()).device
-    scale = variant.act_scale.item()
-    per = {k: [] for k in (*PER_CONTEXT, "x_sum")}
-    sums = dict.fromkeys(("l1", "l0", "cos"), 0.0)
-    fire_counts = torch.zeros(variant.cfg.d_sae)
-    corr_rows: list[torch.Tensor] = []
-    diag_sums: dict[str, float] = {}
-    n_batches = 0
+    tallies = [_SaeTally(variant) for variant, _ in saes]
+    hooks = list(dict.fromkeys(hook for _, hook in saes))
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
-        scored = real[:, :-1]  # predictions made at real tokens (entry i predicts token i + 1)
-        with capture(model, [hook]) as captured, block_input(model, hook.layer) as entering:
+        with contextlib.ExitStack() as stack:
+            captured = stack.enter_context(capture(model, hooks))
+            entering = {n: stack.enter_context(block_input(model, n)) for n in dict.fromkeys(h.layer for h in hooks)}
             clean_hidden = final_hidden(model, ids)
-        acts = captured[hook.name].float()
+        passes = {}
+        for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
+            acts = captured[hook.name].float()
+            recon = tally.add(acts, real).to(device=device, dtype=acts.dtype)  # real-token rows, raw units
+
+            def spliced(out, recon=recon, real=real):
+                out = out.clone()
+                out[real] = recon.to(out.dtype)
+                return out
+
+            passes[f"sae#{i}"] = (hook, entering[hook.layer]["hidden"], spliced)
+        for hook in hooks:
+            if hook not in references:
+                passes[f"zero@{hook.name}"] = (hook, entering[hook.layer]["hidden"], torch.zeros_like)
+        losses = _losses(model, ids, real, clean_hidden, passes)
+        targets = real[:, :-1].sum(1).double().cpu()  # predictions made at real tokens (entry i predicts i + 1)
+        for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
+            tally.add_losses(targets, losses, f"sae#{i}", None if hook in references else f"zero@{hook.name}")
+        if progress:
+            progress(min(start + batch_contexts, len(contexts)), len(contexts))
+    return [tally.result(references.get(hook)) for tally, (_, hook) in zip(tallies, saes)]
+
+
+class _SaeTally:
+    """One SAE's sums over the evaluation's batches (per context where a standard error needs them)."""
+
+    def __init__(self, variant: variants.Variant):
+        self.variant = variant.eval()
+        self.scale = variant.act_scale.item()
+        self.per = {k: [] for k in (*PER_CONTEXT, "x_sum")}
+        self.sums = dict.fromkeys(("l1", "l0", "cos"), 0.0)
+        self.fire_counts = torch.zeros(variant.cfg.d_sae)
+        self.corr_rows: list[torch.Tensor] = []
+        self.diag_sums: dict[str, float] = {}
+        self.n_batches = 0
+
+    def add(self, acts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Tally the SAE on one batch's activations at its hook; returns its reconstruction of
+        the real tokens (rows, raw units) for the spliced pass."""
+        variant, per, scale = self.variant, self.per, self.scale
         x, m = sae_input(variant, acts.cpu(), real.cpu())
         f = variant.encode(x)
         x_hat = variant.decode(f)
@@ -113,75 +178,85 @@ def evaluate_core(
         per["x_sum"].append(
             torch.zeros(len(counts), xr.shape[-1], dtype=torch.float64).index_add_(0, owner, xr.double())
         )
-        sums["l1"] += fr.abs().sum().item()
-        sums["l0"] += (fr > 0).sum().item()
-        sums["cos"] += F.cosine_similarity(xr, xh, dim=-1).sum().item()
-        fire_counts += (fr > 0).sum(0).float()
-        if sum(len(r) for r in corr_rows) < MAX_CORR_ROWS:
-            corr_rows.append(fr)
+        self.sums["l1"] += fr.abs().sum().item()
+        self.sums["l0"] += (fr > 0).sum().item()
+        self.sums["cos"] += F.cosine_similarity(xr, xh, dim=-1).sum().item()
+        self.fire_counts += (fr > 0).sum(0).float()
+        if sum(len(r) for r in self.corr_rows) < MAX_CORR_ROWS:
+            self.corr_rows.append(fr)
         for k, v in variant.diagnostics(x, m).items():
-            diag_sums[k] = diag_sums.get(k, 0.0) + v
-        n_batches += 1
+            self.diag_sums[k] = self.diag_sums.get(k, 0.0) + v
+        self.n_batches += 1
+        return xh
 
-        recon = xh.to(device=device, dtype=acts.dtype)  # real-token rows, raw units
+    def add_losses(self, targets: torch.Tensor, losses: dict, sae_tag: str, zero_tag: str | None) -> None:
+        self.per["ce_targets"].append(targets)
+        self.per["ce_clean"].append(losses["ce_clean"])
+        self.per["ce_sae"].append(losses[f"ce_{sae_tag}"])
+        self.per["kl_sae"].append(losses[f"kl_{sae_tag}"])
+        if zero_tag is not None:
+            self.per["ce_zero"].append(losses[f"ce_{zero_tag}"])
+            self.per["kl_zero"].append(losses[f"kl_{zero_tag}"])
 
-        def spliced(out, recon=recon, real=real):
-            out = out.clone()
-            out[real] = recon.to(out.dtype)
-            return out
-
-        patches = {"sae": spliced, **({} if reference is not None else {"zero": torch.zeros_like})}
-        per["ce_targets"].append(scored.sum(1).double().cpu())
-        for key, value in _losses(model, hook, ids, real, clean_hidden, entering["hidden"], patches).items():
-            per[key].append(value)
-        if progress:
-            progress(min(start + batch_contexts, len(contexts)), len(contexts))
-
-    if reference is not None:
-        per["ce_zero"], per["kl_zero"] = [torch.from_numpy(reference.ce_zero)], [torch.from_numpy(reference.kl_zero)]
-    per_context = {k: torch.cat(v).double().numpy() for k, v in per.items()}
-    pooled = {k: v.sum(0) for k, v in per_context.items()}
-    n_tokens, n_targets = pooled["tokens"], pooled["ce_targets"]
-    ce_clean, ce_sae, ce_zero = (pooled[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
-    result = {
-        "mse": pooled["resid_sq"] / n_tokens,
-        "explained_variance": _explained_variance(pooled),
-        "explained_variance_stderr": bootstrap_stderr(per_context, _explained_variance),
-        "cossim": sums["cos"] / n_tokens,
-        "l0": sums["l0"] / n_tokens,
-        "l1": sums["l1"] / n_tokens,
-        "dead_fraction": (fire_counts == 0).float().mean().item(),  # never fired on this evaluation text
-        "dense_fraction": (fire_counts / n_tokens > metrics.DENSE_FIRING_RATE).float().mean().item(),
-        "ce_loss_clean": ce_clean,
-        "ce_loss_sae": ce_sae,
-        "ce_loss_zero": ce_zero,
-        "ce_loss_recovered": _ce_recovered(pooled),
-        "ce_loss_recovered_stderr": bootstrap_stderr(per_context, _ce_recovered),
-        "kl_div_sae": pooled["kl_sae"] / n_tokens,
-        "kl_div_zero": pooled["kl_zero"] / n_tokens,
-        "eval_tokens": float(n_tokens),
-        "eval_contexts": float(len(contexts)),
-    }
-    result["mean_abs_corr"] = mean_abs_correlation(torch.cat(corr_rows)[:MAX_CORR_ROWS])
-    result.update(metrics.decoder_cosine_stats(variant.decoder_directions().detach()))
-    result.update({f"diag/{k}": v / n_batches for k, v in diag_sums.items()})
-    return result
+    def result(self, reference: Baseline | None) -> dict[str, float]:
+        per, sums, variant = dict(self.per), self.sums, self.variant
+        if reference is not None:
+            per["ce_zero"] = [torch.from_numpy(reference.ce_zero)]
+            per["kl_zero"] = [torch.from_numpy(reference.kl_zero)]
+        per_context = {k: torch.cat(v).double().numpy() for k, v in per.items()}
+        pooled = {k: v.sum(0) for k, v in per_context.items()}
+        n_tokens, n_targets = pooled["tokens"], pooled["ce_targets"]
+        ce_clean, ce_sae, ce_zero = (pooled[k] / n_targets for k in ("ce_clean", "ce_sae", "ce_zero"))
+        result = {
+            "mse": pooled["resid_sq"] / n_tokens,
+            "explained_variance": _explained_variance(pooled),
+            "explained_variance_stderr": bootstrap_stderr(per_context, _explained_variance),
+            "cossim": sums["cos"] / n_tokens,
+            "l0": sums["l0"] / n_tokens,
+            "l1": sums["l1"] / n_tokens,
+            "dead_fraction": (self.fire_counts == 0).float().mean().item(),  # never fired on this evaluation text
+            "dense_fraction": (self.fire_counts / n_tokens > metrics.DENSE_FIRING_RATE).float().mean().item(),
+            "ce_loss_clean": ce_clean,
+            "ce_loss_sae": ce_sae,
+            "ce_loss_zero": ce_zero,
+            "ce_loss_recovered": _ce_recovered(pooled),
+            "ce_loss_recovered_stderr": bootstrap_stderr(per_context, _ce_recovered),
+            "kl_div_sae": pooled["kl_sae"] / n_tokens,
+            "kl_div_zero": pooled["kl_zero"] / n_tokens,
+            "eval_tokens": float(n_tokens),
+            "eval_contexts": float(len(per_context["tokens"])),
+        }
+        result["mean_abs_corr"] = mean_abs_correlation(torch.cat(self.corr_rows)[:MAX_CORR_ROWS])
+        result.update(metrics.decoder_cosine_stats(variant.decoder_directions().detach()))
+        result.update({f"diag/{k}": v / self.n_batches for k, v in self.diag_sums.items()})
+        return result
 
 
 @torch.no_grad()
 def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4) -> Baseline:
     """The SAE-independent part of the evaluation of these contexts (the zero ablation)."""
+    return baselines(model, [hook], contexts, special_ids, batch_contexts)[hook]
+
+
+@torch.no_grad()
+def baselines(
+    model, hooks: Sequence[HookPoint], contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4
+) -> dict[HookPoint, Baseline]:
+    """`baseline` of several hooks, from one clean forward per batch."""
     device = next(model.parameters()).device
-    ce_zero, kl_zero = [], []
+    ce_zero, kl_zero = {h: [] for h in hooks}, {h: [] for h in hooks}
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)
-        with block_input(model, hook.layer) as entering:
+        with contextlib.ExitStack() as stack:
+            entering = {n: stack.enter_context(block_input(model, n)) for n in dict.fromkeys(h.layer for h in hooks)}
             clean_hidden = final_hidden(model, ids)
-        losses = _losses(model, hook, ids, real, clean_hidden, entering["hidden"], {"zero": torch.zeros_like})
-        ce_zero.append(losses["ce_zero"])
-        kl_zero.append(losses["kl_zero"])
-    return Baseline(torch.cat(ce_zero).numpy(), torch.cat(kl_zero).numpy())
+        passes = {h: (h, entering[h.layer]["hidden"], torch.zeros_like) for h in hooks}
+        losses = _losses(model, ids, real, clean_hidden, {f"zero@{h.name}": p for h, p in passes.items()})
+        for h in hooks:
+            ce_zero[h].append(losses[f"ce_zero@{h.name}"])
+            kl_zero[h].append(losses[f"kl_zero@{h.name}"])
+    return {h: Baseline(torch.cat(ce_zero[h]).numpy(), torch.cat(kl_zero[h]).numpy()) for h in hooks}
 
 
 def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:
@@ -199,22 +274,24 @@ def head_log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
     return F.log_softmax(logits, dim=-1)
 
 
-def _losses(model, hook: HookPoint, ids, real, clean_hidden, entering, patches: dict) -> dict[str, torch.Tensor]:
+def _losses(model, ids, real, clean_hidden, passes: dict) -> dict[str, torch.Tensor]:
     """Per context, summed over its real positions: the next-token CE of the clean model and of
-    each patched one (`patches`: tag -> function replacing the hook's output; the last column
-    predicts nothing and is not scored), and KL(clean || patched).
+    each patched one (`passes`: tag -> (hook, the hidden states entering its block, a function
+    replacing the hook's output); the last column predicts nothing and is not scored), and
+    KL(clean || patched).
 
-    A patched pass starts at the hook's block from `entering`, the hidden states the clean pass
-    fed it: the blocks before the hook are the same in every pass (for layer 6 of Gemma 3 270M's
-    18, each patched pass skips 6 of its 18 blocks).
+    A patched pass starts at the hook's block from the hidden states the clean pass fed it: the
+    blocks before the hook are the same in every pass (for layer 6 of Gemma 3 270M's 18, each
+    patched pass skips 6 of its 18 blocks).
 
-    The LM head runs on HEAD_ROWS positions at a time: a (rows, vocab) tensor for all positions
-    of a batch is about 0.5 GB with Gemma's 262k-token vocabulary, and allocating and freeing
-    such tensors (each one freshly page-faulted) cost more than the matmul. Chunks too small are
-    slow the other way: each reads the whole 0.67 GB head matrix, so 16 rows ran the LM head
-    about 3.5x slower than 128 (512 positions, 2 threads, best of four: 15.1 s vs 4.1 s)."""
+    The LM head runs on HEAD_ROWS positions at a time, the clean log-probabilities once per chunk
+    for every pass: a (rows, vocab) tensor for all positions of a batch is about 0.5 GB with
+    Gemma's 262k-token vocabulary, and allocating and freeing such tensors (each one freshly
+    page-faulted) cost more than the matmul. Chunks too small are slow the other way: each reads
+    the whole 0.67 GB head matrix, so 16 rows ran the LM head about 3.5x slower than 128 (512
+    positions, 2 threads, best of four: 15.1 s vs 4.1 s)."""
     hidden = {"clean": clean_hidden[real]}
-    for tag, fn in patches.items():
+    for tag, (hook, entering, fn) in passes.items():
         with replace(model, hook, fn), skip_blocks_before(model, hook.layer, entering):
             hidden[tag] = final_hidden(model, ids)[real]
     targets = torch.full_like(ids, -100)
@@ -223,7 +300,7 @@ def _losses(model, hook: HookPoint, ids, real, clean_hidden, entering, patches: 
     scored = targets != -100
     safe = targets.clamp(min=0).unsqueeze(1)
     out = {f"ce_{tag}": torch.zeros(len(targets), dtype=torch.float64) for tag in hidden}
-    out.update({f"kl_{tag}": torch.zeros(len(targets), dtype=torch.float64) for tag in patches})
+    out.update({f"kl_{tag}": torch.zeros(len(targets), dtype=torch.float64) for tag in passes})
     for s in range(0, len(targets), HEAD_ROWS):
         rows = slice(s, s + HEAD_ROWS)
         logp_clean = head_log_probs(model, hidden["clean"][rows])

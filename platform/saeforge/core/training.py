@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -120,11 +120,27 @@ def start_fresh(
     broadcasts rank 0's start to every rank."""
     batches = iter(batches)
     first = next(batches)
-    acts, mask = first[0], first[1]
+    _start_from(variant, first[0], first[1], average)
+    return itertools.chain([first], batches)
+
+
+@torch.no_grad()
+def start_fresh_side_by_side(
+    saes: Sequence[Variant], batches: Iterable[tuple[Sequence[Tensor], Tensor]], average=lambda v: v
+) -> Iterator[tuple[Sequence[Tensor], Tensor]]:
+    """`start_fresh` for SAEs trained side by side (`train_side_by_side`): each from its own
+    activations in the first batch."""
+    batches = iter(batches)
+    first = next(batches)
+    for variant, acts in zip(saes, first[0], strict=True):
+        _start_from(variant, acts, first[1], average)
+    return itertools.chain([first], batches)
+
+
+def _start_from(variant: Variant, acts: Tensor, mask: Tensor, average: Callable[[float], float]) -> None:
     variant.act_scale.fill_(average(estimate_act_scale(acts, mask)))
     x, m = sae_input(variant, acts, mask)
     variant.init_from_data(real_rows(x, m))
-    return itertools.chain([first], batches)
 
 
 def train_loop(
@@ -144,67 +160,131 @@ def train_loop(
     `on_log` gets averaged loss terms and shared metrics every
     `log_every` steps; `on_checkpoint` the loop state every `checkpoint_every` steps and once at the
     end. `sum_over_workers` turns this rank's counts (tokens, context tally) into the global ones
-    (data parallelism: one all-reduce per step).
+    (data parallelism: one all-reduce per step). One SAE of `train_side_by_side`.
     """
-    variant: Variant = getattr(model, "module", model)
-    state = state or LoopState()
-    total_steps = settings.total_steps
-    variant.begin_run(total_steps)
-    optimizer = make_optimizer(variant)
-    warmup = effective_warmup(variant, total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total_steps, variant.cfg.lr_schedule)
+    (final,) = train_side_by_side(
+        [model],
+        (((acts,), mask, *ids) for acts, mask, *ids in batches),
+        settings,
+        states=[state or LoopState()],
+        on_log=on_log and (lambda step, values: on_log(step, values[0])),
+        on_checkpoint=on_checkpoint and (lambda snapshots: on_checkpoint(snapshots[0])),
+        sum_over_workers=sum_over_workers,
     )
-    if state.optimizer:
-        optimizer.load_state_dict(state.optimizer)
-        scheduler.load_state_dict(state.scheduler)
-    window = metrics.RunningMeans()
-    window_start, window_tokens = time.perf_counter(), 0
-    model.train()
-    for acts, mask, *ids in batches:
-        if state.step >= total_steps:
-            break
-        x, m = sae_input(variant, acts, mask)
-        out = model(x, state.step, m)
-        if not torch.isfinite(out.total):
-            raise FloatingPointError(f"loss is {out.total.item()} at step {state.step}")
-        optimizer.zero_grad(set_to_none=True)
-        out.total.backward()
-        if variant.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(variant.parameters(), variant.cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        variant.after_step(state.step)
-        n_tokens, *tally = sum_over_workers([int(mask.sum()), *(ContextTally.of_step(ids[0]) if ids else [])])
-        if tally:
-            state.contexts.update(tally)
-        state.step += 1
-        state.tokens_seen += n_tokens
-        window_tokens += n_tokens
-        window.add({"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}})
-        window.add(metrics.batch_metrics(x, out.recon, out.latents, m))
-        if on_log and (state.step % settings.log_every == 0 or state.step == total_steps):
-            elapsed = time.perf_counter() - window_start
-            logged = window.means()
-            logged.update(metrics.periodic_metrics(variant, x, out.latents, m))
-            logged.update(
-                tokens_seen=state.tokens_seen,
-                lr=scheduler.get_last_lr()[0],
-                tokens_per_s=window_tokens / max(elapsed, 1e-9),
-                dead_fraction=metrics.dead_fraction(variant.tokens_since_fired, state.tokens_seen),
-            )
-            on_log(state.step, logged)
-            window = metrics.RunningMeans()
-            window_start, window_tokens = time.perf_counter(), 0
-        if on_checkpoint and settings.checkpoint_every and state.step % settings.checkpoint_every == 0:
-            on_checkpoint(_snapshot(state, optimizer, scheduler))
-    final = _snapshot(state, optimizer, scheduler)
-    if on_checkpoint and not (settings.checkpoint_every and state.step % settings.checkpoint_every == 0):
-        on_checkpoint(final)
     return final
 
 
-def _snapshot(state: LoopState, optimizer, scheduler) -> LoopState:
-    return LoopState(
-        state.step, state.tokens_seen, optimizer.state_dict(), scheduler.state_dict(), replace(state.contexts)
-    )
+class _OneSae:
+    """One SAE of a side-by-side loop: its optimiser, schedule, loop state and metric window."""
+
+    def __init__(self, model: torch.nn.Module, state: LoopState, total_steps: int):
+        self.model, self.state = model, state
+        self.variant: Variant = getattr(model, "module", model)
+        self.variant.begin_run(total_steps)
+        self.optimizer = make_optimizer(self.variant)
+        warmup = effective_warmup(self.variant, total_steps)
+        schedule = self.variant.cfg.lr_schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, total_steps, schedule)
+        )
+        if state.optimizer:
+            self.optimizer.load_state_dict(state.optimizer)
+            self.scheduler.load_state_dict(state.scheduler)
+        self.window = metrics.RunningMeans()
+        self.last: tuple[Tensor, Tensor, Tensor | None] | None = None  # (x, latents, mask) of the last step
+
+    def step(self, acts: Tensor, mask: Tensor, step: int) -> None:
+        """One optimiser step on this SAE's activations of the step's contexts."""
+        variant = self.variant
+        x, m = sae_input(variant, acts, mask)
+        out = self.model(x, step, m)
+        if not torch.isfinite(out.total):
+            raise FloatingPointError(f"loss is {out.total.item()} at step {step}")
+        self.optimizer.zero_grad(set_to_none=True)
+        out.total.backward()
+        if variant.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(variant.parameters(), variant.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        variant.after_step(step)
+        self.window.add({"loss": out.total, **{f"loss/{k}": v for k, v in out.terms.items()}})
+        self.window.add(metrics.batch_metrics(x, out.recon, out.latents, m))
+        self.last = (x, out.latents, m)
+
+    def logged(self, tokens_per_s: float) -> dict[str, float]:
+        """The window's means and the periodic metrics; starts a new window."""
+        x, latents, m = self.last
+        values = self.window.means()
+        values.update(metrics.periodic_metrics(self.variant, x, latents, m))
+        values.update(
+            tokens_seen=self.state.tokens_seen,
+            lr=self.scheduler.get_last_lr()[0],
+            tokens_per_s=tokens_per_s,
+            dead_fraction=metrics.dead_fraction(self.variant.tokens_since_fired, self.state.tokens_seen),
+        )
+        self.window = metrics.RunningMeans()
+        return values
+
+    def snapshot(self) -> LoopState:
+        s = self.state
+        return LoopState(
+            s.step, s.tokens_seen, self.optimizer.state_dict(), self.scheduler.state_dict(), replace(s.contexts)
+        )
+
+
+def train_side_by_side(
+    models: Sequence[torch.nn.Module],
+    batches: Iterable[tuple],
+    settings: LoopSettings,
+    *,
+    states: Sequence[LoopState] | None = None,
+    on_log: Callable[[int, list[dict[str, float]]], None] | None = None,
+    on_checkpoint: Callable[[list[LoopState]], None] | None = None,
+    sum_over_workers: Callable[[list[int]], list[int]] = lambda values: values,
+) -> list[LoopState]:
+    """Train k SAEs on the same steps, each on its own activations of the step's contexts: batches
+    are (one raw activation tensor per SAE, mask[, context ids]), e.g. the k hooks of one model
+    pass. Each SAE keeps its own optimiser, schedule and loop state and trains exactly as
+    `train_loop` would train it alone on its activations (same steps, same order); the SAEs take
+    their steps one after another and share one all-reduce of the step's counts.
+
+    `on_log` gets every SAE's values (a list, in order) on the log steps, `on_checkpoint` every
+    SAE's loop state on the checkpoint steps and at the end (one checkpoint holds them all).
+    """
+    states = list(states or [LoopState() for _ in models])
+    total_steps = settings.total_steps
+    saes = [_OneSae(model, state, total_steps) for model, state in zip(models, states, strict=True)]
+    step = saes[0].state.step
+    if any(s.state.step != step for s in saes):
+        raise ValueError(f"SAEs trained side by side are at different steps: {[s.state.step for s in saes]}")
+    window_start, window_tokens = time.perf_counter(), 0
+    for model in models:
+        model.train()
+    for acts, mask, *ids in batches:
+        if step >= total_steps:
+            break
+        for i, (sae, sae_acts) in enumerate(zip(saes, acts, strict=True)):
+            try:
+                sae.step(sae_acts, mask, step)
+            except FloatingPointError as err:
+                if len(saes) == 1:
+                    raise
+                raise FloatingPointError(f"{err} (SAE {i + 1} of {len(saes)})") from None
+        n_tokens, *tally = sum_over_workers([int(mask.sum()), *(ContextTally.of_step(ids[0]) if ids else [])])
+        step += 1
+        for sae in saes:
+            if tally:
+                sae.state.contexts.update(tally)
+            sae.state.step = step
+            sae.state.tokens_seen += n_tokens
+        window_tokens += n_tokens
+        if on_log and (step % settings.log_every == 0 or step == total_steps):
+            rate = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            on_log(step, [sae.logged(rate) for sae in saes])
+            window_start, window_tokens = time.perf_counter(), 0
+        if on_checkpoint and settings.checkpoint_every and step % settings.checkpoint_every == 0:
+            on_checkpoint([sae.snapshot() for sae in saes])
+    final = [sae.snapshot() for sae in saes]
+    if on_checkpoint and not (settings.checkpoint_every and step % settings.checkpoint_every == 0):
+        on_checkpoint(final)
+    return final

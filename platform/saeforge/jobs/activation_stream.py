@@ -62,6 +62,13 @@ def forward_counter():
     return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
 
 
+def forwards(counter) -> tuple[int, int]:
+    """(producer forwards, contexts forwarded) the `forward_counter` has counted so far."""
+    import ray
+
+    return tuple(ray.get(counter.read.remote()))
+
+
 class ActivationProducer:
     """Ray Data actor class: loads the model slice once, then maps token contexts to activations
     (counting its forwards in the named counter actor when `count` is set; `inject_exit`: the
@@ -238,7 +245,16 @@ def step_batches(
     train the same contexts at step t as one worker would, whatever the producers, restarts or
     `--resume` (`worker_dataset` lays the stream out so). Every batch is checked against that:
     a stream out of order fails the run at once rather than training some contexts twice."""
-    column, c = spec.hooks[0].name, spec.contexts_per_worker
+    for acts, mask, ids in hook_step_batches(shard, spec, device, skip_steps, rank):
+        yield acts[0], mask, ids
+
+
+def hook_step_batches(
+    shard, spec: StreamSpec, device: str | torch.device = "cpu", skip_steps: int = 0, rank: int = 0
+) -> Iterator[tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]]:
+    """`step_batches` with the activations of every hook of the spec, in its order (the SAEs of a
+    k-hook run train side by side on them: `core.training.train_side_by_side`)."""
+    columns, c = [hook.name for hook in spec.hooks], spec.contexts_per_worker
     first_id = spec.first_step * spec.contexts_per_step
     batches = shard.iter_torch_batches(batch_size=c, drop_last=True, device=device)
     for step, batch in enumerate(itertools.islice(batches, skip_steps, None), skip_steps):
@@ -249,7 +265,7 @@ def step_batches(
                 f"the activation stream is out of order: worker {rank} got contexts {ids.tolist()} for step "
                 f"{spec.first_step + step}, where contexts {start}..{start + c - 1} belong"
             )
-        yield batch[column], batch[MASK_COLUMN].bool(), ids
+        yield tuple(batch[column] for column in columns), batch[MASK_COLUMN].bool(), ids
 
 
 def worker_dataset(dataset, spec: StreamSpec):

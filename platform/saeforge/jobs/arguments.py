@@ -46,7 +46,12 @@ class SourceArgs:
         "'gemma-3-270m' (packaged, default), 'tiny' / 'tiny-gemma2' (random, for tests), "
         "a Hugging Face id (e.g. google/gemma-2-2b) or a local model folder",
     )
-    layer: str = opt("6", "layer whose output is hooked (default %(default)s)", metavar="LAYER")
+    layer: str = opt(
+        "6",
+        "layer whose output is hooked (default %(default)s); train and tune take a comma-separated list "
+        "(e.g. 3,6,9): one model pass, one SAE per layer",
+        metavar="LAYER[,LAYER...]",
+    )
     site: str = opt("resid_post", "what to read at that layer (default %(default)s)", choices=tuple(SITES))
     dataset: str = opt(
         BUILTIN,
@@ -296,7 +301,14 @@ class BenchArgs:
         "instead: a plain single-process loop and `saeforge train` on the same work (--variant, "
         "--tokens, --d-sae, --eval-contexts), each a fresh process timed whole, --rounds times",
     )
-    rounds: int = opt(2, "rounds of --same-work (default %(default)s)", minimum=1)
+    layers: str = opt(
+        "",
+        "instead: `saeforge train --layer LAYERS` (one model pass, one SAE per layer) and one `saeforge train` "
+        "per layer on the same work (--variant, --tokens, --d-sae, --eval-contexts), each a fresh process timed "
+        "whole, --rounds times; prints the ratio of wall times",
+        metavar="A,B,...",
+    )
+    rounds: int = opt(2, "rounds of --same-work and --layers (default %(default)s)", minimum=1)
     search: int = opt(
         0,
         "instead: an N-trial `saeforge tune` of --variant (its tune space, FIFO) against the same N trials "
@@ -361,8 +373,8 @@ def pairs_dict(pairs, what: str = "NAME=VALUE") -> dict[str, Any]:
     if isinstance(pairs, dict):
         return dict(pairs)
     out = {}
-    for item in pairs:
-        name, value = item if isinstance(item, tuple) else split_pair(item, what)
+    for item in pairs:  # a pair is a tuple, or a list when read back from JSON (a checkpoint's run.json)
+        name, value = item if isinstance(item, (tuple, list)) else split_pair(item, what)
         out[name] = value
     return out
 

@@ -12,18 +12,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from saeforge.core.corpus import valid_mask
 from saeforge.core.training import make_optimizer, start_fresh, train_loop
+from saeforge.errors import UserError
 from saeforge.jobs.activation_stream import BATCH_CONTEXTS, MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.arguments import BenchArgs, TrainArgs
 from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
 from saeforge.jobs.train import run_train, train_on_ray
-from saeforge.jobs.validate import plan_train
+from saeforge.jobs.validate import hook_points, plan_train
 
 
 def _say(text: str) -> None:
@@ -60,6 +62,14 @@ def _train_tokens_per_s(plan: RunPlan, batches) -> float:
     start = time.perf_counter()
     state = train_loop(variant, start_fresh(variant, batches), dataclasses.replace(plan.loop, log_every=10**9))
     return state.tokens_seen / (time.perf_counter() - start)
+
+
+def check_one_layer(args: BenchArgs) -> None:
+    """Every mode but --layers measures one layer: a list in --layer is one line, exit 2."""
+    if len(hook_points(SimpleNamespace(layer=args.layer, site="resid_post"))) > 1:
+        raise UserError(
+            f"--layer {args.layer}: this bench reads one layer (--layers {args.layer} compares a run of them all)"
+        )
 
 
 def run_bench(args: BenchArgs) -> dict:

@@ -4,6 +4,10 @@ to resume from.
 run.json holds the run's validated arguments, its MLflow run id, its plan length and its
 progress, so `--resume PATH` rebuilds the same run and logs into the same MLflow run.
 
+A run of k hooks (one model pass, k SAEs) keeps each SAE and its loop state in a subfolder named
+by its hook (`blocks.3.hook_resid_post/sae`, `.../loop_state.pt`), beside the one run.json and
+complete.json (which lists the hooks); a one-hook checkpoint keeps them at the top, as always.
+
 A checkpoint is written into a staging folder and renamed into place (`sae_files.replace_folder`),
 and its last file is complete.json: every other file's path and size. Ray Train copies the folder
 into the run's storage afterwards, in no order saeforge controls, so a copy cut short (the driver
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -34,51 +39,90 @@ COMPLETE_FILE = "complete.json"  # written last: {"files": {relative path: size 
 
 def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, meta: SaeMeta, info: dict) -> None:
     """Write the checkpoint `folder` atomically (an existing one survives a crash at any point)."""
+    save_hooks_checkpoint(folder, [(variant, state, meta)], info)
+
+
+def save_hooks_checkpoint(
+    folder: Path, saes: Sequence[tuple[variants.Variant, LoopState, SaeMeta]], info: dict
+) -> None:
+    """Write the checkpoint of SAEs trained side by side, one per hook (`meta.hook_name`), at
+    the same step, atomically. One SAE: the one-hook layout."""
     folder = Path(folder)
     staging = sae_files.staging_folder(folder)
+    names = [meta.hook_name for _, _, meta in saes]
+    state = saes[0][1]  # the step, tokens and contexts are the same for every SAE
     try:
-        sae_files.save_sae(variant, staging / SAE_DIR, meta)
-        torch.save(
-            {
-                "step": state.step,
-                "tokens_seen": state.tokens_seen,
-                "optimizer": state.optimizer,
-                "scheduler": state.scheduler,
-                **state.contexts.as_dict(),
-            },
-            staging / LOOP_STATE_FILE,
-        )
+        for (variant, sae_state, meta), sub in zip(saes, hook_folders(names), strict=True):
+            sae_files.save_sae(variant, staging / sub / SAE_DIR, meta)
+            torch.save(
+                {
+                    "step": sae_state.step,
+                    "tokens_seen": sae_state.tokens_seen,
+                    "optimizer": sae_state.optimizer,
+                    "scheduler": sae_state.scheduler,
+                    **sae_state.contexts.as_dict(),
+                },
+                staging / sub / LOOP_STATE_FILE,
+            )
         progress = {"step": state.step, "tokens_seen": state.tokens_seen, **state.contexts.as_dict()}
         (staging / RUN_INFO_FILE).write_text(json.dumps({**info, **progress}))
         files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
-        (staging / COMPLETE_FILE).write_text(json.dumps({"files": files, **progress}))
+        hooks = {"hooks": names} if len(names) > 1 else {}
+        (staging / COMPLETE_FILE).write_text(json.dumps({"files": files, **hooks, **progress}))
         sae_files.replace_folder(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # gone already unless something failed
 
 
+def hook_folders(hook_names: Sequence[str]) -> list[str]:
+    """Where each hook's SAE and loop state sit in a checkpoint: at the top for one hook, else in
+    a subfolder named by the hook."""
+    return [""] if len(hook_names) == 1 else list(hook_names)
+
+
 def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState]:
+    (loaded,) = load_hooks_checkpoint(folder, [""])
+    return loaded
+
+
+def load_hooks_checkpoint(folder: str | Path, hook_names: Sequence[str]) -> list[tuple[variants.Variant, LoopState]]:
+    """Each hook's (SAE, loop state) from a checkpoint, in the order of `hook_names`."""
     folder = sae_files.readable_folder(folder)
-    variant, _ = sae_files.load_sae(folder / SAE_DIR)
-    raw = torch.load(folder / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
-    state = LoopState(raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"], ContextTally.from_dict(raw))
-    return variant, state
+    loaded = []
+    for sub in hook_folders(hook_names):
+        variant, _ = sae_files.load_sae(folder / sub / SAE_DIR)
+        raw = torch.load(folder / sub / LOOP_STATE_FILE, weights_only=True, map_location="cpu")
+        state = LoopState(
+            raw["step"], raw["tokens_seen"], raw["optimizer"], raw["scheduler"], ContextTally.from_dict(raw)
+        )
+        loaded.append((variant, state))
+    return loaded
 
 
 def is_checkpoint(folder: str | Path) -> bool:
     """True for a complete checkpoint: complete.json is there and every file it lists has its size."""
     folder = sae_files.readable_folder(folder)
     try:
-        files = json.loads((folder / COMPLETE_FILE).read_text())["files"]
-        required = {LOOP_STATE_FILE, RUN_INFO_FILE, *(f"{SAE_DIR}/{name}" for name in sae_files.SAE_FILES)}
+        complete = json.loads((folder / COMPLETE_FILE).read_text())
+        files = complete["files"]
+        required = {RUN_INFO_FILE}
+        for sub in hook_folders(complete.get("hooks") or [""]):
+            prefix = f"{sub}/" if sub else ""
+            required |= {f"{prefix}{LOOP_STATE_FILE}", *(f"{prefix}{SAE_DIR}/{name}" for name in sae_files.SAE_FILES)}
         return required <= set(files) and all((folder / name).stat().st_size == size for name, size in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
-def run_info(args: TrainArgs, run_id: str, total_steps: int) -> dict:
-    """What run.json records besides the progress."""
-    return {"run_id": run_id, "train_args": asdict(args), "total_steps": total_steps}
+def run_info(args: TrainArgs, run_id: str, total_steps: int, hook_run_ids: dict[str, str] | None = None) -> dict:
+    """What run.json records besides the progress; a run of several hooks adds each hook's
+    MLflow run (`hook_run_ids`, hook name -> run id)."""
+    return {
+        "run_id": run_id,
+        "train_args": asdict(args),
+        "total_steps": total_steps,
+        **({"hook_run_ids": hook_run_ids} if hook_run_ids else {}),
+    }
 
 
 def find_checkpoint(path: str) -> Path:

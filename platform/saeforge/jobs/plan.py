@@ -9,6 +9,7 @@ dataset's input (`corpus_stream`), and holds the few held-out ones.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -106,6 +107,7 @@ class TrackingTarget:
     experiment_id: str = ""
     run_id: str = ""
     registered_model: str = ""
+    hook_run_ids: tuple[str, ...] = ()  # a run of several hooks: each hook's MLflow run, in stream.hooks' order
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,27 @@ class RunPlan:
     @property
     def hook(self) -> HookPoint:
         return self.stream.hooks[0]
+
+    @property
+    def run_ids(self) -> tuple[str, ...]:
+        """The MLflow run of each hook's SAE, in the order of `stream.hooks`."""
+        return self.tracking.hook_run_ids or (self.tracking.run_id,)
+
+    def sae_meta_of(self, hook: HookPoint) -> SaeMeta:
+        """What cfg.json records for the SAE of `hook`."""
+        return dataclasses.replace(self.sae_meta, hook_name=hook.name, hook_layer=hook.layer)
+
+    def for_hook(self, hook: HookPoint) -> RunPlan:
+        """The plan of one hook's SAE alone: its stream reads that hook's column (of a stream that
+        may carry several), its SaeMeta and MLflow run are the hook's."""
+        i = self.stream.hooks.index(hook)
+        run_id = self.tracking.hook_run_ids[i] if self.tracking.hook_run_ids else self.tracking.run_id
+        return dataclasses.replace(
+            self,
+            stream=dataclasses.replace(self.stream, hooks=(hook,)),
+            sae_meta=self.sae_meta_of(hook),
+            tracking=dataclasses.replace(self.tracking, run_id=run_id, hook_run_ids=()),
+        )
 
     def build_variant(self) -> variants.Variant:
         return variants.get(self.variant_name)(self.variant)

@@ -2,9 +2,11 @@
 for every trial.
 
 Validate everything (the shared `validate.plan_train`, the spaces), produce the activations once
-(`shared_activations`), run one Tuner per variant on them (each trial: `trial.run_trial`), then
-judge the trials, log the search to MLflow (a parent run, one child run per trial, the table and
-the plot) and register the best. docs/tuning.md describes the tune-space format, the objective
+(`shared_activations`; with several hooks, `--layer 3,6`, one model pass emits every hook's), run
+one Tuner per variant and hook on them (each trial: `trial.run_trial`, on its hook's column), then
+judge the trials, log the search to MLflow (a parent run in the hook's experiment, one child run
+per trial, the table and the plot) and register the best under the hook's own name.
+docs/tuning.md describes the tune-space format, the objective
 and champion rule, early stopping and the activation cache.
 """
 
@@ -21,6 +23,7 @@ from pathlib import Path
 import variants
 from saeforge.core.batches import step_budget
 from saeforge.core.evaluation import Baseline
+from saeforge.core.hooks import HookPoint
 from saeforge.core.reporting import pareto_front, plot_l0_vs_ce, write_csv
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
@@ -265,7 +268,7 @@ def search_variant(
     report_every, grace, max_t = cadence(args, space, plan)
     plan = dataclasses.replace(plan, loop=LoopSettings(1, log_every=report_every, report_every=report_every))
     l0_max = space.l0_max() or plan.max_l0
-    search_name = f"{args.name or 'tune'}-{space.variant}-{time.strftime('%Y%m%d-%H%M%S')}"
+    search_name = f"{args.name or 'tune'}-{space.variant}-{plan.hook.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = storage_path(args.storage)  # a local folder made absolute, or a URI as given
     objective = (
         "pareto: " + ", ".join(f"{m} {d}" for m, d in zip(space.metrics, space.modes))
@@ -371,6 +374,7 @@ def search_variant(
         mlflow.log_metrics({**{f"trials_{k}": v for k, v in counts.items()}, "search_seconds": seconds})
         summary = {
             "variant": space.variant,
+            "hook": plan.hook.name,
             "parent_run_id": parent.info.run_id,
             "search_name": search_name,
             "params": list(space.params),
@@ -415,15 +419,16 @@ def shared_train_args(args: TuneArgs, space: TuneSpace) -> TrainArgs:
     return TrainArgs(**shared, variant=space.variant, overrides=dict(space.fixed), tokens=args.tokens_per_trial)
 
 
-def search_reference(plan: RunPlan, eval_contexts, progress=print) -> Baseline:
-    """The held-out contexts' zero-ablated losses, computed once (a Ray task with every core)
-    for every trial of every variant's search: they depend on the model, the hook and the text,
-    not on the SAE."""
+def search_references(plan: RunPlan, eval_contexts, progress=print) -> dict[HookPoint, Baseline]:
+    """The held-out contexts' zero-ablated losses at every hook of the plan, computed once (a Ray
+    task with every core, one clean pass for all hooks) for every trial of every search: they
+    depend on the model, the hook and the text, not on the SAE."""
     import ray
 
     progress(f"saeforge: zero-ablated losses of the {len(eval_contexts)} held-out contexts, once for every trial...")
     task = ray.remote(num_cpus=1)(zero_ablation)
-    return ray.get(task.remote(plan.stream.model, plan.hook, eval_contexts, list(plan.stream.special_ids), cores()))
+    hooks = list(plan.stream.hooks)
+    return ray.get(task.remote(plan.stream.model, hooks, eval_contexts, list(plan.stream.special_ids), cores()))
 
 
 def open_search(plan: RunPlan, contexts, args, progress=print) -> tuple[RunPlan, SharedActivations]:
@@ -449,6 +454,15 @@ def open_search(plan: RunPlan, contexts, args, progress=print) -> tuple[RunPlan,
     return plan, shared_activations(plan, contexts, args.activations, progress)
 
 
+def hook_plan(plan: RunPlan, hook: HookPoint) -> RunPlan:
+    """The plan of the searches on one hook of the shared activations: its trials read that hook's
+    column, and the search is recorded in the hook's own experiment."""
+    one = plan.for_hook(hook)
+    name = tracking.experiment_name(plan.stream.model.short_name, hook.name)
+    experiment_id = tracking.ensure_experiment(name, plan.tracking.uri)
+    return dataclasses.replace(one, tracking=dataclasses.replace(one.tracking, experiment_id=experiment_id))
+
+
 def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
     """The whole `saeforge tune`: returns a summary dict (also printed by the CLI)."""
     started = time.time()
@@ -462,19 +476,20 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
         plan, acts = open_search(plan, contexts, args, progress)
         uri, experiment_id = plan.tracking.uri, plan.tracking.experiment_id
         concurrency = trial_concurrency(args)
-        reference = search_reference(plan, contexts.eval, progress)
+        references = search_references(plan, contexts.eval, progress)
         searches = [
             search_variant(
                 space,
-                plan,
+                hook_plan(plan, hook),
                 acts,
                 contexts.eval,
                 args,
                 concurrency=concurrency,
                 progress=progress,
                 verbose=verbose,
-                eval_reference=reference,
+                eval_reference=references[hook],
             )
+            for hook in plan.stream.hooks
             for space in spaces
         ]
     return {

@@ -2,8 +2,9 @@
 object store) or read from an activation cache on disk, and every trial reads them.
 
 The cache is a folder: the stream's rows as parquet under `contexts/` and `manifest.json`,
-written last, which marks it complete and names what it holds (model, hook, context size,
-dataset, contexts); a search asking for anything else is refused with one line.
+written last, which marks it complete and names what it holds (model, hooks, context size,
+dataset, contexts); a search asking for anything else is refused with one line (a search of
+some of its hooks reads it).
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ class SharedActivations:
 
 def cache_identity(plan: RunPlan) -> dict:
     args = plan.args
-    return {"model": args.model, "hook": plan.hook.name, "context_size": args.context_size, "dataset": args.dataset}
+    hooks = [h.name for h in plan.stream.hooks]
+    return {"model": args.model, "hooks": hooks, "context_size": args.context_size, "dataset": args.dataset}
 
 
 def check_cache(path: str, plan: RunPlan) -> dict | None:
     """The manifest of a usable activation cache at `path`, None when there is none yet;
-    UserError when it holds something else."""
+    UserError when it holds something else (or not every hook the search needs)."""
     folder = Path(path).expanduser()
     manifest = folder / CACHE_MANIFEST
     if not manifest.is_file():
@@ -63,9 +65,10 @@ def check_cache(path: str, plan: RunPlan) -> dict | None:
     except (OSError, ValueError):
         raise UserError(f"--activations {path}: {CACHE_MANIFEST} is not readable JSON") from None
     for key, value in cache_identity(plan).items():
-        if info.get(key) != value:
+        held = info.get(key) if key != "hooks" else info.get("hooks") or [info.get("hook")]  # older caches: one hook
+        if (key == "hooks" and not set(value) <= set(held)) or (key != "hooks" and held != value):
             raise UserError(
-                f"--activations {path}: the cache holds {key} {info.get(key)!r}, this search needs "
+                f"--activations {path}: the cache holds {key} {held!r}, this search needs "
                 f"{value!r}; choose another path"
             )
     return info

@@ -31,7 +31,7 @@ from saeforge.jobs import tracking
 from saeforge.jobs.arguments import ClusterArgs, SaeSizeArgs, SourceArgs, StudyArgs, TrainArgs, check_ranges, pairs_dict
 from saeforge.jobs.search import one_line, open_search, trial_concurrency
 from saeforge.jobs.study_trial import CALIBRATION, FINAL, StudyContext, study_trial
-from saeforge.jobs.validate import plan_train, variant_config
+from saeforge.jobs.validate import hook_points, plan_train, variant_config
 
 TRIAL_CPU = 1.0  # one SAE trains (and evaluates) in its trial's own process
 # The suites' sizes in a study unless --eval-set says otherwise: smaller than `saeforge eval`'s so
@@ -91,6 +91,8 @@ def plan_study(args: StudyArgs) -> StudyPlan:
     for name in names:
         if name not in variants.names():
             raise UserError(str(variants.UnknownVariant(name)))
+    if len(hook_points(args)) > 1:
+        raise UserError(f"--layer {args.layer}: a study reads one layer (train and tune take a list)")
     return StudyPlan(
         studies,
         names,

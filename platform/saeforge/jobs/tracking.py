@@ -38,6 +38,7 @@ L0_TAG = "l0"
 TRIAL_TAG = "saeforge.trial_id"
 STATUS_TAG = "saeforge.status"
 VARIANT_TAG = "saeforge.variant"
+HOOK_RUNS_TAG = "saeforge.hook_runs"  # a run of several hooks: JSON {hook: run id} of its sibling runs
 MODEL_NAME = "sae_model"  # the logged pyfunc model's name in a run
 
 
@@ -274,6 +275,15 @@ def promote_if_better(name: str, version: int | str, metrics: dict[str, float], 
         client.set_registered_model_alias(name, CHAMPION, str(version))
     previous = f" (was v{current.version})" if current is not None else ""
     return True, f"{CHAMPION_METRIC} {score:.4f} at L0 {l0:.1f}{previous}"
+
+
+def start_run(uri: str, experiment_id: str, name: str, tags: dict | None = None) -> str:
+    """A new RUNNING run, tagged as `mlflow.start_run` tags one (source, user, ...), but not made
+    the process's active run: a driver holds several at once (one per hook). Returns its id."""
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking.context.registry import resolve_tags
+
+    return MlflowClient(uri).create_run(experiment_id, run_name=name, tags=resolve_tags(tags)).info.run_id
 
 
 def start_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str, tags: dict) -> str:

@@ -7,23 +7,33 @@ TorchTrainer from the shared factory, the core evaluation (and any extra suites)
 checkpoint's SAE on held-out text with the whole model, and the registry: the final SAE is logged
 once, as the registered pyfunc model, and becomes `champion` if it beats the current one.
 
-The MLflow run ends FINISHED, KILLED (Ctrl-C, or SIGTERM: `ray job stop`, a scheduler) or FAILED
+With several hooks (`--layer 3,6,9`) the producers run the model once, to the deepest hook, and
+emit every hook's activations; one worker group trains one SAE per hook side by side on them;
+one clean pass of the evaluation serves every SAE; each SAE is logged in an MLflow run of its
+own, registered under its own name and judged for `champion` on its own. The k runs are siblings,
+not children of a parent run: each sits in its hook's experiment (`saeforge/<model>/<hook>`),
+exactly where a one-hook run of that hook would be, so every run, comparison and champion of a
+hook is found in one place; they share the run's name and each names the others (tag
+`saeforge.hook_runs`).
+
+The MLflow runs end FINISHED, KILLED (Ctrl-C, or SIGTERM: `ray job stop`, a scheduler) or FAILED
 (anything raised), never left RUNNING by a driver that got to say so.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import asdict
 
 from saeforge.core import sae_files
 from saeforge.core.eval_suites.runner import build_context, run_local
-from saeforge.core.evaluation import evaluate_core
+from saeforge.core.evaluation import evaluate_hooks
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
-from saeforge.jobs import progress_board, tracking
-from saeforge.jobs.activation_stream import materialize
+from saeforge.jobs import checkpoints, progress_board, tracking
+from saeforge.jobs.activation_stream import forward_counter, forwards, materialize
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.failures import run_failed
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
@@ -59,13 +69,16 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
 def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
     from saeforge.jobs.corpus_stream import plan_dataset  # imports Ray Data: only once a run starts
 
-    if not plan.resources.produce_first:
-        return fit(make_trainer(plan, plan_dataset(plan, contexts.train), name=name, storage=plan.args.storage))
-    show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
-    started = time.time()
-    dataset, _, _ = materialize(plan_dataset(plan, contexts.train, count=True), len(contexts.train), show)
-    show(f"saeforge: activations ready in {time.time() - started:.0f}s")
-    return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+    counter = forward_counter()  # the producers count their forwards in it (run_train reports them)
+    dataset = plan_dataset(plan, contexts.train, count=True)
+    if plan.resources.produce_first:
+        show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
+        started = time.time()
+        dataset, _, _ = materialize(dataset, len(contexts.train), show)
+        show(f"saeforge: activations ready in {time.time() - started:.0f}s")
+    result = fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
+    del counter  # held until here: a streamed run's producers count into it while the trainer runs
+    return result
 
 
 def activation_bytes(plan: RunPlan, n_contexts: int) -> int:
@@ -73,18 +86,19 @@ def activation_bytes(plan: RunPlan, n_contexts: int) -> int:
     return n_contexts * plan.stream.context_size * plan.variant.d_in * 4 * len(plan.stream.hooks)
 
 
-def log_params(plan: RunPlan) -> None:
-    import mlflow
-
-    mlflow.log_params(
-        {
-            **{k: v for k, v in asdict(plan.args).items() if k != "overrides"},
-            **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
-            "total_steps": plan.loop.total_steps,
-            "contexts_per_step": plan.stream.contexts_per_step,
-            "producer_precision": plan.stream.precision,
-        }
-    )
+def run_params(plan: RunPlan) -> dict:
+    """What a run logs as its params: every argument, every variant config field (`sae.*`), the
+    run's length; a run of several hooks adds the hook whose SAE the MLflow run holds."""
+    params = {
+        **{k: v for k, v in asdict(plan.args).items() if k != "overrides"},
+        **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+        "total_steps": plan.loop.total_steps,
+        "contexts_per_step": plan.stream.contexts_per_step,
+        "producer_precision": plan.stream.precision,
+    }
+    if len(plan.stream.hooks) > 1:
+        params["hooks"] = ",".join(h.name for h in plan.stream.hooks)
+    return params
 
 
 class Phases:
@@ -94,70 +108,114 @@ class Phases:
         self.seconds: dict[str, float] = {}
         self._last = time.time()
 
-    def done(self, phase: str) -> None:
+    def done(self, phase: str) -> float:
+        """End `phase` now (a phase done again, e.g. once per hook, adds up); its seconds this time."""
         now = time.time()
-        self.seconds[phase] = now - self._last
-        self._last = now
+        seconds, self._last = now - self._last, now
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        return seconds
 
 
 def run_train(args: TrainArgs, progress=print) -> dict:
-    """The whole `saeforge train`: returns a summary dict (also printed by the CLI)."""
-    import mlflow
-
+    """The whole `saeforge train`: returns a summary dict (also printed by the CLI). With several
+    hooks (`--layer 3,6,9`) one model pass trains one SAE per hook, each evaluated, logged in an
+    MLflow run of its own (in its hook's experiment, as a one-hook run of that hook would be; the
+    k runs share the run's name) and registered under its own name; the summary lists every
+    hook's result under "hooks" (a one-hook run also has its result at the top, as always)."""
     started = time.time()
     phases = Phases()
     plan, contexts = plan_train(args, progress)
     phases.done("plan")  # the model prepared the first time, the corpus tokenised
-    args = plan.args
-    name = plan.name
+    args, hooks = plan.args, plan.stream.hooks
+    what = (
+        f"{args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name}"
+        if len(hooks) == 1
+        else f"{len(hooks)} {args.variant} SAEs (d_sae {plan.variant.d_sae}), one per hook of "
+        f"{', '.join(h.name for h in hooks)}, from one model pass"
+    )
     progress(
-        f"saeforge: {args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name} of {args.model}, "
-        f"{plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
+        f"saeforge: {what} of {args.model}, {plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
         f"({len(contexts.train)} contexts to train), {args.producers} producer(s) computing in "
         f"{plan.stream.precision}, {args.workers} worker(s)"
     )
     uri = tracking.use_store()
-    experiment_id = tracking.ensure_experiment(
-        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
-    )
+    model_name = plan.stream.model.short_name
+    experiments = [tracking.ensure_experiment(tracking.experiment_name(model_name, h.name), uri) for h in hooks]
     connect_ray(args.address)
     phases.done("ray_start")
-    resumed_run = plan.tracking.run_id or None  # a resumed run goes on logging into its MLflow run
-    run = mlflow.start_run(
-        run_id=resumed_run, experiment_id=None if resumed_run else experiment_id, run_name=None if resumed_run else name
+    run_ids = open_runs(plan, uri, experiments)
+    plan = dataclasses.replace(
+        plan,
+        tracking=TrackingTarget(
+            uri,
+            experiments[0],
+            run_ids[0] if len(hooks) == 1 else "",
+            hook_run_ids=tuple(run_ids) if len(hooks) > 1 else (),
+        ),
     )
     status = "FAILED"
     try:
         with sigterm_interrupts():  # after ray.init, which sets a handler of its own
-            summary = train_evaluate_register(plan, contexts, uri, run, started, progress, phases)
+            summary = train_evaluate_register(plan, contexts, started, progress, phases)
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit):
         status = "KILLED"
         raise
     finally:
-        mlflow.end_run(status)
+        close_runs(uri, run_ids, status)
     seconds = time.time() - started
     return {**summary, "tracking_uri": tracking.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
 
 
-def train_evaluate_register(
-    plan: RunPlan, contexts: Contexts, uri: str, run, started: float, progress, phases: Phases
-) -> dict:
-    """Inside the run's MLflow run: train on Ray, evaluate, log, register, promote."""
-    import mlflow
+def open_runs(plan: RunPlan, uri: str, experiments: list[str]) -> list[str]:
+    """Each hook's MLflow run, RUNNING: a resumed run's own (it goes on logging into them), else
+    new ones named after the run, with their params."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
 
-    args, resumed = plan.args, bool(plan.tracking.run_id)
-    registered = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, args.variant)
+    client = MlflowClient(uri)
+    if plan.tracking.run_id or plan.tracking.hook_run_ids:
+        for run_id in plan.run_ids:
+            client.update_run(run_id, status="RUNNING")
+        return list(plan.run_ids)
+    run_ids = [tracking.start_run(uri, experiment_id, plan.name) for experiment_id in experiments]
+    params = run_params(plan)
+    for run_id in run_ids:
+        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    if len(run_ids) > 1:  # each run names its siblings of the same model pass
+        siblings = json.dumps({h.name: run_id for h, run_id in zip(plan.stream.hooks, run_ids)})
+        for run_id in run_ids:
+            client.set_tag(run_id, tracking.HOOK_RUNS_TAG, siblings)
+    return run_ids
+
+
+def close_runs(uri: str, run_ids: list[str], status: str) -> None:
+    """End the runs still RUNNING (every run when the whole run failed or was killed) with `status`."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if mlflow.active_run() is not None:
+        mlflow.end_run(status)
+    client = MlflowClient(uri)
+    for run_id in run_ids:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, status)
+
+
+def train_evaluate_register(plan: RunPlan, contexts: Contexts, started: float, progress, phases: Phases) -> dict:
+    """Train on Ray, evaluate every hook's SAE (one clean pass for them all), then log, register
+    and promote each in its own MLflow run."""
+    args, hooks = plan.args, plan.stream.hooks
     plan = dataclasses.replace(
         plan,
         resources=plan_resources(
             plan, concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train)))
         ),
-        tracking=TrackingTarget(uri, run.info.experiment_id, run.info.run_id, registered),
     )
-    if not resumed:
-        log_params(plan)
+    counter = forward_counter()  # held while the producers count into it
+    before = forwards(counter)
     result = train_on_ray(plan, contexts, plan.name, show=progress)
+    after = forwards(counter)
     phases.done("train")  # activations and SAE steps, with Ray Train's start-up
     checkpoint = local_checkpoint(result.checkpoint)  # downloaded when --storage is remote
     train_seconds = time.time() - started
@@ -169,49 +227,80 @@ def train_evaluate_register(
             "(training went on; those curve points are missing)"
         )
 
-    sae_folder = checkpoint / SAE_DIR
-    variant, cfg = sae_files.load_sae(sae_folder)
+    folders = [checkpoint / sub for sub in checkpoints.hook_folders([h.name for h in hooks])]
+    saes = [sae_files.load_sae(folder / SAE_DIR) for folder in folders]
     progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
     device, dtype = compute_device()
     model = load_model(plan.stream.model, dtype=dtype, device=device)
-    results = evaluate_core(
+    evaluations = evaluate_hooks(
         model,
-        variant,
-        plan.hook,
+        [(variant, hook) for (variant, _), hook in zip(saes, hooks)],
         contexts.eval,
         list(plan.stream.special_ids),
         progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
     )
-    mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(results).items()})
-    results["dead_fraction_train"] = result.metrics["dead_fraction"]  # silent over the last 50k training tokens
-    mlflow.log_metrics(
-        {
-            "train_seconds": train_seconds,
-            "train_tokens_per_s": train_tokens_per_s,
-            "train/dead_fraction_last_50k": results["dead_fraction_train"],
-        }
-    )
-    mlflow.log_dict(results, "eval/core.json")
     phases.done("evaluate")
+    shared = dict(phases.seconds)  # plan, ray_start, train, evaluate: every hook's
+    train_metrics = {"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s}
+    hook_summaries = []
+    for hook, folder, (variant, cfg), results in zip(hooks, folders, saes, evaluations):
+        silent = result.metrics.get(f"dead_fraction/{hook.name}", result.metrics["dead_fraction"])
+        results["dead_fraction_train"] = silent  # over the last 50k training tokens
+        hook_plan = plan.for_hook(hook)
+        hook_summaries.append(
+            {
+                **log_and_register(hook_plan, folder, variant, cfg, model, results, train_metrics, shared, progress),
+                "train_tokens_per_s": train_tokens_per_s,
+                "mlflow_failures": failures,
+            }
+        )
+        phases.done("register")
+    summary = {
+        "checkpoint": str(checkpoint),
+        "train_tokens_per_s": train_tokens_per_s,
+        "mlflow_failures": failures,
+        "producer_precision": plan.stream.precision,
+        "activations": {"producer_batches": after[0] - before[0], "contexts_forwarded": after[1] - before[1]},
+        "hooks": hook_summaries,
+    }
+    return {**hook_summaries[0], **summary} if len(hooks) == 1 else summary
+
+
+def log_and_register(
+    plan: RunPlan, folder, variant, cfg: dict, model, results: dict, train_metrics: dict, shared: dict, progress
+) -> dict:
+    """One hook's SAE (`plan` is the hook's: `RunPlan.for_hook`) in its MLflow run: its evaluation,
+    any extra suites, the logged and registered model, the champion decision, the phase times;
+    then the run ends FINISHED. Returns the hook's summary."""
+    import mlflow
+
+    started = time.time()
+    hook, run_id = plan.hook, plan.tracking.run_id
+    registered = tracking.registered_model_name(plan.stream.model.short_name, hook.name, plan.variant_name)
+    run = mlflow.start_run(run_id=run_id)
+    eval_metrics = {k: v for k, v in results.items() if k != "dead_fraction_train"}
+    mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(eval_metrics).items()})
+    mlflow.log_metrics({**train_metrics, "train/dead_fraction_last_50k": results["dead_fraction_train"]})
+    mlflow.log_dict(results, "eval/core.json")
     if plan.eval_suites:
-        ctx = build_context(variant, cfg, model, dataset=args.dataset)
+        ctx = build_context(variant, cfg, model, dataset=plan.args.dataset)
         for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
             mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
             mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
+    sae_folder = folder / SAE_DIR
     version = tracking.log_and_register(sae_folder, registered)
     moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
-    phases.done("register")
-    mlflow.log_metrics({f"time/{k}_s": v for k, v in phases.seconds.items()})
+    mlflow.log_metrics({f"time/{k}_s": v for k, v in {**shared, "register": time.time() - started}.items()})
+    mlflow.end_run("FINISHED")
     return {
-        "run_id": run.info.run_id,
+        "hook": hook.name,
+        "run_id": run_id,
         "experiment_id": run.info.experiment_id,
         "registered_model": registered,
         "version": version,
         "champion": moved,
         "champion_reason": reason,
-        "checkpoint": str(checkpoint),
+        "checkpoint": str(folder),
         "metrics": results,
-        "train_tokens_per_s": train_tokens_per_s,
-        "mlflow_failures": failures,
         "producer_precision": plan.stream.precision,
     }

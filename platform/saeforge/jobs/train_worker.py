@@ -1,10 +1,11 @@
 """What runs inside each Ray Train worker: read the activation shard, train, report, checkpoint.
 
-Thin glue around `core.training.train_loop`: the worker gets the whole typed plan, builds the
-variant (or restores a checkpoint), gives a fresh SAE its data-dependent start on the first batch
-(the activation scale averaged over workers) before wrapping it for DDP, and turns the loop's
-log and checkpoint callbacks into MLflow curves (best-effort: a failure is counted, reported with
-each checkpoint, never fatal) and `ray.train.report` calls.
+Thin glue around `core.training.train_side_by_side`: the worker gets the whole typed plan, builds
+one variant per hook of the stream (or restores them from a checkpoint), gives a fresh SAE its
+data-dependent start on the first batch (the activation scale averaged over workers) before
+wrapping it for DDP, and turns the loop's log and checkpoint callbacks into MLflow curves, each
+hook's into its own run (best-effort: a failure is counted, reported with each checkpoint, never
+fatal) and `ray.train.report` calls. A one-hook run is the same loop with one SAE.
 
 After a worker is lost, Ray Train starts the group again (`--max-failures`) with the run's latest
 checkpoint; the dataset shard then starts again at the stream's first step, so each worker skips
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 
 from saeforge.core import metrics
-from saeforge.core.training import LoopState, start_fresh, train_loop
+from saeforge.core.training import LoopState, start_fresh_side_by_side, train_side_by_side
 from saeforge.jobs import checkpoints, progress_board, tracking
-from saeforge.jobs.activation_stream import step_batches
+from saeforge.jobs.activation_stream import hook_step_batches
 from saeforge.jobs.plan import InjectedExit, RunPlan
 
 
@@ -45,12 +46,13 @@ def _sum_over_workers(values: list[int]) -> list[int]:
     return [int(v) for v in t.tolist()]
 
 
-def progress_line(step: int, total_steps: int, values: dict[str, float], eta: float) -> str:
+def progress_line(step: int, total_steps: int, values: dict[str, float], eta: float, hook: str = "") -> str:
+    """Rank 0's progress line; a run of several hooks prints one per hook, the hook named at the end."""
     return (
         f"[saeforge] step {step}/{total_steps} ({100 * step // total_steps}%) "
         f"tokens {values['tokens_seen']:,.0f} | {values['tokens_per_s']:,.0f} tok/s | "
         f"loss {values['loss']:.4g} | L0 {values['l0']:.1f} | expl.var {values['explained_variance']:.3f} | "
-        f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s"
+        f"dead {values['dead_fraction']:.3f} | eta {eta:.0f}s" + (f" | {hook}" if hook else "")
     )
 
 
@@ -73,61 +75,78 @@ def worker_loop(config: dict) -> None:
 
     checkpoint = ray.train.get_checkpoint()  # set after a restart: the run's latest checkpoint
     resume_dir = checkpoint.to_directory() if checkpoint else plan.resume_from
-    variant, state = checkpoints.load_checkpoint(resume_dir) if resume_dir else (plan.build_variant(), LoopState())
+    hooks = plan.stream.hooks
+    if resume_dir:
+        saes, states = zip(*checkpoints.load_hooks_checkpoint(resume_dir, [h.name for h in hooks]))
+    else:
+        saes, states = [plan.build_variant() for _ in hooks], [LoopState() for _ in hooks]
     device = ray.train.torch.get_device()
-    variant.to(device)
+    for sae in saes:
+        sae.to(device)
     # the shard starts at the stream's first step whatever was trained since: skip that
-    trained = state.step - plan.stream.first_step
+    trained = states[0].step - plan.stream.first_step
     if trained < 0:
-        raise ValueError(f"checkpoint at step {state.step} is before the stream's first step {plan.stream.first_step}")
-    batches = step_batches(
+        raise ValueError(
+            f"checkpoint at step {states[0].step} is before the stream's first step {plan.stream.first_step}"
+        )
+    batches = hook_step_batches(
         ray.train.get_dataset_shard("train"), plan.stream, device=device, skip_steps=trained, rank=rank
     )
     if rank == 0 and plan.worker_exit:
-        batches = exit_at_step(batches, state.step, plan.worker_exit)
+        batches = exit_at_step(batches, states[0].step, plan.worker_exit)
     if not resume_dir:
-        batches = start_fresh(variant, batches, average=_average_over_workers)
-    model = ray.train.torch.prepare_model(variant) if world > 1 else variant
+        batches = start_fresh_side_by_side(saes, batches, average=_average_over_workers)
+    models = [ray.train.torch.prepare_model(sae) if world > 1 else sae for sae in saes]
 
-    curves = tracking.RunCurves(plan.tracking.uri, plan.tracking.run_id) if rank == 0 else None
-    settings, start_step = plan.loop, state.step
+    curves = [tracking.RunCurves(plan.tracking.uri, run_id) for run_id in plan.run_ids] if rank == 0 else []
+    settings, start_step = plan.loop, states[0].step
     started = time.perf_counter()  # the first batch is already here
-    info = checkpoints.run_info(plan.args, plan.tracking.run_id, settings.total_steps)
+    hook_run_ids = {h.name: run_id for h, run_id in zip(hooks, plan.run_ids)} if len(hooks) > 1 else None
+    info = checkpoints.run_info(plan.args, plan.tracking.run_id, settings.total_steps, hook_run_ids)
+    labels = [h.name for h in hooks] if len(hooks) > 1 else [""]
 
-    def on_log(step: int, values: dict[str, float]) -> None:
+    def on_log(step: int, values: list[dict[str, float]]) -> None:
         if settings.report_every and step % settings.report_every == 0:  # a barrier: every rank reports
-            ray.train.report({"step": step, **{k: float(v) for k, v in values.items()}})
+            ray.train.report({"step": step, **{k: float(v) for k, v in values[0].items()}})
         if rank != 0:
             return
-        failures = curves.failures
-        curves.log(step, values)  # log the curves (best-effort), then the line on the driver's stderr
-        if curves.failures and not failures:
+        failed_before = sum(c.failures for c in curves)
+        for hook_curves, hook_values in zip(curves, values):
+            hook_curves.log(step, hook_values)  # log the curves (best-effort), then the lines on the driver's stderr
+        if not failed_before and any(c.failures for c in curves):
+            first_error = next(c.first_error for c in curves if c.failures)
             progress_board.post(
                 plan.progress_board,
-                f"saeforge: warning: logging curves to MLflow failed ({curves.first_error}); "
+                f"saeforge: warning: logging curves to MLflow failed ({first_error}); "
                 "training goes on, failures are counted",
             )
         eta = (time.perf_counter() - started) / max(1, step - start_step) * (settings.total_steps - step)
-        progress_board.post(plan.progress_board, progress_line(step, settings.total_steps, values, eta))
+        for hook_values, label in zip(values, labels):
+            progress_board.post(plan.progress_board, progress_line(step, settings.total_steps, hook_values, eta, label))
 
-    def on_checkpoint(snapshot: LoopState) -> None:
+    def on_checkpoint(snapshots: list[LoopState]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                checkpoints.save_checkpoint(Path(tmp), variant, snapshot, plan.sae_meta, info)
+                metas = [plan.sae_meta_of(h) for h in hooks]
+                checkpoints.save_hooks_checkpoint(Path(tmp), list(zip(saes, snapshots, metas)), info)
+            snapshot = snapshots[0]
+            dead = [metrics.dead_fraction(sae.tokens_since_fired, snapshot.tokens_seen) for sae in saes]
             progress = {
                 "step": snapshot.step,
                 "tokens_seen": snapshot.tokens_seen,
                 "train_seconds": time.perf_counter() - started,  # from the first batch on
-                "dead_fraction": metrics.dead_fraction(variant.tokens_since_fired, snapshot.tokens_seen),
-                "mlflow_failures": curves.failures if curves else 0,  # rank 0's count reaches the driver
+                "dead_fraction": dead[0],
+                "mlflow_failures": sum(c.failures for c in curves),  # rank 0's count reaches the driver
             }
+            if len(hooks) > 1:  # each hook's silent latents
+                progress.update({f"dead_fraction/{h.name}": d for h, d in zip(hooks, dead)})
             ray.train.report(progress, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
-    train_loop(
-        model,
+    train_side_by_side(
+        models,
         batches,
         settings,
-        state=state,
+        states=states,
         on_log=on_log,
         on_checkpoint=on_checkpoint,
         sum_over_workers=_sum_over_workers,

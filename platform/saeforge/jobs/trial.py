@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from saeforge.core.batches import step_budget
-from saeforge.core.evaluation import Baseline, baseline, evaluate_core
+from saeforge.core.evaluation import Baseline, baselines, evaluate_core
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import ModelSpec, compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR, load_sae
 from saeforge.core.training import LoopSettings
 from saeforge.jobs import tracking
+from saeforge.jobs.activation_stream import ID_COLUMN, MASK_COLUMN
 from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.search_space import EarlyStopping, TuneSpace
 from saeforge.jobs.storage import local_checkpoint
@@ -99,15 +100,15 @@ def _eval_model(spec):
 
 
 def zero_ablation(
-    spec: ModelSpec, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], threads: int
-) -> Baseline:
+    spec: ModelSpec, hooks: list[HookPoint], contexts: np.ndarray, special_ids: list[int], threads: int
+) -> dict[HookPoint, Baseline]:
     """The SAE-independent part of a trial's evaluation (the held-out contexts' zero-ablated
-    losses), run once per search as a Ray task so every trial skips that forward pass and the
-    search's driver never loads the full model."""
+    losses at each hook, from one clean pass), run once per search as a Ray task so every trial
+    skips that forward pass and the search's driver never loads the full model."""
     import torch
 
     torch.set_num_threads(threads)
-    return baseline(_eval_model(spec), hook, contexts, special_ids)
+    return baselines(_eval_model(spec), hooks, contexts, special_ids)
 
 
 def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
@@ -145,7 +146,9 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
         ],
     )
     started = time.time()
-    dataset = ctx.dataset.limit(total_steps * plan.stream.contexts_per_step)
+    # the trial's hook only, of activations that may hold several (`saeforge tune --layer 3,6`)
+    columns = [ID_COLUMN, *(h.name for h in plan.stream.hooks), MASK_COLUMN]
+    dataset = ctx.dataset.limit(total_steps * plan.stream.contexts_per_step).select_columns(columns)
     result = fit(
         make_trainer(
             plan,

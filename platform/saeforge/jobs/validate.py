@@ -58,11 +58,16 @@ def variant_config(name: str, d_in: int, d_sae: int, overrides: dict) -> variant
 
 
 def hook_points(args) -> tuple[HookPoint, ...]:
-    """--layer and --site as hook points (one per layer)."""
+    """--layer and --site as hook points: one per layer of a comma-separated list (a run of
+    several trains one SAE per hook from one model pass); a layer listed twice is refused."""
     layers = [part.strip() for part in str(args.layer).split(",") if part.strip()]
     if not layers or not all(part.isdigit() for part in layers):
-        raise UserError(f"--layer: expected a layer number, got '{args.layer}'")
-    return tuple(HookPoint(int(layer), args.site) for layer in dict.fromkeys(layers))
+        raise UserError(f"--layer: expected a layer number or a comma-separated list of them, got '{args.layer}'")
+    numbers = [int(layer) for layer in layers]
+    twice = sorted({n for n in numbers if numbers.count(n) > 1})
+    if twice:
+        raise UserError(f"--layer {args.layer}: layer {', '.join(map(str, twice))} is listed twice")
+    return tuple(HookPoint(n, args.site) for n in numbers)
 
 
 # Flags a resumed run takes from this invocation rather than from its checkpoint: where it runs
@@ -102,13 +107,15 @@ def resumed_train_args(given: TrainArgs) -> tuple[TrainArgs, dict]:
     return saved, info
 
 
-def run_name(args: TrainArgs, hook: HookPoint) -> str:
-    """The run's name: --run-name, else variant-hook-time; a random suffix tells apart runs
-    started in the same second (Ray Train restores whatever it finds under a run's name)."""
+def run_name(args: TrainArgs, *hooks: HookPoint) -> str:
+    """The run's name: --run-name, else variant-hook-time (several hooks: blocks.3_6_9.hook_SITE);
+    a random suffix tells apart runs started in the same second (Ray Train restores whatever it
+    finds under a run's name)."""
     stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), secrets.token_hex(3)
     if args.resume:
         return f"{Path(args.resume).parent.name}-resumed-{stamp}-{suffix}"
-    return args.run_name or f"{args.variant}-{hook.name}-{stamp}-{suffix}"
+    label = hooks[0].name if len(hooks) == 1 else f"blocks.{'_'.join(str(h.layer) for h in hooks)}.hook_{hooks[0].site}"
+    return args.run_name or f"{args.variant}-{label}-{stamp}-{suffix}"
 
 
 def check_new_run_folder(args: TrainArgs, name: str) -> None:
@@ -169,9 +176,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     check_resource_requests(args)
     variant_class(args.variant)
     hooks = hook_points(args)
-    if len(hooks) != 1:
-        raise UserError("--layer: one layer per training run")
-    name = run_name(args, hooks[0])
+    name = run_name(args, *hooks)
     check_new_run_folder(args, name)
     lost = storage.temporary_outputs(args.storage, tracking.tracking_uri())
     if lost:
@@ -222,7 +227,8 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     total_steps = info.get("total_steps") or budget.total_steps
     first_step = int(info.get("step", 0))
     check_services(args.address)  # last: the network, once everything local is known good
-    hook = hooks[0]
+    hook = hooks[0]  # the plan's SaeMeta is the first hook's (RunPlan.for_hook gives each hook's)
+    hook_runs = info.get("hook_run_ids", {})  # a resumed run of several hooks: each hook's MLflow run
     plan = RunPlan(
         args=args,
         variant_name=args.variant,
@@ -243,7 +249,9 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
         max_l0=args.max_l0 or d_in / 2,
         resume_from=args.resume,
         name=name,
-        tracking=TrackingTarget(run_id=info.get("run_id", "")),
+        tracking=TrackingTarget(
+            run_id=info.get("run_id", ""), hook_run_ids=tuple(hook_runs[h.name] for h in hooks) if hook_runs else ()
+        ),
         model_params=parameter_count(config),
     )
     train = CorpusRange(
