@@ -111,6 +111,30 @@ def test_a_baseline_computed_once_gives_the_same_figures():
         assert again[key] == pytest.approx(full[key], rel=1e-6), key
 
 
+def test_a_bf16_evaluation_runs_the_model_in_bf16_and_the_sae_in_fp32(monkeypatch):
+    """--precision bfloat16 evaluates with the model's matmuls in bf16 (the figures move, a little)
+    while the SAE reads the captured activations in fp32 (its encoder sees fp32 inputs)."""
+    tok = ByteTokenizer()
+    special = corpus.special_ids(tok)
+    contexts = corpus.pack_contexts(["Held-out text for the precision check, in a few contexts."] * 4, tok, 24, 5)
+    model = build_tiny_model("tiny")
+    sae = variants.build("relu", d_in=64, d_sae=128, overrides={"seed": "2"})
+    sae.act_scale.fill_(0.3)
+    seen = []
+    encode = type(sae).encode
+    monkeypatch.setattr(type(sae), "encode", lambda self, x: seen.append(x.dtype) or encode(self, x))
+    fp32 = evaluate_core(model, sae, HOOK, contexts, special)
+    bf16 = evaluate_core(model, sae, HOOK, contexts, special, precision="bfloat16")
+    assert set(seen) == {torch.float32}
+    reference = baseline(model, HOOK, contexts, special, precision="bfloat16")
+    assert bf16["ce_loss_clean"] != fp32["ce_loss_clean"]  # the model did compute in bf16
+    for key in ("ce_loss_clean", "ce_loss_sae", "explained_variance"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
+    with_reference = evaluate_core(model, sae, HOOK, contexts, special, reference=reference, precision="bfloat16")
+    for key in ("ce_loss_zero", "ce_loss_recovered"):  # a search's bf16 reference serves its bf16 trials
+        assert with_reference[key] == pytest.approx(bf16[key], rel=1e-6), key
+
+
 def test_the_blocks_before_the_hook_run_once_per_batch_and_a_patched_pass_is_unchanged():
     """The spliced and zero-ablated passes reuse what entered the hook's block in the clean
     pass: block 0 runs once per batch (it ran three times before), the last block three times,

@@ -32,6 +32,7 @@ from saeforge.core import metrics
 from saeforge.core.batches import real_rows, sae_input
 from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import HookPoint, block_input, capture, replace, skip_blocks_before
+from saeforge.core.model import forward_precision, resolve_precision
 from variants.common import mean_abs_correlation
 
 MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
@@ -84,6 +85,7 @@ def evaluate_core(
     batch_contexts: int = 4,
     progress=None,
     reference: Baseline | None = None,
+    precision: str = "float32",
 ) -> dict[str, float]:
     """Every core metric of one SAE on held-out contexts ((n, context_size) token ids). With a
     `reference` (`baseline` of the same contexts) the zero-ablated forward is not run again."""
@@ -95,6 +97,7 @@ def evaluate_core(
         batch_contexts,
         progress,
         references={hook: reference} if reference is not None else None,
+        precision=precision,
     )
     return result
 
@@ -108,45 +111,61 @@ def evaluate_hooks(
     batch_contexts: int = 4,
     progress=None,
     references: dict[HookPoint, Baseline] | None = None,
+    precision: str = "float32",
 ) -> list[dict[str, float]]:
     """`evaluate_core` of several SAEs, each at its own hook, on the same held-out contexts (the
     SAEs of a k-hook run): one clean forward per batch serves them all (every hook's activations
     and block input are captured in it, and the clean log-probabilities are computed once per
     chunk of positions), then each SAE's spliced pass and each hook's zero-ablated pass (unless
     `references` holds that hook's `baseline`) start at their hook's block. Each SAE's figures
-    are the ones `evaluate_core` gives it alone."""
+    are the ones `evaluate_core` gives it alone.
+
+    `precision` (the run's --precision) is the model's, as in the producers: on a CPU, bfloat16
+    runs the model's matmuls (the LM head most of all) in bf16 under one autocast context for the
+    whole evaluation, so each weight is cast once; the SAEs always compute in fp32."""
     references = references or {}
     device = next(model.parameters()).device
     tallies = [_SaeTally(variant) for variant, _ in saes]
     hooks = list(dict.fromkeys(hook for _, hook in saes))
-    for start in range(0, len(contexts), batch_contexts):
-        ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
-        real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
-        with contextlib.ExitStack() as stack:
-            captured = stack.enter_context(capture(model, hooks))
-            entering = {n: stack.enter_context(block_input(model, n)) for n in dict.fromkeys(h.layer for h in hooks)}
-            clean_hidden = final_hidden(model, ids)
-        passes = {}
-        for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
-            acts = captured[hook.name].float()
+    with forward_precision(resolve_precision(precision, device.type), device.type):
+        for start in range(0, len(contexts), batch_contexts):
+            _evaluate_batch(
+                model, saes, tallies, hooks, references, contexts[start : start + batch_contexts], special_ids
+            )
+            if progress:
+                progress(min(start + batch_contexts, len(contexts)), len(contexts))
+    return [tally.result(references.get(hook)) for tally, (_, hook) in zip(tallies, saes)]
+
+
+def _evaluate_batch(model, saes, tallies, hooks, references, batch: np.ndarray, special_ids: list[int]) -> None:
+    """One batch of `evaluate_hooks`: the clean forward, each SAE's tally and spliced pass, the
+    zero-ablated passes not in `references`."""
+    device = next(model.parameters()).device
+    ids = torch.from_numpy(batch.astype(np.int64)).to(device)
+    real = valid_mask(ids, special_ids)  # (b, T): the positions every metric counts
+    with contextlib.ExitStack() as stack:
+        captured = stack.enter_context(capture(model, hooks))
+        entering = {n: stack.enter_context(block_input(model, n)) for n in dict.fromkeys(h.layer for h in hooks)}
+        clean_hidden = final_hidden(model, ids)
+    passes = {}
+    for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
+        acts = captured[hook.name].float()
+        with torch.autocast(device.type, enabled=False):  # the SAE in fp32 whatever the model's precision
             recon = tally.add(acts, real).to(device=device, dtype=acts.dtype)  # real-token rows, raw units
 
-            def spliced(out, recon=recon, real=real):
-                out = out.clone()
-                out[real] = recon.to(out.dtype)
-                return out
+        def spliced(out, recon=recon, real=real):
+            out = out.clone()
+            out[real] = recon.to(out.dtype)
+            return out
 
-            passes[f"sae#{i}"] = (hook, entering[hook.layer]["hidden"], spliced)
-        for hook in hooks:
-            if hook not in references:
-                passes[f"zero@{hook.name}"] = (hook, entering[hook.layer]["hidden"], torch.zeros_like)
-        losses = _losses(model, ids, real, clean_hidden, passes)
-        targets = real[:, :-1].sum(1).double().cpu()  # predictions made at real tokens (entry i predicts i + 1)
-        for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
-            tally.add_losses(targets, losses, f"sae#{i}", None if hook in references else f"zero@{hook.name}")
-        if progress:
-            progress(min(start + batch_contexts, len(contexts)), len(contexts))
-    return [tally.result(references.get(hook)) for tally, (_, hook) in zip(tallies, saes)]
+        passes[f"sae#{i}"] = (hook, entering[hook.layer]["hidden"], spliced)
+    for hook in hooks:
+        if hook not in references:
+            passes[f"zero@{hook.name}"] = (hook, entering[hook.layer]["hidden"], torch.zeros_like)
+    losses = _losses(model, ids, real, clean_hidden, passes)
+    targets = real[:, :-1].sum(1).double().cpu()  # predictions made at real tokens (entry i predicts i + 1)
+    for i, (tally, (_, hook)) in enumerate(zip(tallies, saes)):
+        tally.add_losses(targets, losses, f"sae#{i}", None if hook in references else f"zero@{hook.name}")
 
 
 class _SaeTally:
@@ -233,18 +252,34 @@ class _SaeTally:
 
 
 @torch.no_grad()
-def baseline(model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4) -> Baseline:
+def baseline(
+    model, hook: HookPoint, contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4, precision="float32"
+) -> Baseline:
     """The SAE-independent part of the evaluation of these contexts (the zero ablation)."""
-    return baselines(model, [hook], contexts, special_ids, batch_contexts)[hook]
+    return baselines(model, [hook], contexts, special_ids, batch_contexts, precision)[hook]
 
 
 @torch.no_grad()
 def baselines(
-    model, hooks: Sequence[HookPoint], contexts: np.ndarray, special_ids: list[int], batch_contexts: int = 4
+    model,
+    hooks: Sequence[HookPoint],
+    contexts: np.ndarray,
+    special_ids: list[int],
+    batch_contexts: int = 4,
+    precision: str = "float32",
 ) -> dict[HookPoint, Baseline]:
-    """`baseline` of several hooks, from one clean forward per batch."""
+    """`baseline` of several hooks, from one clean forward per batch (in `precision`, as
+    `evaluate_hooks` runs the model)."""
     device = next(model.parameters()).device
     ce_zero, kl_zero = {h: [] for h in hooks}, {h: [] for h in hooks}
+    with forward_precision(resolve_precision(precision, device.type), device.type):
+        _zero_ablations(model, hooks, contexts, special_ids, batch_contexts, ce_zero, kl_zero)
+    return {h: Baseline(torch.cat(ce_zero[h]).numpy(), torch.cat(kl_zero[h]).numpy()) for h in hooks}
+
+
+def _zero_ablations(model, hooks, contexts, special_ids, batch_contexts, ce_zero: dict, kl_zero: dict) -> None:
+    """`baselines`' batches: each hook's zero-ablated losses appended to `ce_zero` and `kl_zero`."""
+    device = next(model.parameters()).device
     for start in range(0, len(contexts), batch_contexts):
         ids = torch.from_numpy(contexts[start : start + batch_contexts].astype(np.int64)).to(device)
         real = valid_mask(ids, special_ids)
@@ -256,7 +291,6 @@ def baselines(
         for h in hooks:
             ce_zero[h].append(losses[f"ce_zero@{h.name}"])
             kl_zero[h].append(losses[f"kl_zero@{h.name}"])
-    return {h: Baseline(torch.cat(ce_zero[h]).numpy(), torch.cat(kl_zero[h]).numpy()) for h in hooks}
 
 
 def final_hidden(model, ids: torch.Tensor) -> torch.Tensor:

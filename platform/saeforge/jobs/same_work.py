@@ -57,7 +57,9 @@ def plain_loop(args: TrainArgs) -> dict:
     done("train")
     del producer
     model = load_model(plan.stream.model)
-    metrics = evaluate_core(model, variant, plan.hook, contexts.eval, list(plan.stream.special_ids))
+    metrics = evaluate_core(
+        model, variant, plan.hook, contexts.eval, list(plan.stream.special_ids), precision=plan.stream.precision
+    )
     done("evaluate")
     return {
         "steps": state.step,

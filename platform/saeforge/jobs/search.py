@@ -428,7 +428,8 @@ def search_references(plan: RunPlan, eval_contexts, progress=print) -> dict[Hook
     progress(f"saeforge: zero-ablated losses of the {len(eval_contexts)} held-out contexts, once for every trial...")
     task = ray.remote(num_cpus=1)(zero_ablation)
     hooks = list(plan.stream.hooks)
-    return ray.get(task.remote(plan.stream.model, hooks, eval_contexts, list(plan.stream.special_ids), cores()))
+    special = list(plan.stream.special_ids)
+    return ray.get(task.remote(plan.stream.model, hooks, eval_contexts, special, cores(), plan.stream.precision))
 
 
 def open_search(plan: RunPlan, contexts, args, progress=print) -> tuple[RunPlan, SharedActivations]:

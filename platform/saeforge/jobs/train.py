@@ -238,6 +238,7 @@ def train_evaluate_register(plan: RunPlan, contexts: Contexts, started: float, p
         contexts.eval,
         list(plan.stream.special_ids),
         progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
+        precision=plan.stream.precision,  # the model computes as the producers did
     )
     phases.done("evaluate")
     shared = dict(phases.seconds)  # plan, ray_start, train, evaluate: every hook's

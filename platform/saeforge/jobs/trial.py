@@ -100,7 +100,12 @@ def _eval_model(spec):
 
 
 def zero_ablation(
-    spec: ModelSpec, hooks: list[HookPoint], contexts: np.ndarray, special_ids: list[int], threads: int
+    spec: ModelSpec,
+    hooks: list[HookPoint],
+    contexts: np.ndarray,
+    special_ids: list[int],
+    threads: int,
+    precision: str = "float32",
 ) -> dict[HookPoint, Baseline]:
     """The SAE-independent part of a trial's evaluation (the held-out contexts' zero-ablated
     losses at each hook, from one clean pass), run once per search as a Ray task so every trial
@@ -108,7 +113,7 @@ def zero_ablation(
     import torch
 
     torch.set_num_threads(threads)
-    return baselines(_eval_model(spec), hooks, contexts, special_ids)
+    return baselines(_eval_model(spec), hooks, contexts, special_ids, precision=precision)
 
 
 def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
@@ -170,6 +175,7 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
         ctx.eval_contexts,
         list(plan.stream.special_ids),
         reference=ctx.eval_reference,
+        precision=plan.stream.precision,
     )
     eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
     final = tracking.finite(metrics)
