@@ -49,6 +49,9 @@ SWEEP = [
 ]
 
 
+TRACKED = ("loss", "diag/", "mean_abs_corr", "explained_variance", "l0")
+
+
 def recipe(text: str) -> tuple[str, dict[str, str]]:
     name, *pairs = text.split()
     return name, dict(p.split("=", 1) for p in pairs)
@@ -150,6 +153,9 @@ def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, referen
         "dead_last_50k": dead,
         "ev_at_step_10_25": [round(m["explained_variance"], 3) for s, m in curve[:2]],
         "eval_tokens": result["eval_tokens"],
+        # the last logged window (25 steps): each weighted loss term beside the MSE, the shared
+        # statistics and the variant's own diagnostics (how hard each penalty pulls at the end)
+        "final_window": {k: round(v, 5) for k, v in curve[-1][1].items() if k.startswith(TRACKED)} if curve else {},
     }
 
 

@@ -76,7 +76,7 @@ class ContrastiveHierConfig(VariantConfig):
         0.1, "weight of the InfoNCE term against fine-group centroids (paper's scale, applied x d_in)"
     )
     contrast_temperature: float = param(0.1, "temperature of the InfoNCE term")
-    input_layernorm: bool = param(True, "LayerNorm on the encoder input")
+    input_layernorm: bool = param(True, "LayerNorm on the encoder input x - b_dec")
     optimizer: str = param("adamw", "'adam' or 'adamw'")
     weight_decay: float = param(0.01, "AdamW weight decay")
     batch_size: int = param(2048, "activation tokens per optimiser step")
@@ -151,7 +151,7 @@ class ContrastiveHier(LinearSAE):
         return self.cfg.n_coarse * self.cfg.n_fine
 
     def encode(self, x: Tensor) -> Tensor:
-        return torch.relu(self.input_norm(x) @ self.W_enc + self.b_enc)
+        return torch.relu(self.input_norm(x - self.b_dec) @ self.W_enc + self.b_enc)
 
     def latent_groups(self) -> LatentGroups:
         """Each latent's fine group (coarse group x n_fine + child), its hard assignment."""

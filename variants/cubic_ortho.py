@@ -38,6 +38,8 @@ from variants import register
 from variants.base import ConfigError, LinearSAE, VariantConfig, param
 from variants.common import correlation_matrix, gram_matrix, linear_ramp, paper_weight
 
+INITS = ("tied", "kaiming")
+
 
 @dataclass(kw_only=True)
 class CubicOrthoConfig(VariantConfig):
@@ -51,12 +53,19 @@ class CubicOrthoConfig(VariantConfig):
     eps0: float = param(0.0, "base tolerance on |<w_i, w_j>|; 0 gives the paper's plain cubic form")
     beta: float = param(1.0, "activation-aware tolerance eps_ij = eps0 * (1 + a_i a_j)^(-beta)")
     omega_max_latents: int = param(4096, "Omega uses at most this many active latents (the most often firing)")
-    init_bias_noise: float = param(0.01, "biases start uniform in +-init_bias_noise (weights Kaiming-uniform)")
+    init: str = param(
+        "tied",
+        "'tied' (every variant's start: decoder rows of norm init_norm, the encoder their transpose) or "
+        "'kaiming' (the paper's: Kaiming-uniform weights, biases uniform in +-init_bias_noise)",
+    )
+    init_bias_noise: float = param(0.01, "with init = 'kaiming', biases start uniform in +-init_bias_noise")
     batch_size: int = param(4096, "activation tokens per optimiser step (correlations need big batches)")
 
     def __post_init__(self):
         if self.omega_max_latents < 2:
             raise ConfigError("omega_max_latents must be >= 2")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
 
 
 def omega(f: Tensor, w_dec: Tensor, power: float, eps0: float, beta: float, max_latents: int | None = None) -> Tensor:
@@ -85,7 +94,15 @@ class CubicOrtho(LinearSAE):
     sparsity_fields = ("l1_coeff",)
 
     def __init__(self, cfg: CubicOrthoConfig):
-        super().__init__(cfg)  # the linear SAE's layout; the paper's initialisation replaces its weights
+        super().__init__(cfg)  # the linear SAE's layout and tied start
+        self.register_buffer("last_step", torch.tensor(0, dtype=torch.long))
+        if cfg.init == "kaiming":
+            self.kaiming_init()
+
+    @torch.no_grad()
+    def kaiming_init(self) -> None:
+        """The paper's start: Kaiming-uniform weights, biases uniform in +-init_bias_noise."""
+        cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
         # nn.Linear layout (out, in) so Kaiming's fan_in is each map's input width.
         w_enc = nn.init.kaiming_uniform_(torch.empty(cfg.d_sae, cfg.d_in), generator=gen)
@@ -95,7 +112,6 @@ class CubicOrtho(LinearSAE):
         noise = cfg.init_bias_noise
         self.b_enc = nn.Parameter(torch.empty(cfg.d_sae).uniform_(-noise, noise, generator=gen))
         self.b_dec = nn.Parameter(torch.empty(cfg.d_in).uniform_(-noise, noise, generator=gen))
-        self.register_buffer("last_step", torch.tensor(0, dtype=torch.long))
 
     def gamma(self, step: int) -> float:
         """gamma(t): 0 -> alpha over the (capped) lr warm-up, on the paper's scale."""

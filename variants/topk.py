@@ -22,7 +22,8 @@ Rescaling: scaling the pre-activations by c keeps the top-k choice, and MSE and 
 unchanged when W_dec carries 1/c; the decoder rows are unit norm anyway (after_step).
 
 Defaults: `saeforge train`'s recipe, chosen by the recipe sweep (docs/recipe.md) for a 300k-token
-run: k = 64, lr 2e-3 held after the warm-up and decayed linearly to 0 over the last 20% of steps.
+run: k = 64, and the shared recipe of every variant (VariantConfig): lr 2e-3 held after the
+warm-up and decayed linearly to 0 over the last 20% of steps.
 Gao et al. train far longer at lower rates; at lr 3e-4 a 300-step run is still undoing its
 initialisation (CE loss recovered 0.78 against 0.94).
 
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from variants import register
-from variants.base import LR_SCHEDULE_HELP, ConfigError, LinearSAE, LossOut, VariantConfig, param
+from variants.base import ConfigError, LinearSAE, LossOut, VariantConfig, param
 from variants.common import sparse_decode, topk_family_terms, topk_relu
 
 DEAD_AFTER_D_SAE = 10  # dead_tokens = 0: a latent silent for 10 * d_sae tokens is dead (see the docstring)
@@ -48,8 +49,6 @@ class TopKConfig(VariantConfig):
     aux_k: int = param(0, "dead latents used by the auxiliary loss; 0: d_in // 2 (Gao et al.'s rule)")
     aux_coeff: float = param(1 / 32, "weight of AuxK relative to a variance-normalised MSE (Gao et al.)")
     dead_tokens: int = param(0, "a latent silent for this many tokens counts as dead for AuxK; 0: 10 * d_sae")
-    lr: float = param(2.0e-3, "learning rate (the recipe sweep's choice for a 300k-token run)")
-    lr_schedule: str = param("decay", LR_SCHEDULE_HELP)
 
     def __post_init__(self):
         if not 0 < self.k <= self.d_sae:

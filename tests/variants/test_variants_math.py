@@ -173,6 +173,18 @@ def test_relu_l1_is_decoder_norm_weighted_and_on_the_papers_scale():
     assert out.terms["l1"].item() == pytest.approx(0.3 * 6 * naive, rel=1e-9)  # coefficient x d_in
 
 
+def test_relu_decoder_rows_are_unit_norm_by_default_and_free_on_request():
+    assert variants.build("relu", d_in=6, d_sae=10).cfg.normalize_decoder
+    x = torch.randn(9, 6, generator=gen(44))
+    for normalize, expected in (("true", True), ("false", False)):
+        model = variants.build("relu", d_in=6, d_sae=10, overrides={"normalize_decoder": normalize})
+        with torch.no_grad():
+            model.W_dec.mul_(torch.linspace(0.5, 3.0, 10).unsqueeze(-1))
+        model.after_step(0)
+        assert torch.allclose(model.W_dec.norm(dim=-1), torch.ones(10)) == expected
+        assert torch.isfinite(model.loss(x).total)
+
+
 def test_topk_keeps_exactly_k_per_token_and_matches_a_naive_sort():
     model = variants.build("topk", d_in=8, d_sae=32, overrides={"k": "5"})
     x = torch.randn(12, 8, generator=gen(43))
@@ -623,6 +635,20 @@ def test_cubic_omega_matches_a_hand_loop():
     assert omega(f, w, 2.0, 0.0, beta).item() == pytest.approx(plain, rel=1e-9)
 
 
+def test_cubic_init_is_tied_by_default_and_kaiming_on_request():
+    tied = variants.build("cubic_ortho", d_in=8, d_sae=16)
+    assert torch.allclose(tied.W_dec.norm(dim=-1), torch.full((16,), 0.1)) and torch.equal(tied.W_enc, tied.W_dec.T)
+    assert torch.all(tied.b_enc == 0) and torch.all(tied.b_dec == 0)
+    paper = variants.build("cubic_ortho", d_in=8, d_sae=16, overrides={"init": "kaiming", "init_bias_noise": "0.05"})
+    assert torch.allclose(paper.W_dec.norm(dim=-1), torch.ones(16))  # unit rows, independent of W_enc
+    assert not torch.allclose(paper.W_enc, paper.W_dec.T)
+    assert float(paper.W_enc.detach().abs().max()) <= math.sqrt(6 / 8)  # Kaiming-uniform bound, fan_in d_in
+    for bias in (paper.b_enc, paper.b_dec):
+        assert 0 < float(bias.detach().abs().max()) <= 0.05
+    with pytest.raises(variants.ConfigError, match="init must be one of tied, kaiming"):
+        variants.build("cubic_ortho", d_in=8, d_sae=16, overrides={"init": "xavier"})
+
+
 def test_cubic_gamma_ramps_with_the_warmup_and_enters_the_loss():
     model = variants.build("cubic_ortho", d_in=8, d_sae=16, overrides={"warmup_steps": "100", "ortho_alpha": "0.5"})
     assert [model.gamma(s) for s in (0, 50, 100, 1000)] == [0.0, 0.25, 0.5, 0.5]
@@ -820,16 +846,18 @@ def test_group_ib_with_layernorm_penalises_what_the_decoder_reads():
 
 
 # -- hsae -------------------------------------------------------------------------------------------
-def test_hsae_decoder_path_matches_the_formula():
-    model = variants.build("hsae", d_in=5, d_sae=8).double()
+@pytest.mark.parametrize("center_input", [True, False])
+def test_hsae_decoder_path_matches_the_formula(center_input):
+    model = variants.build("hsae", d_in=5, d_sae=8, overrides={"center_input": str(center_input)}).double()
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen(24), dtype=torch.float64))
     x = torch.randn(5, dtype=torch.float64, generator=gen(25))
     # Column-vector form of the paper: z1 = ReLU(W1 x + b1), z2 = ReLU(W2 z1 + b2),
-    # x_hat = Wd1 (Wd2 z2 + bd2) + Ws z1 + bd1 (our row-per-latent matrices are the transposes).
+    # x_hat = Wd1 (Wd2 z2 + bd2) + Ws z1 + bd1 (our row-per-latent matrices are the transposes);
+    # with center_input (the default) the encoder reads x - bd1, as a linear SAE's reads x - b_dec.
     W1, W2, Wd1, Wd2, Ws = model.W1.T, model.W2.T, model.Wd1.T, model.Wd2.T, model.Ws.T
-    z1 = torch.relu(W1 @ x + model.b1)
+    z1 = torch.relu(W1 @ (x - model.bd1 if center_input else x) + model.b1)
     z2 = torch.relu(W2 @ z1 + model.b2)
     expected = Wd1 @ (Wd2 @ z2 + model.bd2) + Ws @ z1 + model.bd1
     f = model.encode(x)
@@ -933,13 +961,14 @@ def test_init_from_data_puts_the_decoder_bias_at_the_geometric_median():
     keep = variants.build("relu", d_in=6, d_sae=12, overrides={"b_dec_init": "init"})
     keep.init_from_data(x)
     assert torch.all(keep.b_dec == 0)
-    hsae = variants.build("hsae", d_in=6, d_sae=12)
-    with torch.no_grad():
-        before = torch.relu((x - median) @ hsae.W1 + hsae.b1)
-    hsae.init_from_data(x)
-    assert torch.allclose(hsae.bd1, median, atol=1e-5)
-    with torch.no_grad():
-        assert torch.allclose(hsae.levels(x)[0], before, atol=1e-5)  # the encoder reads x - median
+    for center_input in ("true", "false"):
+        hsae = variants.build("hsae", d_in=6, d_sae=12, overrides={"center_input": center_input})
+        with torch.no_grad():
+            before = torch.relu((x - median) @ hsae.W1 + hsae.b1)
+        hsae.init_from_data(x)
+        assert torch.allclose(hsae.bd1, median, atol=1e-5)
+        with torch.no_grad():
+            assert torch.allclose(hsae.levels(x)[0], before, atol=1e-5)  # the encoder reads x - median
 
 
 # -- adaptive_mask ----------------------------------------------------------------------------------
