@@ -131,7 +131,8 @@ def test_every_trial_reuses_the_searchs_zero_ablation_and_gets_the_figures_of_a_
     good = by_lr(summary)[3e-3]
     _, plan, contexts = search_plan(tmp)
     sae, _ = load_sae(Path(good["checkpoint_dir"]) / SAE_DIR)
-    whole = evaluate_core(load_model(plan.stream.model), sae, plan.hook, contexts.eval, list(plan.stream.special_ids))
+    model, special = load_model(plan.stream.model), list(plan.stream.special_ids)
+    whole = evaluate_core(model, sae, plan.hook, contexts.eval, special, precision=plan.stream.precision)
     logged = MlflowClient().get_run(good["run_id"]).data.metrics
     for key in ("ce_loss_zero", "kl_div_zero", "ce_loss_clean", "ce_loss_sae", "ce_loss_recovered", "l0"):
         assert logged[f"eval/{key}"] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key

@@ -96,7 +96,9 @@ def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_
 
 def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
     """The producer dies at its 3rd batch while it streams into training: Ray Data restarts it and
-    retries the batch, in order, and the run trains the uninterrupted run's SAE."""
+    retries the batch, in order, and the run trains the uninterrupted run's SAE. (That run made
+    its activations first: so this also shows that streaming and produce-first train the same
+    SAE, from the same rows in the same order.)"""
     from saeforge.jobs.plan import InjectedExit
     from saeforge.jobs.train import train_on_ray
     from saeforge.jobs.validate import plan_train
