@@ -17,6 +17,13 @@ def quiet_libraries() -> None:
     registration notices; Ray's start-up notes) off the terminal: errors still show."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is imported
+    # transformers' "Loading weights" / "Writing model shards" bars (first-time model preparation):
+    # the run prints its own phase lines. Both libraries read this when first imported...
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:  # ...and one imported already is told directly
+        sys.modules["huggingface_hub"].utils.disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name in ("mlflow", "ray", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
