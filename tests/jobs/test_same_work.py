@@ -41,3 +41,15 @@ def test_layers_bench_times_one_run_of_every_layer_against_one_run_per_layer(tmp
         assert command[at + 1] == layer
         assert command[:at] + command[at + 2 :] == together[:at] + together[at + 2 :]
     assert together[together.index("--variant") + 1] == "relu" and "--json" in together
+
+
+def test_the_bench_finds_the_summary_among_other_output():
+    """A --json verb's stdout may carry a library's lines before and after the summary."""
+    from saeforge.jobs.same_work import last_json
+
+    summary = {"rounds": [{"wall_s": 1.5}], "nested": {"a": [1, 2]}}
+    noise = "{'trial': 'repr, not JSON'}\nTrial finished.\n"
+    assert last_json(noise + json.dumps(summary, indent=1) + "\n{'after': 1}\nshutting down\n") == summary
+    assert last_json('{"earlier": 1}\n' + json.dumps(summary, indent=1)) == summary
+    with pytest.raises(RuntimeError, match="no JSON summary"):
+        last_json("nothing here\n{'x': 1}\n")

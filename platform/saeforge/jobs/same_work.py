@@ -78,9 +78,20 @@ def timed(command: list[str], cwd: Path, env: dict) -> tuple[float, dict]:
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
         raise RuntimeError(f"{command[2:4]} failed (exit {done.returncode}): " + " / ".join(tail))
-    lines = done.stdout.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("{"))  # the JSON, printed last
-    return wall, json.loads("\n".join(lines[first:]))
+    return wall, last_json(done.stdout)
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object a `--json` verb printed: the latest line opening an object at column 0 from
+    which a whole JSON object parses (a library may print lines before or after it: Ray's and
+    Tune's exit messages)."""
+    lines, decoder = stdout.splitlines(), json.JSONDecoder()
+    for first in reversed([i for i, line in enumerate(lines) if line.startswith("{")]):
+        try:
+            return decoder.raw_decode("\n".join(lines[first:]))[0]
+        except json.JSONDecodeError:
+            continue
+    raise RuntimeError(f"no JSON summary in the output: {stdout[-500:]!r}")
 
 
 def train_args(args: BenchArgs) -> TrainArgs:
