@@ -19,9 +19,10 @@ Defaults, measured (VARIANTS.md: whatever gives a sparse, faithful SAE in the de
 budget): the shared recipe (lr 2e-3 held and decayed over the last 20%, batches of 1024) and
 threshold_init 0.2. With the paper's settings (lr 7e-5, batches of 4096, threshold_init 0.001)
 the 73 steps of a 300k-token run barely move the thresholds and the code stays dense (L0 3,032 of
-5,120, docs/recipe.md); thresholds started at 0.2 give L0 63 and explained variance 0.93 at 300k
-tokens (0.1: L0 314, 0.3: L0 31 at 100k). The paper's settings are `--set lr=7e-5
-batch_size=4096 lr_schedule=constant threshold_init=0.001`.
+5,120, docs/recipe.md); thresholds started at 0.2 give L0 63, CE loss recovered 0.87 and
+explained variance 0.93 at 300k tokens, with 82% of the latents silent by the end (0.1: L0 314,
+0.3: L0 31 at 100k). The paper's settings are `--set lr=7e-5 batch_size=4096
+lr_schedule=constant threshold_init=0.001`.
 
 Rescaling: L0 counts latents, so scaling z, theta and the thresholds by c and W_dec by 1/c
 changes no term; decoder rows are unit norm anyway (after_step).
