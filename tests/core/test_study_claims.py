@@ -128,23 +128,16 @@ def planted_finals():
     return out
 
 
+def planted_info(name: str, targets: list[float]) -> dict:
+    """The study facts a report states, for planted results (three seeds)."""
+    facts = {"model": "tiny", "hook": "h", "d_sae": 128, "tokens": 1000, "contexts": 10}
+    facts |= {"activations_source": "model", "contexts_forwarded": 10, "seeds": 3, "tolerance": 0.15}
+    return {"name": name, **facts, "targets": targets, "batch_size": 256, "seconds": 60.0}
+
+
 def test_report_on_planted_results(tmp_path):
     study = sc.STUDIES["mi_ortho"]
-    info = {
-        "name": "planted",
-        "model": "tiny",
-        "hook": "h",
-        "d_sae": 128,
-        "tokens": 1000,
-        "contexts": 10,
-        "activations_source": "model",
-        "contexts_forwarded": 10,
-        "targets": [32.0],
-        "seeds": 3,
-        "tolerance": 0.15,
-        "batch_size": 256,
-        "seconds": 60.0,
-    }
+    info = planted_info("planted", [32.0])
     report = study_report.build((study,), study.variants, planted_finals(), [], info)
     corr = next(v for v in report["verdicts"] if v["claim"] == "mean_abs_corr" and v["baseline"] == "relu")
     assert corr["verdict"] == sc.REPRODUCED and corr["effect"] == pytest.approx(-0.14, rel=1e-5)
@@ -161,3 +154,20 @@ def test_report_on_planted_results(tmp_path):
     text = paths["report"].read_text()
     assert "| mean_abs_corr | 32 | mi_ortho | relu |" in text and "reproduced" in text
     assert all(p.is_file() and p.stat().st_size > 2000 for p in paths["plots"])
+
+
+def test_report_with_several_targets_plots_each_variant(tmp_path):
+    """Several targets give each variant several points on a plot, sorted by L0 (a real
+    three-target study once crashed there, after every SAE had trained)."""
+    study = sc.STUDIES["mi_ortho"]
+    finals = []
+    for target in (128.0, 32.0, 64.0):
+        for r in planted_finals():
+            job = {**r["job"], "target": target}
+            finals.append({**r, "job": job, "metrics": {**r["metrics"], "core/l0": target + job["seed"]}})
+    info = planted_info("three-targets", [32.0, 64.0, 128.0])
+    report = study_report.build((study,), study.variants, finals, [], info)
+    paths = study_report.write(report, tmp_path)
+    assert len(paths["plots"]) == 2 and all(p.is_file() and p.stat().st_size > 2000 for p in paths["plots"])
+    corr = [v for v in report["verdicts"] if v["claim"] == "mean_abs_corr" and v["baseline"] == "relu"]
+    assert sorted(v["target_l0"] for v in corr) == [32.0, 64.0, 128.0]

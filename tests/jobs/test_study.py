@@ -57,12 +57,16 @@ def study_args(tmp, **changes):
     return StudyArgs(**base)
 
 
+PROGRESS: list[str] = []  # the study's progress lines
+
+
 @pytest.fixture(scope="module")
 def study(ray_session, mlflow_store, tmp_path_factory):
     from saeforge.jobs.study import run_study
 
     tmp = tmp_path_factory.mktemp("study")
-    return run_study(study_args(tmp), progress=lambda *_: None), tmp
+    PROGRESS.clear()
+    return run_study(study_args(tmp), progress=PROGRESS.append), tmp
 
 
 def test_one_model_pass_serves_every_sae(study):
@@ -79,6 +83,13 @@ def test_one_model_pass_serves_every_sae(study):
     assert len(summary["saes"]) == len(ONLY) * SEEDS and not any(s["error"] for s in summary["saes"])
     assert len(summary["calibration"]) >= 2 * 2  # relu and mi_ortho, two factors each in round 0
     assert all(s["steps"] >= 20 for s in summary["saes"])  # 6000 tokens in steps of 8 contexts of 31
+    # one progress line per final SAE as it ends, numbered within its round, with its L0
+    finals = [line for line in PROGRESS if line.startswith("  SAE ") and "/" + str(len(summary["saes"])) in line]
+    assert len(finals) >= len(summary["saes"]), PROGRESS
+    assert {f"  SAE {i}/{len(summary['saes'])}" for i in range(1, len(summary["saes"]) + 1)} <= {
+        line.split(" (")[0] for line in finals
+    }
+    assert all(" L0 " in line for line in finals)
 
 
 def test_every_sae_is_matched_to_the_target_l0(study):

@@ -313,7 +313,10 @@ def plot_measure(stats: dict, names, measure: str, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for variant in names:
-        pts = sorted((st[L0], st[measure]) for (v, _), st in stats.items() if v == variant and st[measure].n)
+        pts = sorted(
+            ((st[L0], st[measure]) for (v, _), st in stats.items() if v == variant and st[measure].n),
+            key=lambda point: point[0].mean,  # by L0 (a Stat has no order of its own)
+        )
         if pts:
             ax.errorbar(
                 [a.mean for a, _ in pts],

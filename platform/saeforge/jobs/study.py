@@ -121,7 +121,38 @@ def shared_train_args(args: StudyArgs, variant: str) -> TrainArgs:
     return TrainArgs(**shared, variant=variant, overrides={"batch_size": str(args.batch_size)}, tokens=args.tokens)
 
 
-def run_jobs(jobs: list[dict], ctx: StudyContext, name: str, storage: Path, concurrency: int) -> list[dict]:
+def job_label(job: dict) -> str:
+    return f"{job.get('variant', '?')} target L0 {job.get('target', 0):g} seed {job.get('seed', 0)}"
+
+
+def sae_done_printer(total: int, progress):
+    """A Tune callback printing one line per SAE of a round as it ends (a study's rounds run for
+    tens of minutes on a CPU): its place in the round, what it is, its L0 or its error, its time."""
+    from ray.tune import Callback
+
+    class SaeDone(Callback):
+        def __init__(self):
+            self.done, self.started = 0, time.time()
+
+        def _line(self, trial, outcome: str) -> None:
+            self.done += 1
+            job = (trial.config or {}).get("job", {})
+            minutes = (time.time() - self.started) / 60
+            progress(f"  SAE {self.done}/{total} ({job_label(job)}): {outcome} [{minutes:.1f} min into the round]")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            l0 = (trial.last_result or {}).get("l0", math.nan)
+            self._line(trial, f"L0 {l0:.1f}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._line(trial, "failed")
+
+    return SaeDone()
+
+
+def run_jobs(
+    jobs: list[dict], ctx: StudyContext, name: str, storage: Path, concurrency: int, progress=print
+) -> list[dict]:
     """One Tuner over the jobs (a grid, `concurrency` at once); each job's result, or its error."""
     from ray import tune
 
@@ -133,7 +164,9 @@ def run_jobs(jobs: list[dict], ctx: StudyContext, name: str, storage: Path, conc
         trainable,
         param_space={"job": tune.grid_search(jobs)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0),
+        run_config=tune.RunConfig(
+            name=name, storage_path=str(storage), verbose=0, callbacks=[sae_done_printer(len(jobs), progress)]
+        ),
     )
     out = []
     for result in tuner.fit():
@@ -154,7 +187,7 @@ def calibrate(plan: StudyPlan, args: StudyArgs, ctx: StudyContext, storage: Path
     chosen: dict[tuple[str, float], float] = {(v, t): 1.0 for v in plan.variants for t in plan.targets}
 
     def measure(jobs: list[dict], round_no: int) -> None:
-        for r in run_jobs(jobs, ctx, f"{Path(ctx.folder).name}-calibration-{round_no}", storage, n):
+        for r in run_jobs(jobs, ctx, f"{Path(ctx.folder).name}-calibration-{round_no}", storage, n, progress):
             l0 = r["metrics"].get("l0", math.nan)
             job = r["job"]
             rows.append({"round": round_no, **job, "l0": l0, "error": r.get("error", "")})
@@ -251,7 +284,7 @@ def run_study(args: StudyArgs, progress=print) -> dict:
         calibration_seconds, phase = time.time() - phase, time.time()
         jobs = [_job(v, t, factor, seed, FINAL) for (v, t), factor in factors.items() for seed in range(plan.seeds)]
         progress(f"saeforge: training and evaluating {len(jobs)} final SAE(s), {n} at a time")
-        finals = run_jobs(jobs, ctx, f"{name}-final", storage, n)
+        finals = run_jobs(jobs, ctx, f"{name}-final", storage, n, progress)
         final_seconds, seconds = time.time() - phase, time.time() - started
         info = {
             "name": name,
@@ -272,9 +305,9 @@ def run_study(args: StudyArgs, progress=print) -> dict:
             "final_seconds": final_seconds,
             "concurrent_saes": n,
         }
+        write_csv(calibration, folder / "calibration.csv")  # before the report: each SAE's result is on disk too
         report = study_report.build(plan.studies, plan.variants, finals, calibration, info)
         paths = study_report.write(report, folder)
-        write_csv(calibration, folder / "calibration.csv")
         mlflow.log_artifacts(str(folder / study_report.REPORT_DIR), artifact_path="study")
         mlflow.log_artifact(str(folder / "calibration.csv"), artifact_path="study")
         mlflow.log_metrics(
