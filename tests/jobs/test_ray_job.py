@@ -47,7 +47,9 @@ def wait_for_job_api(url: str, head, tmp_path, seconds: float = 180) -> None:
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with its own temp dir and ports; stopping it stops only it."""
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env, nm, om = free_ports(9)
-    base = 30000 + (os.getpid() % 200) * 100
+    # Worker ports below Linux's ephemeral range (32768-60999), where free_ports draws the others:
+    # a range inside it once took the object manager's port and the head refused to start.
+    base = 20000 + (os.getpid() % 120) * 100
     # A loaded 2-core machine can take minutes between the working-dir upload and the job's start:
     # keep the uploaded package referenced for an hour, not Ray's default 10 minutes.
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S": "3600"}
