@@ -121,10 +121,6 @@ def shared_train_args(args: StudyArgs, variant: str) -> TrainArgs:
     return TrainArgs(**shared, variant=variant, overrides={"batch_size": str(args.batch_size)}, tokens=args.tokens)
 
 
-def job_label(job: dict) -> str:
-    return f"{job.get('variant', '?')} target L0 {job.get('target', 0):g} seed {job.get('seed', 0)}"
-
-
 def sae_done_printer(total: int, progress):
     """A Tune callback printing one line per SAE of a round as it ends (a study's rounds run for
     tens of minutes on a CPU): its place in the round, what it is, its L0 or its error, its time."""
@@ -137,8 +133,9 @@ def sae_done_printer(total: int, progress):
         def _line(self, trial, outcome: str) -> None:
             self.done += 1
             job = (trial.config or {}).get("job", {})
+            what = f"{job.get('variant', '?')} target L0 {job.get('target', 0):g} seed {job.get('seed', 0)}"
             minutes = (time.time() - self.started) / 60
-            progress(f"  SAE {self.done}/{total} ({job_label(job)}): {outcome} [{minutes:.1f} min into the round]")
+            progress(f"  SAE {self.done}/{total} ({what}): {outcome} [{minutes:.1f} min into the round]")
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             l0 = (trial.last_result or {}).get("l0", math.nan)
@@ -150,9 +147,7 @@ def sae_done_printer(total: int, progress):
     return SaeDone()
 
 
-def run_jobs(
-    jobs: list[dict], ctx: StudyContext, name: str, storage: Path, concurrency: int, progress=print
-) -> list[dict]:
+def run_jobs(jobs: list[dict], ctx: StudyContext, name: str, storage: Path, concurrency: int, progress) -> list[dict]:
     """One Tuner over the jobs (a grid, `concurrency` at once); each job's result, or its error."""
     from ray import tune
 
