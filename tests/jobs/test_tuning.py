@@ -202,3 +202,30 @@ def test_compare_lists_champions_and_the_search_and_logs_the_plot(search, tmp_pa
     assert out.is_file() and out.stat().st_size > 5000
     assert result["logged_to"] == s["parent_run_id"]
     assert [a.path for a in MlflowClient().list_artifacts(s["parent_run_id"], "compare")] == ["compare/plot.png"]
+
+
+ONE_TRIAL_SPACE = SPACE.replace("values: [3.0e-3, 1.0e+30, 1.0e-7]", "values: [3.0e-3]")
+
+
+def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_torchtrainer(search, tmp_path):
+    """A one-worker trial skips the worker group's start-up: it trains in the Tune function's
+    process, its final checkpoint saved by Tune in the trial's own folder. A trial of two workers
+    fits a TorchTrainer, whose checkpoint lies in the trainer's folder under the search's
+    `trials/`. Both train every planned step."""
+    from mlflow.tracking import MlflowClient
+
+    from saeforge.jobs.search import run_tune
+
+    summary, _ = search
+    in_process = by_lr(summary)[3e-3]
+    assert in_process["step"] == 24 and "/trials/" not in in_process["checkpoint_dir"]
+    assert Path(in_process["checkpoint_dir"]).parent.name.startswith("run_trial_")  # Tune's trial folder
+
+    (tmp_path / "space.yaml").write_text(ONE_TRIAL_SPACE)
+    args = search_args(tmp_path, scheduler="fifo", workers=2, layer="7", activations="", report_every=0)
+    (s,) = run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
+    (row,) = s["rows"]
+    params = MlflowClient().get_run(row["run_id"]).data.params
+    assert row["status"] == "completed" and params["workers"] == "2" and row["step"] == int(params["total_steps"])
+    folder = Path(row["checkpoint_dir"])
+    assert folder.parent.name == row["trial_id"] and folder.parent.parent.name == "trials"  # the TorchTrainer's

@@ -100,8 +100,9 @@ class ClusterArgs:
     max_failures: int = opt(
         DEFAULT_MAX_FAILURES,
         "crashes survived before the run fails (default %(default)s): Ray Train restarts lost SAE "
-        "workers from the latest checkpoint up to N times per run (per trial in a search), and each "
-        "producer actor is restarted and its batch retried up to N times; 0: the first crash ends the run",
+        "workers from the latest checkpoint up to N times per run (per trial in a search; Tune restarts "
+        "a one-worker trial from its start), and each producer actor is restarted and its batch "
+        "retried up to N times; 0: the first crash ends the run",
         minimum=0,
         metavar="N",
     )

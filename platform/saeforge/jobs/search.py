@@ -35,10 +35,10 @@ from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources, sigter
 from saeforge.jobs.search_space import TuneSpace
 from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
 from saeforge.jobs.storage import is_uri, storage_path
-from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, zero_ablation
+from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, trains_in_process, zero_ablation
 from saeforge.jobs.validate import plan_train, variant_config
 
-TRIAL_CPU = 0.1  # the trial's own driver: it mostly waits on its TorchTrainer ({"cpu": 0} is refused)
+TRIAL_CPU = 0.1  # a TorchTrainer trial's own driver: it mostly waits on its workers ({"cpu": 0} is refused)
 
 
 def variant_names(text: str) -> list[str]:
@@ -97,6 +97,16 @@ def trial_concurrency(args: TuneArgs) -> tuple[int, int, float]:
     threads = max(1, int(physical // (n * args.workers)))
     gpu_per_worker = (1.0 if gpus >= n * args.workers else gpus / (n * args.workers)) if gpus else 0.0
     return n, threads, gpu_per_worker
+
+
+def trial_resources(plan: RunPlan) -> dict:
+    """What one trial asks Tune for: a trial that trains in its own process asks for a train
+    worker's resources; one that fits a TorchTrainer only for its driver (the workers ask for
+    their own)."""
+    if not trains_in_process(plan):
+        return {"cpu": TRIAL_CPU}
+    res = plan.resources
+    return {"cpu": 1, **({"gpu": res.gpus_per_worker} if res.gpus_per_worker > 0 else {}), **res.worker_resources}
 
 
 def cadence(args: TuneArgs, space: TuneSpace, plan: RunPlan) -> tuple[int, int, int]:
@@ -324,7 +334,8 @@ def search_variant(
             f"{storage}/{search_name}/trials",
             eval_reference,
         )
-        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"cpu": TRIAL_CPU})
+        in_process = trains_in_process(plan)
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(plan))
         tuner = tune.Tuner(
             trainable,
             param_space=space.param_space(),
@@ -334,7 +345,13 @@ def search_variant(
                 search_alg=make_search_alg(args, space, n),
                 scheduler=make_scheduler(args, space, grace, max_t),
             ),
-            run_config=tune.RunConfig(name=search_name, storage_path=storage, verbose=verbose),
+            run_config=tune.RunConfig(
+                name=search_name,
+                storage_path=storage,
+                verbose=verbose,
+                # a trial training in its own process is restarted by Tune; a TorchTrainer restarts its workers
+                failure_config=tune.FailureConfig(max_failures=args.max_failures if in_process else 0),
+            ),
         )
         rows = trial_rows(tuner.fit(), space, ctx)
         seconds = time.time() - started

@@ -25,6 +25,7 @@ from saeforge.core.training import LoopSettings, start_fresh, train_loop
 from saeforge.jobs import tracking
 from saeforge.jobs.activation_stream import step_batches
 from saeforge.jobs.plan import RunPlan
+from saeforge.jobs.train_worker import in_process_device
 from saeforge.jobs.validate import variant_config
 
 CALIBRATION, FINAL = "calibration", "final"
@@ -76,14 +77,6 @@ def trial_model(spec):
     return cache[spec]
 
 
-def trial_device(plan: RunPlan) -> str:
-    """The trial's GPU when Tune gave it one, else the CPU (the evaluation model follows
-    `compute_device`, which picks the same GPU)."""
-    import torch
-
-    return "cuda" if plan.resources.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-
-
 def train_sae(ctx: StudyContext, job: dict) -> tuple[variants.Variant, int]:
     """A fresh SAE trained on the first contexts of the shared activations; (SAE, steps)."""
     plan = ctx.plan
@@ -94,8 +87,8 @@ def train_sae(ctx: StudyContext, job: dict) -> tuple[variants.Variant, int]:
     )
     budget = step_budget(ctx.tokens, cfg.batch_size, plan.stream.context_size, 1, ctx.available_contexts)
     stream = dataclasses.replace(plan.stream, contexts_per_step=budget.contexts_per_step, workers=1)
-    sae = cls(cfg).to(trial_device(plan))
-    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream, device=trial_device(plan)))
+    sae = cls(cfg).to(in_process_device(plan))
+    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream, device=in_process_device(plan)))
     train_loop(sae, batches, LoopSettings(budget.total_steps, log_every=budget.total_steps, checkpoint_every=0))
     return sae, budget.total_steps
 

@@ -287,9 +287,14 @@ def start_run(uri: str, experiment_id: str, name: str, tags: dict | None = None)
 
 
 def start_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str, tags: dict) -> str:
-    """A child run of a search's parent run (one per trial); returns its id."""
+    """A child run of a search's parent run (one per trial); returns its id. A trial that Tune
+    restarts (`--max-failures`) gets the child run it started before, not a second one."""
     from mlflow.tracking import MlflowClient
 
+    if TRIAL_TAG in tags:
+        for run in child_runs(uri, experiment_id, parent_run_id):
+            if run.data.tags.get(TRIAL_TAG) == tags[TRIAL_TAG]:
+                return run.info.run_id
     return (
         MlflowClient(uri)
         .create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, **tags})
