@@ -229,3 +229,34 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_t
     assert row["status"] == "completed" and params["workers"] == "2" and row["step"] == int(params["total_steps"])
     folder = Path(row["checkpoint_dir"])
     assert folder.parent.name == row["trial_id"] and folder.parent.parent.name == "trials"  # the TorchTrainer's
+
+
+def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child_run(search, tmp_path, monkeypatch):
+    """--max-failures 1: the in-process trial's process exits at step 3 (as an OOM kill would end
+    it); Tune starts the trial again, which trains to its last step and ends in the child run it
+    started before, not a second one."""
+    import dataclasses
+
+    from mlflow.tracking import MlflowClient
+
+    import saeforge.jobs.search as search_module
+    from saeforge.jobs.plan import InjectedExit
+
+    marker, real = tmp_path / "trial-exited", search_module.plan_train
+
+    def plan_with_a_crash(args, progress=None):
+        plan, contexts = real(args, progress)
+        return dataclasses.replace(plan, worker_exit=InjectedExit(3, str(marker))), contexts
+
+    monkeypatch.setattr(search_module, "plan_train", plan_with_a_crash)
+    (tmp_path / "space.yaml").write_text(ONE_TRIAL_SPACE)
+    args = search_args(tmp_path, scheduler="fifo", layer="7", activations="", max_failures=1)
+    (s,) = search_module.run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
+    assert marker.exists()  # the trial's process did die
+    (row,) = s["rows"]
+    assert row["status"] == "completed" and row["step"] == 24, row
+    (child,) = MlflowClient().search_runs(
+        [MlflowClient().get_run(s["parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{s['parent_run_id']}'",
+    )
+    assert child.info.run_id == row["run_id"] and child.info.status == "FINISHED"
