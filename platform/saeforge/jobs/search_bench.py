@@ -8,8 +8,9 @@ the same training); its trials' sampled values, plus the space's fixed ones, the
 and evaluate on the same held-out contexts. Both arms read the prepared model from the same
 cache (prepared before anything is timed) and log to one MLflow store of their own. What the
 search saves: the model pass (once for all trials instead of once per run), the zero-ablated
-evaluation pass (once per search), Ray's and MLflow's start-up (once), and trials side by side
-where the cores allow.
+evaluation pass (once per search), Ray's and MLflow's start-up (once), a worker group per trial
+(a one-worker trial trains in its own process, where each run starts a TorchTrainer), and trials
+side by side where the cores allow.
 """
 
 from __future__ import annotations
