@@ -222,7 +222,9 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_t
     assert Path(in_process["checkpoint_dir"]).parent.name.startswith("run_trial_")  # Tune's trial folder
 
     (tmp_path / "space.yaml").write_text(ONE_TRIAL_SPACE)
-    args = search_args(tmp_path, scheduler="fifo", workers=2, layer="7", activations="", report_every=0)
+    args = search_args(
+        tmp_path, scheduler="fifo", workers=2, layer="7", activations="", report_every=0, tokens_per_trial=2000
+    )
     (s,) = run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
     (row,) = s["rows"]
     params = MlflowClient().get_run(row["run_id"]).data.params
