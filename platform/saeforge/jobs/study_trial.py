@@ -87,8 +87,9 @@ def train_sae(ctx: StudyContext, job: dict) -> tuple[variants.Variant, int]:
     )
     budget = step_budget(ctx.tokens, cfg.batch_size, plan.stream.context_size, 1, ctx.available_contexts)
     stream = dataclasses.replace(plan.stream, contexts_per_step=budget.contexts_per_step, workers=1)
-    sae = cls(cfg).to(in_process_device(plan))
-    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream, device=in_process_device(plan)))
+    device = in_process_device(plan)
+    sae = cls(cfg).to(device)
+    batches = start_fresh(sae, step_batches(ctx.dataset.limit(budget.contexts), stream, device=device))
     train_loop(sae, batches, LoopSettings(budget.total_steps, log_every=budget.total_steps, checkpoint_every=0))
     return sae, budget.total_steps
 
