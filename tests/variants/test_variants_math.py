@@ -548,12 +548,13 @@ def test_penalty_warmups_reach_the_full_coefficient_by_ten_percent_of_a_short_ru
     with torch.no_grad():
         l0 = float(jump.loss(x, 10**7).terms["l0"])  # long past any warm-up
         assert float(jump.loss(x, 20).terms["l0"]) == pytest.approx(l0 * 20 / 10_000, rel=1e-5)  # never capped
-        assert cubic.gamma(20) == pytest.approx(0.001 * 20 / 1000)
+        alpha = cubic.cfg.ortho_alpha
+        assert cubic.gamma(20) == pytest.approx(alpha * 20 / 1000)
         for model in (jump, cubic):
             model.begin_run(200)
         assert float(jump.loss(x, 20).terms["l0"]) == pytest.approx(l0, rel=1e-6)
         assert float(jump.loss(x, 10).terms["l0"]) == pytest.approx(l0 / 2, rel=1e-6)
-        assert cubic.gamma(20) == pytest.approx(0.001) and cubic.gamma(10) == pytest.approx(0.0005)
+        assert cubic.gamma(20) == pytest.approx(alpha) and cubic.gamma(10) == pytest.approx(alpha / 2)
     clone = variants.from_config_dict("jumprelu", jump.cfg.to_dict())
     clone.load_state_dict(jump.state_dict())  # a checkpoint carries the run length
     assert clone.penalty_warmup(10_000) == 20
@@ -817,7 +818,7 @@ def test_group_ib_encode_is_the_sparse_code_the_decoder_reads():
     expected = torch.relu(zg + torch.einsum("btgi,gij->btgj", zg, model.group_weight) + 0.5).reshape(z.shape) * (z > 0)
     assert torch.allclose(f, expected, atol=1e-6)
     assert torch.equal(out.latents, f) and torch.allclose(out.recon, f @ model.W_dec + model.b_dec)
-    assert out.terms["l1"].item() == pytest.approx(0.2 * 8 * float(f.sum(-1).mean()), rel=1e-5)  # x d_in
+    assert out.terms["l1"].item() == pytest.approx(model.cfg.l1_coeff * 8 * float(f.sum(-1).mean()), rel=1e-5)  # x d_in
 
 
 def test_group_ib_with_layernorm_penalises_what_the_decoder_reads():
@@ -981,24 +982,37 @@ def test_adaptive_mask_gates_latents_and_penalises_the_gates():
     plain = torch.relu((x - model.b_dec) @ model.W_enc + model.b_enc)
     assert torch.allclose(model.encode(x), plain * gates)
     out = model.loss(x)
-    assert out.terms["mask_l1"].item() == pytest.approx(0.3 * 6 * float(gates.sum()), rel=1e-6)  # x d_in
+    gains = gates * model.W_enc.detach().norm(dim=0)  # each gate times its encoder column's norm
+    assert out.terms["mask_l1"].item() == pytest.approx(0.3 * 6 * float(gains.sum()), rel=1e-5)  # x d_in
     assert model.diagnostics(x)["mask_mean"] == pytest.approx(float(gates.mean()), rel=1e-6)
 
 
-def test_adaptive_mask_renormalises_encoder_columns_and_decoder_rows():
-    """The gate is the only per-latent magnitude: unit encoder columns stop it being absorbed."""
-    model = variants.build("adaptive_mask", d_in=6, d_sae=10)
+def test_adaptive_mask_gate_penalty_reads_the_whole_gain_and_decoder_rows_are_unit():
+    """Moving gain between a gate and its encoder column (m by c, the column by 1/c) leaves f and
+    the gate penalty unchanged; decoder rows are renormalised, encoder columns only on request."""
+    model = variants.build("adaptive_mask", d_in=6, d_sae=10).double()
+    x = torch.randn(20, 6, generator=gen(32), dtype=torch.float64)
     with torch.no_grad():
-        model.W_enc.mul_(torch.linspace(0.2, 5.0, 10))
+        model.mask_logit.copy_(torch.linspace(-2, 2, 10))
+        before = model.loss(x)
+        model.mask_logit.copy_(torch.logit(0.5 * model.gates()))
+        model.W_enc.mul_(2.0)
+        model.b_enc.mul_(2.0)
+        after = model.loss(x)
+    assert torch.allclose(after.latents, before.latents)
+    assert after.terms["mask_l1"].item() == pytest.approx(before.terms["mask_l1"].item(), rel=1e-9)
+    with torch.no_grad():
+        model.W_enc.mul_(torch.linspace(0.2, 5.0, 10, dtype=torch.float64))
         model.W_dec.mul_(3.0)
+    norms = model.W_enc.norm(dim=0).clone()
     model.after_step(0)
-    assert torch.allclose(model.W_enc.norm(dim=0), torch.ones(10))
-    assert torch.allclose(model.W_dec.norm(dim=-1), torch.ones(10))
-    loose = variants.build("adaptive_mask", d_in=6, d_sae=10, overrides={"normalize_encoder": "false"})
+    assert torch.allclose(model.W_dec.norm(dim=-1), torch.ones(10, dtype=torch.float64))
+    assert torch.equal(model.W_enc.norm(dim=0), norms)  # free by default
+    unit = variants.build("adaptive_mask", d_in=6, d_sae=10, overrides={"normalize_encoder": "true"})
     with torch.no_grad():
-        loose.W_enc.mul_(5.0)
-    loose.after_step(0)
-    assert not torch.allclose(loose.W_enc.norm(dim=0), torch.ones(10))
+        unit.W_enc.mul_(5.0)
+    unit.after_step(0)
+    assert torch.allclose(unit.W_enc.norm(dim=0), torch.ones(10))
 
 
 def test_batchtopk_threshold_window_is_capped_at_ten_percent_of_the_run():
