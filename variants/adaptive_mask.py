@@ -25,10 +25,10 @@ sigmoid(mask_init_logit) ~ 0.88, nearly open). Training settings match hsae's.
 
 Defaults, measured (issue 15; docs/recipe.md has the runs): l1_coeff 0.003 and mask_l1_coeff
 1e-5 with free encoder columns. In the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae
-5120, lr 2e-3) the papers' 0.04 left the SAE silent (L0 0.2); with unit encoder columns 0.0012 gave L0 51 but CE loss
-recovered 0.45 and explained variance 0.44 (and a gate penalty 100x lighter changed nothing),
-where free columns reach explained variance 0.86 at L0 160 with the same L1 (and the plain
-gate penalty). With the gain-weighted penalty at 0.001 the encoder norms shrink instead of the
+5120, lr 2e-3) the papers' 0.04 left the SAE silent (L0 0.2); with unit encoder columns 0.0012
+gave L0 51 but CE loss recovered 0.45 and explained variance 0.44 (and a gate penalty 100x
+lighter changed nothing), where free columns reach explained variance 0.86 at L0 160 with the
+same L1 (and the plain gate penalty). With the gain-weighted penalty at 0.001 the encoder norms shrink instead of the
 gates (explained variance 0.40 at L0 49, mean |corr| 0.91); at 1e-5 the defaults give L0 36, CE
 loss recovered 0.56 and explained variance 0.50: better than unit columns, still not faithful
 (the gates stay near their start, 0.88, in 147 steps).
