@@ -8,11 +8,15 @@ d_sae / 2 each (the paper's k/2 + k/2):
 
 with G_l = Z_l Z_l^T the B x B Gram matrices of the batch. Rows are the per-latent maps: Ws
 (d_sae/2 x d_in, level 1's skip path), W2 (d_sae/2 x d_sae/2, how each z1 latent feeds level 2),
-Wd2 (d_sae/2 x d_sae/2) and Wd1 (d_sae/2 x d_in). The paper constrains only Wd1 and Wd2; here
-every map that reads a latent has unit-norm rows (renormalised after each step): Ws and W2 read
-z1, Wd2 reads z2, Wd1 reads Wd2's output. Otherwise Ws and W2 absorb a shrinking z1, the level-1
-L1 stops controlling the per-level zero fraction (the paper's headline number) and the Gram term
-can be lowered for free. The latents are [z1, z2] concatenated; `decode` takes that vector.
+Wd2 (d_sae/2 x d_sae/2) and Wd1 (d_sae/2 x d_in). The paper constrains Wd1 and Wd2 to unit rows;
+here, after each step, the maps that read z1 (Ws, W2) and Wd1 have unit rows, and each Wd2 row is
+scaled so that level-2 latent j's whole direction, row j of Wd2 Wd1, has unit norm. Otherwise Ws
+and W2 absorb a shrinking z1 (the level-1 L1 stops controlling the per-level zero fraction, the
+paper's headline number), and unit rows of Wd2 and Wd1 alone do not bound level 2's gain: Wd1's
+d_sae/2 unit rows in d_in dimensions can align, and measured in the default run's budget the
+level-2 directions grew to a median norm of 2.9-3.7 (max 6.5), so z2 shrank by that factor under
+its L1 and by its fourth power under the Gram term, with the reconstruction unchanged. The
+latents are [z1, z2] concatenated; `decode` takes that vector.
 
 Conventions: MSE summed over d_in, averaged over tokens. The paper's coefficients (0.03, 0.05,
 0.02) weigh its terms against an MSE averaged over d_in, so each is applied times d_in. The L1s
@@ -30,6 +34,22 @@ about 80 after normalisation), reaches every level-1 latent through W1 as W1 gro
 b1 can follow: at 100k tokens (lr 2e-3) level 1 ended with mean |corr| 0.74 between latents,
 level 2 silent and explained variance 0.27 (docs/recipe.md).
 
+Defaults, measured (issue 15; docs/recipe.md has the runs): l1_level1 0.002, l1_level2 0.003,
+gram_coeff 1e-10, the shared recipe (Adam at 2e-3, batches of 1024, decayed over the last 20%).
+In the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae 5120) the Gram term at the
+paper's 0.02 is about 1e7 times the MSE when both levels fire: it silences level 2 and, since
+for a given L1 a code spread over many small latents has the smallest ||z1||^2, it makes level 1
+dense (measured with unit Wd2 rows, before the level-2 directions were made unit: the paper's
+weights and training gave L0 419 and explained variance 0.35; L1s 0.002 / 0.003 with it L0
+1,172, all of it level 1; at 1e-8 L0 429, level 1 again). At 1e-10 it cuts the Gram penalty 140x
+at a cost of 0.01 explained variance. Without it, or at 1e-10, the
+code is hierarchical: about 16 level-1 latents per token (the parents, 0.5% of level 1) and 200
+level-2 latents (their children, 8%), explained variance 0.75 (`--no-ce`); larger L1s do not
+make it sparser (0.003 / 0.005: L0 203, 0.49; 0.005 / 0.008: L0 141, 0.37, mean |corr| 0.93):
+level 2 keeps about 150-200 latents firing whatever its L1. `--set l1_level1=0.03
+l1_level2=0.05 gram_coeff=0.02 optimizer=adamw weight_decay=0.01 lr_schedule=cosine
+batch_size=2048` is the paper's setting.
+
 Initialisation from data (`b_dec_init`): bd1 at the batch's geometric median.
 
 Decoder directions: x_hat is linear in (z1, z2), so each latent's exact direction is its column of
@@ -40,7 +60,8 @@ Rescaling moves (`rescalings`): all latents, level 1 only (z1 by c, W2 and Ws by
 only (W2 and b2 by c, Wd2 by 1/c); after_step's unit rows undo each.
 
 Cost per step: three matmuls B x d_in x d_sae/2 (encode, skip, Wd1), two B x (d_sae/2)^2
-(W2, Wd2), and two B x B x d_sae/2 Gram matrices (B^2 memory: 16 MiB at B = 2048).
+(W2, Wd2), two B x B x d_sae/2 Gram matrices (B^2 memory: 4 MiB at B = 1024), and after the step
+Wd2 Wd1, (d_sae/2)^2 x d_in, for the level-2 norms.
 """
 
 import copy
@@ -50,22 +71,26 @@ import torch
 from torch import Tensor, nn
 
 from variants import register
-from variants.base import LR_SCHEDULE_HELP, ConfigError, LatentGroups, LossOut, Variant, VariantConfig, param
+from variants.base import ConfigError, LatentGroups, LossOut, Variant, VariantConfig, param
 from variants.common import geometric_median, gram_matrix, mse_loss, paper_weight, tied_init
 
 
 @dataclass(kw_only=True)
 class HSAEConfig(VariantConfig):
-    l1_level1: float = param(0.03, "lambda_1: L1 weight on the level-1 latents z1 (paper's scale, applied x d_in)")
-    l1_level2: float = param(0.05, "lambda_2: L1 weight on the level-2 latents z2 (paper's scale, applied x d_in)")
-    gram_coeff: float = param(
-        0.02, "lambda_d: weight of ||G1 * G2||_F^2 summed over the B x B token pairs (paper's scale, applied x d_in)"
+    l1_level1: float = param(
+        0.002, "lambda_1: L1 weight on the level-1 latents z1 (paper's scale, applied x d_in; the paper's is 0.03)"
     )
-    optimizer: str = param("adamw", "'adam' or 'adamw'")
-    weight_decay: float = param(0.01, "AdamW weight decay (the paper names AdamW only: PyTorch's default)")
-    lr_schedule: str = param("cosine", LR_SCHEDULE_HELP)
-    batch_size: int = param(2048, "activation tokens per optimiser step")
-    normalize_decoder: bool = param(True, "renormalise the rows of Ws, W2, Wd1 and Wd2 to unit norm after each step")
+    l1_level2: float = param(
+        0.003, "lambda_2: L1 weight on the level-2 latents z2 (paper's scale, applied x d_in; the paper's is 0.05)"
+    )
+    gram_coeff: float = param(
+        1.0e-10,
+        "lambda_d: weight of ||G1 * G2||_F^2 summed over the B x B token pairs (paper's scale, applied x d_in; "
+        "the paper's is 0.02)",
+    )
+    normalize_decoder: bool = param(
+        True, "after each step: unit rows for Ws, W2 and Wd1, and unit level-2 directions (the rows of Wd2 Wd1)"
+    )
     center_input: bool = param(
         True,
         "the encoder reads x - bd1 (as every linear SAE's reads x - b_dec; the same functions as the paper's "
@@ -136,9 +161,11 @@ class HSAE(Variant):
 
     @torch.no_grad()
     def normalize_decoder_rows(self) -> None:
-        """Unit rows for every map that reads a latent (Ws, W2 read z1; Wd2 reads z2; Wd1)."""
-        for w in (self.Ws, self.W2, self.Wd1, self.Wd2):
+        """Unit rows for the maps that read z1 (Ws, W2) and for Wd1; then each Wd2 row is scaled so
+        that level-2 latent j's whole direction, row j of Wd2 Wd1, has unit norm."""
+        for w in (self.Ws, self.W2, self.Wd1):
             w.div_(w.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+        self.Wd2.div_((self.Wd2 @ self.Wd1).norm(dim=-1, keepdim=True).clamp_min(1e-8))
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor) -> None:

@@ -42,7 +42,9 @@ def test_every_shipped_space_parses_builds_and_converts(name):
         value = domain.sample()
         kind = types[field]
         assert isinstance(value, kind) or (kind is float and isinstance(value, int)), (field, value)
-    assert space.l0_max() == 128
+    # Every search bounds L0 at 128, except hsae's: its level 2 keeps ~150-200 latents firing in a
+    # short run whatever its L1 (docs/recipe.md), so 128 would leave a search with no trial to keep.
+    assert space.l0_max() == (256 if name == "hsae" else 128)
 
 
 def test_good_space(tmp_path):

@@ -878,16 +878,21 @@ def test_hsae_gram_penalty_matches_a_naive_loop_and_renormalises_every_reader():
     naive = sum(float(z1[a] @ z1[b]) ** 2 * float(z2[a] @ z2[b]) ** 2 for a in range(7) for b in range(7))
     assert model.gram_penalty(z1, z2).item() == pytest.approx(naive, rel=1e-5)
     out = model.loss(x)
-    assert out.terms["gram"].item() == pytest.approx(0.02 * 6 * naive, rel=1e-5)
-    assert out.terms["l1_level2"].item() == pytest.approx(0.05 * 6 * float(z2.sum(-1).mean()), rel=1e-6)
+    assert out.terms["gram"].item() == pytest.approx(model.cfg.gram_coeff * 6 * naive, rel=1e-5)
+    level2_l1 = model.cfg.l1_level2 * 6 * float(z2.sum(-1).mean())
+    assert out.terms["l1_level2"].item() == pytest.approx(level2_l1, rel=1e-6)
     with torch.no_grad():
         model.Wd1.mul_(3.0)
-        model.Wd2.mul_(0.5)
+        model.Wd1[1:].copy_(model.Wd1[0])  # aligned rows: unit rows of Wd2 and Wd1 alone would leave
+        model.Wd2.abs_().mul_(0.5)  # level-2 directions of norm up to 4 (every Wd2 row sums them)
         model.Ws.mul_(2.0)
         model.W2.mul_(4.0)
     model.after_step(0)
-    for w in (model.Wd1, model.Wd2, model.Ws, model.W2):  # every map that reads a latent
+    for w in (model.Wd1, model.Ws, model.W2):  # the maps that read z1, and Wd1
         assert torch.allclose(w.norm(dim=-1), torch.ones(4))
+    # each level-2 latent's whole direction (row of Wd2 Wd1) is unit, as every decoder row is
+    assert torch.allclose((model.Wd2 @ model.Wd1).norm(dim=-1), torch.ones(4))
+    assert torch.allclose(model.decoder_directions().norm(dim=-1), torch.ones(8))
     zero = model.diagnostics(x)
     assert zero["zero_fraction_level1"] == pytest.approx(float((z1 == 0).float().mean()))
 
