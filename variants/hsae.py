@@ -35,20 +35,19 @@ b1 can follow: at 100k tokens (lr 2e-3) level 1 ended with mean |corr| 0.74 betw
 level 2 silent and explained variance 0.27 (docs/recipe.md).
 
 Defaults, measured (issue 15; docs/recipe.md has the runs): l1_level1 0.002, l1_level2 0.003,
-gram_coeff 1e-10, the shared recipe (Adam at 2e-3, batches of 1024, decayed over the last 20%).
-In the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae 5120) the Gram term at the
-paper's 0.02 is about 1e7 times the MSE when both levels fire: it silences level 2 and, since
-for a given L1 a code spread over many small latents has the smallest ||z1||^2, it makes level 1
-dense (measured with unit Wd2 rows, before the level-2 directions were made unit: the paper's
-weights and training gave L0 419 and explained variance 0.35; L1s 0.002 / 0.003 with it L0
-1,172, all of it level 1; at 1e-8 L0 429, level 1 again). At 1e-10 it cuts the Gram penalty 140x
-at a cost of 0.01 explained variance. Without it, or at 1e-10, the
-code is hierarchical: about 16 level-1 latents per token (the parents, 0.5% of level 1) and 200
-level-2 latents (their children, 8%), explained variance 0.75 (`--no-ce`); larger L1s do not
-make it sparser (0.003 / 0.005: L0 203, 0.49; 0.005 / 0.008: L0 141, 0.37, mean |corr| 0.93):
-level 2 keeps about 150-200 latents firing whatever its L1. `--set l1_level1=0.03
-l1_level2=0.05 gram_coeff=0.02 optimizer=adamw weight_decay=0.01 lr_schedule=cosine
-batch_size=2048` is the paper's setting.
+gram_coeff 1e-10, the shared recipe (Adam at 2e-3, batches of 1024, decayed over the last 20%). In
+the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae 5120) the Gram term at the paper's
+0.02 is about 1e7 times the MSE when both levels fire: it silences level 2 and, since for a given
+L1 a code spread over many small latents has the smallest ||z1||^2, it makes level 1 dense
+(measured with unit Wd2 rows, before the level-2 directions were made unit: the paper's weights and
+training gave L0 419 and explained variance 0.35; L1s 0.002 / 0.003 with it L0 1,172, all of it
+level 1; at 1e-8 L0 429, level 1 again). At 1e-10 it cuts the Gram penalty 140x at a cost of 0.01
+explained variance. Without it, or at 1e-10, the code is hierarchical: about 16 level-1 latents per
+token (the parents, 0.5% of level 1) and 200 level-2 latents (their children, 8%), explained
+variance 0.75 (the defaults: L0 211, CE loss recovered 0.70); larger L1s do not make it sparser
+(0.003 / 0.005: L0 203, 0.49; 0.005 / 0.008: L0 141, 0.37, mean |corr| 0.93): level 2 keeps about
+150-200 latents firing whatever its L1. `--set l1_level1=0.03 l1_level2=0.05 gram_coeff=0.02
+optimizer=adamw weight_decay=0.01 lr_schedule=cosine batch_size=2048` is the paper's setting.
 
 Initialisation from data (`b_dec_init`): bd1 at the batch's geometric median.
 
