@@ -39,27 +39,19 @@ def main() -> None:
     hook = HookPoint(6)
     data = recipe_sweep.activations("gemma-3-270m", hook, ns.tokens, 1024, 32, recipe_sweep.Path(ns.cache))
     data["eval_acts"] = recipe_sweep.eval_activations("gemma-3-270m", hook, data["eval"])
-    built = []  # recipe_sweep.run builds the SAE; keep each one to read its levels
-    build = recipe_sweep.variants.build
-
-    def build_and_keep(*args, **kwargs):
-        built.append(build(*args, **kwargs))
-        return built[-1]
-
-    recipe_sweep.variants.build = build_and_keep
+    real = torch.from_numpy(corpus.valid_mask(data["eval"], data["special"]))  # no BOS / padding
     for text in ns.recipes:
-        row = recipe_sweep.run(text, data, None, hook, ns.tokens, None)
-        sae = built[-1]
-        real = torch.from_numpy(corpus.valid_mask(data["eval"], data["special"])).reshape(-1)  # no BOS/padding
-        x = data["eval_acts"].reshape(-1, data["eval_acts"].shape[-1])[real].float() * sae.act_scale
+        sae, _, curve, _ = recipe_sweep.train(text, data, ns.tokens)
+        row = recipe_sweep.quick_eval(sae, data["eval_acts"], real)
+        x = data["eval_acts"][real].float() * sae.act_scale
         with torch.no_grad():
             z1, z2 = sae.levels(x)
-            norms = (sae.Wd2 @ sae.Wd1).norm(dim=-1)
+            norms = sae.decoder_directions()[sae.cfg.d_sae // 2 :].norm(dim=-1)  # level 2: rows of Wd2 Wd1
         print(
             f"{text}: L0 {row['l0']:.1f} (level 1 {(z1 > 0).sum(-1).float().mean():.1f}, level 2 "
             f"{(z2 > 0).sum(-1).float().mean():.1f}), explained variance {row['explained_variance']:.3f}, "
             f"live latents {int((z1 > 0).any(0).sum())} + {int((z2 > 0).any(0).sum())}, level-2 direction "
-            f"norms median {norms.median():.2f} max {norms.max():.2f}, last window {row['final_window']}",
+            f"norms median {norms.median():.2f} max {norms.max():.2f}, last window {recipe_sweep.last_window(curve)}",
             flush=True,
         )
 

@@ -122,7 +122,13 @@ def quick_eval(sae, acts: torch.Tensor, mask: torch.Tensor) -> dict:
     }
 
 
-def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, reference) -> dict:
+def last_window(curve: list) -> dict:
+    """The last logged window's loss terms, shared statistics and the variant's diagnostics."""
+    return {k: round(v, 5) for k, v in curve[-1][1].items() if k.startswith(TRACKED)} if curve else {}
+
+
+def train(text: str, data: dict, tokens: int):
+    """One recipe trained on the cached activations: (sae, loop state, logged curve, seconds)."""
     name, overrides = recipe(text)
     sae = variants.build(name, d_in=data["acts"].shape[-1], d_sae=8 * data["acts"].shape[-1], overrides=overrides)
     budget = step_budget(tokens, sae.cfg.batch_size, 128, 1, available_contexts=len(data["acts"]))
@@ -134,7 +140,11 @@ def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, referen
         LoopSettings(budget.total_steps, log_every=25),
         on_log=lambda s, m: curve.append((s, m)),
     )
-    train_seconds = time.perf_counter() - started
+    return sae, state, curve, time.perf_counter() - started
+
+
+def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, reference) -> dict:
+    sae, state, curve, train_seconds = train(text, data, tokens)
     dead = metrics.dead_fraction(sae.tokens_since_fired, state.tokens_seen)
     if full_model is None:
         result = quick_eval(sae, data["eval_acts"], torch.from_numpy(corpus.valid_mask(data["eval"], data["special"])))
@@ -155,7 +165,7 @@ def run(text: str, data: dict, full_model, hook: HookPoint, tokens: int, referen
         "eval_tokens": result["eval_tokens"],
         # the last logged window (25 steps): each weighted loss term beside the MSE, the shared
         # statistics and the variant's own diagnostics (how hard each penalty pulls at the end)
-        "final_window": {k: round(v, 5) for k, v in curve[-1][1].items() if k.startswith(TRACKED)} if curve else {},
+        "final_window": last_window(curve),
     }
 
 
