@@ -279,7 +279,9 @@ def worker_dataset(dataset, spec: StreamSpec):
     hints (ignored anyway when the order is preserved) would reorder bundles: both are set here."""
     import ray.train
 
-    options = ray.train.DataConfig.default_ingest_options()
+    with warnings.catch_warnings():  # Ray 2.60's own default passes a field it deprecates: not the user's to fix
+        warnings.filterwarnings("ignore", message=".*exclude_resources")
+        options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True
     config = ray.train.DataConfig(execution_options=options, enable_shard_locality=False)
     if spec.workers > 1:
