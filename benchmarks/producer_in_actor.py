@@ -2,12 +2,14 @@
 the producer actor makes activations about 20% slower than the same `ActivationProducer` in the
 plain loop's process).
 
-Both sides build the same `ActivationProducer` (the default run's model slice, precision and
-threads) and time the same batches of 16 training contexts, one after another, back to back in
-one invocation: first in this process, then in a Ray actor (one CPU declared, as Ray Data's
-producers are) started by a local Ray of this process. Each side also reports the bare forward
-(`ActivationProducer.activations`, no Ray call around it) and the CPU its threads used, so a gap
-can be told apart from Ray's call overhead and from other processes taking the cores.
+Every arm builds the same `ActivationProducer` (the default run's model slice, precision and
+threads) and times the same batches of 16 training contexts, one after another, back to back in
+one invocation: first in this process, then in a fresh Ray actor left with glibc's own malloc
+thresholds, then in a fresh Ray actor as saeforge runs it (`core.allocator.keep_freed_memory`),
+each actor with one CPU declared, as Ray Data's producers are, on a local Ray of this process.
+Each arm also reports the bare forward (`ActivationProducer.activations`, no Ray call around it),
+the CPU its threads used and its process's minor page faults, so a gap can be told apart from
+Ray's call overhead, from other processes taking the cores, and from memory paged in again.
 
     .venv/bin/python benchmarks/producer_in_actor.py [--batches 24] [--threads 2] [--rounds 2]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import numpy as np
@@ -25,14 +28,22 @@ from saeforge.jobs.activation_stream import BATCH_CONTEXTS, ID_COLUMN, TOKENS_CO
 
 
 class TimedProducer(ActivationProducer):
-    """The producer, with the seconds of its bare forwards and its process's CPU time."""
+    """The producer, with the seconds of its bare forwards, its process's CPU time and page faults."""
 
-    def forward_seconds(self, batches: list[dict]) -> tuple[float, float]:
-        """(wall, CPU) seconds of the bare forwards of `batches`, one after another."""
+    def forward_seconds(self, batches: list[dict]) -> tuple[float, float, int]:
+        """(wall, CPU) seconds and the minor page faults of the bare forwards of `batches`."""
         wall, cpu = time.perf_counter(), time.process_time()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         for batch in batches:
             self.activations(torch.from_numpy(np.asarray(batch[TOKENS_COLUMN], dtype=np.int64)))
-        return time.perf_counter() - wall, time.process_time() - cpu
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return time.perf_counter() - wall, time.process_time() - cpu, faults
+
+
+class GlibcDefaultsProducer(TimedProducer):
+    """The same, its process left with glibc's own malloc thresholds (saeforge.core.allocator)."""
+
+    KEEP_FREED_MEMORY = False
 
 
 def local_call(producer: TimedProducer):
@@ -51,9 +62,9 @@ def side(call, batches: list[dict]) -> dict:
     for batch in batches[1:]:
         call("__call__", batch)
     calls = time.perf_counter() - started
-    wall, cpu = call("forward_seconds", batches[1:])
+    wall, cpu, faults = call("forward_seconds", batches[1:])
     n = len(batches) - 1
-    return {"call_ms": calls / n * 1000, "forward_ms": wall / n * 1000, "forward_cpu": cpu / wall}
+    return {"call_ms": calls / n * 1000, "forward_ms": wall / n * 1000, "forward_cpu": cpu / wall, "faults": faults}
 
 
 def main() -> None:
@@ -75,20 +86,27 @@ def main() -> None:
         for i in range(0, len(ids), BATCH_CONTEXTS)
     ]
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    actor_cls = ray.remote(num_cpus=1)(TimedProducer)
     what = f"{BATCH_CONTEXTS} contexts, {plan.stream.precision}, {args.threads} threads"
     print(f"{len(batches) - 1} timed batches of {what}")
-    print("| round | where | ms per producer call | ms per bare forward | CPU cores used by the forward |")
-    print("|---|---|---|---|---|")
+    print("| round | where | ms per producer call | ms per bare forward | CPU cores of the forward | page faults |")
+    print("|---|---|---|---|---|---|")
+    plain_producer = TimedProducer(plan.stream, threads=args.threads)  # this process keeps freed memory from here on
+    arms = (("Ray actor, glibc's thresholds", GlibcDefaultsProducer), ("Ray actor", TimedProducer))
     for r in range(1, args.rounds + 1):
-        plain = side(local_call(TimedProducer(plan.stream, threads=args.threads)), batches)
-        actor = actor_cls.remote(plan.stream, threads=args.threads)
-        in_actor = side(actor_call(actor), batches)
-        ray.kill(actor)
-        for where, s in (("plain process", plain), ("Ray actor", in_actor)):
-            print(f"| {r} | {where} | {s['call_ms']:.0f} | {s['forward_ms']:.0f} | {s['forward_cpu']:.2f} |")
-        call, forward = (in_actor[k] / plain[k] for k in ("call_ms", "forward_ms"))
-        print(f"| {r} | Ray actor / plain process | {call:.2f}x | {forward:.2f}x | |")
+        rows = [("plain process", side(local_call(plain_producer), batches))]
+        for where, cls in arms:
+            actor = ray.remote(num_cpus=1)(cls).remote(plan.stream, threads=args.threads)
+            rows.append((where, side(actor_call(actor), batches)))
+            ray.kill(actor)
+        for where, s in rows:
+            print(
+                f"| {r} | {where} | {s['call_ms']:.0f} | {s['forward_ms']:.0f} | {s['forward_cpu']:.2f} | "
+                f"{s['faults']:,} |"
+            )
+        plain = rows[0][1]
+        for where, s in rows[1:]:
+            call, forward = (s[k] / plain[k] for k in ("call_ms", "forward_ms"))
+            print(f"| {r} | {where} / plain process | {call:.2f}x | {forward:.2f}x | | |")
     print(f"(pid {os.getpid()}; other processes on the machine are not controlled)")
 
 
