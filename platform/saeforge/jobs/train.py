@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict
 
 from saeforge.core import sae_files
-from saeforge.core.allocator import keep_freed_memory
 from saeforge.core.eval_suites.runner import build_context, run_local
 from saeforge.core.evaluation import evaluate_hooks
 from saeforge.core.model import compute_device, load_model
@@ -124,7 +123,6 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     k runs share the run's name) and registered under its own name; the summary lists every
     hook's result under "hooks" (a one-hook run also has its result at the top, as always)."""
     started = time.time()
-    keep_freed_memory()  # for the evaluation's forwards in this process, as in the producers and workers
     phases = Phases()
     plan, contexts = plan_train(args, progress)
     phases.done("plan")  # the model prepared the first time, the corpus tokenised

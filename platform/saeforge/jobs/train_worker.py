@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from saeforge.core import metrics
-from saeforge.core.allocator import keep_freed_memory
 from saeforge.core.training import LoopState, start_fresh_side_by_side, train_side_by_side
 from saeforge.jobs import checkpoints, progress_board, tracking
 from saeforge.jobs.activation_stream import hook_step_batches
@@ -118,9 +117,7 @@ def in_process_device(plan: RunPlan) -> str:
 
 def train_plan(plan: RunPlan, shard, session: WorkerSession) -> None:
     """Train the plan's SAEs (one per hook) on this worker's shard (a Ray Data iterator),
-    reporting through the session: every `report_every` steps, and each checkpoint. The process
-    keeps the memory each step frees (`allocator.keep_freed_memory`), as the producers do."""
-    keep_freed_memory()
+    reporting through the session: every `report_every` steps, and each checkpoint."""
     torch.set_num_threads(plan.resources.worker_threads)
     rank, world, device, resume_dir = session.rank, session.world, session.device, session.resume_dir
     hooks = plan.stream.hooks
