@@ -1,14 +1,16 @@
-"""glibc's malloc, told to keep the memory that each forward pass or SAE step frees for the next.
+"""glibc's malloc, told to keep the memory that each forward pass frees for the next.
 
 glibc gives the free memory at the top of its heap back to the system once more than a threshold
 is free, and serves blocks above another threshold with their own mmap; both start small (128 KiB
 and 256 KiB) and only rise as a process happens to free larger blocks. A process that loops over
 the same big tensors (the slice's forward: blocks of 4-16 MB, a few hundred MB a batch) can then
 return and page in again most of what every batch uses. Measured with
-`benchmarks/producer_in_actor.py` on Gemma 3 270M's slice to layer 6 (11 batches of 16 contexts,
-bf16, 2 threads): in a fresh Ray actor the forward took 1.66 million page faults and 1.23x as long
-as the same forward in the driver, where earlier work had already raised the thresholds (6
-thousand faults); with the thresholds fixed as below, 4 thousand faults and 1.02x.
+`.venv/bin/python benchmarks/producer_in_actor.py --rounds 3` on Gemma 3 270M's slice to layer 6
+(23 batches of 16 contexts, bf16, 2 threads): in a fresh Ray actor with glibc's thresholds the
+forward took 1.4-3.1 million page faults and 1.10-1.33x as long as in the driver process (17-4,352
+faults); with the thresholds fixed as below, 29-3,357 faults and 0.94-1.05x. (A driver that has
+tokenised and loaded a model has usually raised its own thresholds already: 513-6,414 faults for
+11 batches with glibc's, in a scratch run before this module.)
 
 In a whole `saeforge train` (Ray Data's producer actor, 200k tokens) the producer's steady rate
 went from 2,390-2,560 to 2,730 tokens/s. Only the producers call it: SAE steps in a fresh process

@@ -74,7 +74,7 @@ class ActivationProducer:
     """Ray Data actor class: loads the model slice once, then maps token contexts to activations
     (counting its forwards in the named counter actor when `count` is set; `inject_exit`: the
     fault tests' crash, see `InjectedExit`). Its process keeps the memory each forward frees
-    (`allocator.keep_freed_memory`: 1.23x faster in a fresh actor, measured)."""
+    (`allocator.keep_freed_memory`: its forward was 1.10-1.33x slower without, measured)."""
 
     KEEP_FREED_MEMORY = True  # False only in benchmarks/producer_in_actor.py's glibc-defaults arm
 
