@@ -48,9 +48,12 @@ FORWARD_CONTEXTS = 160  # contexts per forward measurement (10 producer batches)
 SAE_STEPS = 40  # steps per SAE measurement
 
 
-def setup(tokens: int):
+MEASURED_TOKENS = 60_000  # contexts tokenised for the measurements (--tokens only scales the result)
+
+
+def setup():
     """The same-work run's plan and enough training contexts for every measurement."""
-    work = TrainArgs(variant="relu", d_sae=4096, tokens=max(tokens, 60_000), eval_contexts=4)
+    work = TrainArgs(variant="relu", d_sae=4096, tokens=MEASURED_TOKENS, eval_contexts=4)
     plan, contexts = plan_train(work, lambda *_: None)
     return plan, np.asarray(contexts.train.pack())
 
@@ -102,7 +105,7 @@ def child(role: str, threads: int, start_at: float, window: float, data: Path) -
     """One side of the split: forward (role 'forward') or train (role 'sae') on `threads` threads
     from wall-clock `start_at` for `window` seconds; prints the tokens per second it reached."""
     torch.set_num_threads(threads)
-    plan, ids = setup(60_000)
+    plan, ids = setup()
     saved = torch.load(data)
     producer = ActivationProducer(plan.stream, threads=threads) if role == "forward" else None
     if producer is not None:
@@ -169,7 +172,7 @@ def main() -> None:
         return
 
     cores = os.cpu_count() or 1
-    plan, ids = setup(args.tokens)
+    plan, ids = setup()
     producer = ActivationProducer(plan.stream, threads=cores)
     torch.set_num_threads(cores)
     acts = forward(producer, ids[: plan.stream.contexts_per_step * 12])
