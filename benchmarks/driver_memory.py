@@ -65,8 +65,8 @@ def measure(args, folder: Path) -> None:
     if not args.old:
         import ray
 
-        from saeforge.jobs.corpus_stream import corpus_dataset
-        from saeforge.jobs.ray_cluster import connect_ray
+        from saeforge.jobs.data.corpus_stream import corpus_dataset
+        from saeforge.jobs.runtime.ray_cluster import connect_ray
 
         connect_ray("")
 

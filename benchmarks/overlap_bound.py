@@ -40,8 +40,8 @@ import torch
 
 from saeforge.core.corpus import valid_mask
 from saeforge.core.training import start_fresh, train_loop
-from saeforge.jobs.activation_stream import BATCH_CONTEXTS, ActivationProducer
 from saeforge.jobs.arguments import TrainArgs
+from saeforge.jobs.data.activation_stream import BATCH_CONTEXTS, ActivationProducer
 from saeforge.jobs.validate import plan_train
 
 FORWARD_CONTEXTS = 160  # contexts per forward measurement (10 producer batches)

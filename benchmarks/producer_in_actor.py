@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from saeforge.jobs.activation_stream import BATCH_CONTEXTS, ID_COLUMN, TOKENS_COLUMN, ActivationProducer
+from saeforge.jobs.data.activation_stream import BATCH_CONTEXTS, ID_COLUMN, TOKENS_COLUMN, ActivationProducer
 
 
 class TimedProducer(ActivationProducer):

@@ -66,7 +66,7 @@ def ray_session():
     API that Ray Train's clean-up needs)."""
     import ray
 
-    from saeforge.jobs.ray_cluster import connect_ray
+    from saeforge.jobs.runtime.ray_cluster import connect_ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     connect_ray("")
@@ -114,7 +114,7 @@ def tiny_args(tmp: Path, **changes):
 @pytest.fixture(scope="session")
 def tiny_run(ray_session, mlflow_store, session_dir):
     """One real end-to-end run on the tiny Gemma: Ray Data producers -> Ray Train -> MLflow."""
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     return run_train(
         tiny_args(session_dir, run_name="tiny-e2e", eval_suites="disentanglement"), progress=lambda *_: None

@@ -1,3 +1,12 @@
-"""saeforge: train sparse autoencoders on Gemma activations with Ray, track them with MLflow."""
+"""saeforge trains sparse autoencoders (SAEs) on the activations of Gemma models with Ray, and
+keeps them in MLflow: Ray actors host a slice of the model and stream activations into the
+object store, Ray Train workers train the SAE, each SAE is evaluated on held-out text, logged,
+registered and given the alias `champion` when it beats the current one. Ray Tune searches a
+variant's hyperparameters on activations made once; `study` re-runs a seed paper's comparison.
+
+Packages: `saeforge.core` (no Ray, no MLflow), `saeforge.jobs` (the drivers on Ray and MLflow),
+`saeforge.cli` (the verbs), `saeforge.bench` (benchmarks); the SAE variants are the top-level
+`variants` package.
+"""
 
 __version__ = "0.1.0"

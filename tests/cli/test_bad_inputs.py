@@ -14,7 +14,7 @@ from conftest import tiny_args
 from saeforge.cli import main
 from saeforge.core.sae_files import SaeMeta, save_sae
 from saeforge.core.training import LoopState
-from saeforge.jobs import checkpoints
+from saeforge.jobs.train import checkpoints
 
 TRAIN = ["train", "--model", "tiny", "--layer", "3"]
 
@@ -30,7 +30,7 @@ def closed_port() -> int:
 def refused(tmp_path, monkeypatch, capsys):
     """Run the CLI in an empty folder; assert exit 2, one error line containing `message`, no
     traceback, and nothing written; return the error line."""
-    import saeforge.jobs.train
+    import saeforge.jobs.train.driver
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -39,7 +39,7 @@ def refused(tmp_path, monkeypatch, capsys):
     def tripwire(*_):
         raise AssertionError("Ray was started before the input was checked")
 
-    monkeypatch.setattr(saeforge.jobs.train, "connect_ray", tripwire)
+    monkeypatch.setattr(saeforge.jobs.train.driver, "connect_ray", tripwire)
 
     def check(argv, message, env=None):
         for key, value in (env or {}).items():
@@ -78,12 +78,12 @@ def test_negative_max_failures(refused):
 
 
 def test_negative_max_failures_in_a_search(refused, monkeypatch):
-    import saeforge.jobs.search
+    import saeforge.jobs.tune.driver
 
     def tripwire(*_):
         raise AssertionError("Ray was started before the input was checked")
 
-    monkeypatch.setattr(saeforge.jobs.search, "connect_ray", tripwire)
+    monkeypatch.setattr(saeforge.jobs.tune.driver, "connect_ray", tripwire)
     refused(
         ["tune", "--model", "tiny", "--layer", "3", "--max-failures", "-2"], "--max-failures must be at least 0, got -2"
     )
@@ -266,9 +266,9 @@ def test_a_layer_out_of_range_in_a_list(refused):
 
 
 def test_a_layer_listed_twice_in_a_search(refused, monkeypatch):
-    import saeforge.jobs.search
+    import saeforge.jobs.tune.driver
 
-    monkeypatch.setattr(saeforge.jobs.search, "connect_ray", lambda *_: pytest.fail("Ray started"))
+    monkeypatch.setattr(saeforge.jobs.tune.driver, "connect_ray", lambda *_: pytest.fail("Ray started"))
     refused(["tune", "--model", "tiny", "--layer", "2,2"], "--layer 2,2: layer 2 is listed twice")
 
 

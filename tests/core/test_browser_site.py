@@ -8,8 +8,8 @@ import re
 import numpy as np
 import torch
 
-from saeforge.core.browser_site import SiteData, write_site
-from saeforge.core.browser_stats import LatentStats, cosine_histogram
+from saeforge.core.browser.site import SiteData, write_site
+from saeforge.core.browser.stats import LatentStats, cosine_histogram
 
 
 def test_pages_show_groups_and_the_planted_peak(tmp_path):

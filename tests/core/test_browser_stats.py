@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from saeforge.core.browser_stats import (
+from saeforge.core.browser.stats import (
     WINDOW_AFTER,
     WINDOW_BEFORE,
     LatentStats,

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import variants
-from saeforge.core import l0_match, study_report
-from saeforge.core import study_claims as sc
 from saeforge.core.eval_suites.groups import centroid_cosine, part_labels
+from saeforge.core.study import claims as sc
+from saeforge.core.study import l0_match
+from saeforge.core.study import report as study_report
 
 
 def test_stat_is_mean_and_sample_standard_deviation():

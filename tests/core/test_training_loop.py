@@ -85,7 +85,7 @@ def test_the_state_tallies_the_contexts_trained_and_a_checkpoint_keeps_the_tally
     """Batches that carry their context ids: the loop counts them (count, sum, sum of squares)
     into the state, checkpoints carry the tally, and a resumed loop goes on from it."""
     from saeforge.core.sae_files import SaeMeta
-    from saeforge.jobs.checkpoints import load_checkpoint, save_checkpoint
+    from saeforge.jobs.train.checkpoints import load_checkpoint, save_checkpoint
 
     def with_ids(batches):
         for step, (acts, mask) in enumerate(batches):

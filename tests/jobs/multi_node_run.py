@@ -104,10 +104,10 @@ def main(out: str, work: str, kill_at: int) -> None:
 def train_and_lose_a_node(cluster, nodes: dict, work: Path, kill_at: int) -> dict:
     """The run, with rank 0's node removed when it reaches `kill_at`; what the test checks."""
     from saeforge.core.corpus import valid_mask
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE
     from saeforge.jobs.plan import InjectedExit
-    from saeforge.jobs.ray_cluster import connect_ray, plan_resources
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.runtime.ray_cluster import connect_ray, plan_resources
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     started = time.time()

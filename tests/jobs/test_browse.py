@@ -64,7 +64,7 @@ def test_ray_pass_equals_an_in_process_pass(tiny_run, tmp_path):
 
 
 def test_choosing_the_latents_that_get_pages():
-    from saeforge.core.browser_stats import LatentStats
+    from saeforge.core.browser.stats import LatentStats
     from saeforge.jobs.browse import choose_pages, parse_latents
 
     stats = LatentStats(6)

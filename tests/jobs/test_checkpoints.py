@@ -12,7 +12,7 @@ from conftest import crash_during, crash_points, tiny_args
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopState
 from saeforge.errors import UserError
-from saeforge.jobs import checkpoints
+from saeforge.jobs.train import checkpoints
 
 META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki")
 

@@ -40,7 +40,7 @@ def test_the_stream_holds_the_contexts_packing_makes_from_the_resumed_one_on(ray
     give each producer a share; the contexts before the start are skipped."""
     from saeforge.core import corpus
     from saeforge.core.model import ByteTokenizer
-    from saeforge.jobs.corpus_stream import corpus_dataset
+    from saeforge.jobs.data.corpus_stream import corpus_dataset
 
     whole = corpus.pack_contexts(corpus.split_texts("wiki", "train"), ByteTokenizer(), 32, 700)
     ids, tokens = rows(corpus_dataset(tiny_range(0, 700), producers=2))
@@ -56,7 +56,7 @@ def test_blocks_leave_the_reader_while_it_reads(ray_session):
     leave it (128 MiB by default: one block for this whole range, made only once the reader has
     tokenised all of it); the corpus dataset's is READ_BLOCK_BYTES, so more than one block comes
     out of the one read task, in order."""
-    from saeforge.jobs.corpus_stream import READ_BLOCK_BYTES, read_corpus
+    from saeforge.jobs.data.corpus_stream import READ_BLOCK_BYTES, read_corpus
 
     n = 3 * READ_BLOCK_BYTES // 2 // (256 * 4)  # one and a half target blocks of 256-token contexts
     batches = list(read_corpus(tiny_range(0, n, context_size=256)).iter_batches(batch_size=None, batch_format="numpy"))
@@ -70,8 +70,8 @@ def test_a_source_that_ends_before_the_planned_contexts_fails_in_one_line(ray_se
     held, at once (an error raised by the read task is not retried)."""
     from saeforge.core import corpus
     from saeforge.core.model import ByteTokenizer
-    from saeforge.jobs.corpus_stream import corpus_dataset
-    from saeforge.jobs.failures import describe
+    from saeforge.jobs.data.corpus_stream import corpus_dataset
+    from saeforge.jobs.runtime.failures import describe
 
     path = write_corpus(tmp_path / "short.txt", 60)
     held = len(corpus.pack_contexts(corpus.split_texts(path, "train"), ByteTokenizer(), 32, 10**6))
@@ -125,7 +125,7 @@ def test_the_driver_never_holds_the_corpus(ray_session, tmp_path):
 
     from saeforge.core import corpus
     from saeforge.core.model import ByteTokenizer
-    from saeforge.jobs.corpus_stream import corpus_dataset
+    from saeforge.jobs.data.corpus_stream import corpus_dataset
     from saeforge.jobs.validate import plan_train
 
     @ray.remote(num_cpus=1)

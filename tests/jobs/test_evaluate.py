@@ -9,7 +9,7 @@ import pytest
 from conftest import SMALL_SUITES as SMALL
 from saeforge.core import eval_suites
 from saeforge.core.sae_files import load_sae
-from saeforge.jobs.evaluate import run_suites
+from saeforge.jobs.eval import run_suites
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from conftest import tiny_args
-from saeforge.jobs.ray_cluster import LARGE_MODEL_PARAMS, gpus_each
+from saeforge.jobs.runtime.ray_cluster import LARGE_MODEL_PARAMS, gpus_each
 
 
 @pytest.mark.parametrize(
@@ -32,7 +32,7 @@ def test_the_plan_knows_a_large_model_and_the_trainer_asks_for_what_it_says(tmp_
     from transformers import Gemma2Config
 
     from saeforge.jobs.plan import Resources
-    from saeforge.jobs.trainer import make_trainer
+    from saeforge.jobs.train.trainer import make_trainer
     from saeforge.jobs.validate import parameter_count, plan_train
 
     gemma2_2b = Gemma2Config(
@@ -59,7 +59,7 @@ def test_the_trainer_asks_for_the_workers_custom_resources(tmp_path):
     """--worker-resources reach the workers' ScalingConfig (the producers' reach map_batches: the
     multi-node test checks where both ran)."""
     from saeforge.jobs.plan import Resources
-    from saeforge.jobs.trainer import make_trainer
+    from saeforge.jobs.train.trainer import make_trainer
     from saeforge.jobs.validate import plan_train
 
     plan, _ = plan_train(tiny_args(tmp_path, tokens=4000))

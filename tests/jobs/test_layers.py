@@ -45,7 +45,7 @@ def sae_at(checkpoint_folder):
 @pytest.fixture(scope="module")
 def k_run(tiny_run, session_dir):
     """`saeforge train --layer 1,3` (after `tiny_run`, the one-layer run of layer 3)."""
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     lines = []
     summary = run_train(k_args(session_dir / "k-layers"), progress=lines.append)
@@ -71,9 +71,9 @@ def test_each_hooks_sae_is_the_one_a_single_hook_run_trains(k_run, tiny_run, ses
     Layer 1: a single-hook loop over the same contexts, made by a producer in this process."""
     import dataclasses
 
+    from saeforge.bench.stages import _plain_stream
     from saeforge.core.training import start_fresh, train_loop
-    from saeforge.jobs.activation_stream import ActivationProducer
-    from saeforge.jobs.bench import _plain_stream
+    from saeforge.jobs.data.activation_stream import ActivationProducer
     from saeforge.jobs.validate import plan_train
 
     hooks = {h["hook"]: h for h in k_run[0]["hooks"]}
@@ -119,8 +119,8 @@ def test_every_hook_is_evaluated_logged_and_registered_under_its_own_name(k_run)
 def test_resume_goes_on_with_every_hook(k_run, session_dir):
     """`--resume` from the k-layer run's earlier checkpoint trains the rest of every hook's SAE
     into the same MLflow runs and ends with the uninterrupted run's SAEs."""
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE, is_checkpoint
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE, is_checkpoint
+    from saeforge.jobs.train.driver import run_train
 
     summary, _ = k_run
     run_dir = Path(summary["checkpoint"]).parent
@@ -157,10 +157,10 @@ def test_a_search_of_two_hooks_runs_the_model_once_and_registers_each_hooks_best
     from mlflow.tracking import MlflowClient
 
     from saeforge.core.training import estimate_act_scale
-    from saeforge.jobs.activation_stream import ActivationProducer
     from saeforge.jobs.arguments import TuneArgs
-    from saeforge.jobs.search import run_tune, shared_train_args
-    from saeforge.jobs.search_space import load
+    from saeforge.jobs.data.activation_stream import ActivationProducer
+    from saeforge.jobs.tune.driver import run_tune, shared_train_args
+    from saeforge.jobs.tune.search_space import load
     from saeforge.jobs.validate import plan_train
 
     (tmp_path / "space.yaml").write_text(SPACE)

@@ -2,7 +2,7 @@
 
 import os
 
-from saeforge.jobs.ray_cluster import TRAIN_HEALTH_CHECK_ENV, TRAIN_HEALTH_CHECK_S
+from saeforge.jobs.runtime.ray_cluster import TRAIN_HEALTH_CHECK_ENV, TRAIN_HEALTH_CHECK_S
 
 
 def test_the_local_rays_processes_inherit_ray_trains_health_check_interval(ray_session):

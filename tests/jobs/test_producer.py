@@ -8,7 +8,7 @@ import torch
 from saeforge.core import corpus
 from saeforge.core.hooks import HookPoint, capture
 from saeforge.core.model import ByteTokenizer, load_model, resolve_model
-from saeforge.jobs.activation_stream import ActivationProducer, activation_dataset, step_batches, worker_dataset
+from saeforge.jobs.data.activation_stream import ActivationProducer, activation_dataset, step_batches, worker_dataset
 from saeforge.jobs.plan import StreamSpec
 
 TEXTS = [f"Article {i}: the quick brown fox jumps over the lazy dog. " * (1 + i % 3) for i in range(30)]

@@ -31,7 +31,7 @@ def test_real_gemma_slice_equals_full_model_at_layer_6():
 
 
 def test_short_end_to_end_run_on_real_gemma(ray_session, mlflow_store, session_dir):
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     args = tiny_args(
         session_dir,

@@ -13,7 +13,7 @@ def test_worker_logging_into_a_failing_store_is_counted_and_training_completes(r
     """Rank 0 logs its curves into a run the store refuses (it does not exist): every call fails,
     the run still trains every step, and the count comes back with the final checkpoint."""
     from saeforge.jobs.plan import TrackingTarget
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(tiny_args(tmp_path, tokens=4000, log_every=1, checkpoint_every=1000))
@@ -30,7 +30,7 @@ def test_a_failed_run_is_marked_failed(ray_session, mlflow_store, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from saeforge.errors import RunFailed
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     args = tiny_args(tmp_path, tokens=4000, run_name="doomed", overrides={**TINY_RELU, "lr": "1e30"}, max_failures=1)
     with pytest.raises(RunFailed, match=r"rank 0: FloatingPointError: loss is (nan|inf).*--max-failures 1") as err:

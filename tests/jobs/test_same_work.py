@@ -30,8 +30,8 @@ def test_same_work_bench_times_two_programs_that_train_the_same_sae(tmp_path):
 def test_layers_bench_times_one_run_of_every_layer_against_one_run_per_layer(tmp_path):
     """`bench --layers 1,3`: the k-layer command and the k single-layer commands differ only in
     --layer (the same work per SAE, so the same SAEs)."""
+    from saeforge.bench.layers import layer_commands
     from saeforge.jobs.arguments import BenchArgs
-    from saeforge.jobs.layers_bench import layer_commands
 
     args = BenchArgs(model="tiny", layers="1,3", tokens=4000, d_sae=128, eval_contexts=4)
     together, separate = layer_commands(args, tmp_path)
@@ -45,7 +45,7 @@ def test_layers_bench_times_one_run_of_every_layer_against_one_run_per_layer(tmp
 
 def test_the_bench_finds_the_summary_among_other_output():
     """A --json verb's stdout may carry a library's lines before and after the summary."""
-    from saeforge.jobs.same_work import last_json
+    from saeforge.bench.same_work import last_json
 
     summary = {"rounds": [{"wall_s": 1.5}], "nested": {"a": [1, 2]}}
     noise = "{'trial': 'repr, not JSON'}\nTrial finished.\n"

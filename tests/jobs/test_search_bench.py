@@ -1,9 +1,9 @@
 """`saeforge bench --search`: the separate runs are the search's trials, flag for flag."""
 
+from saeforge.bench.search import completed_trials, trial_command, tune_command
 from saeforge.cli import build_parser
 from saeforge.cli.flags import parse_into
 from saeforge.jobs.arguments import BenchArgs, TrainArgs, TuneArgs, pairs_dict
-from saeforge.jobs.search_bench import completed_trials, trial_command, tune_command
 
 
 def parsed(command: list[str], cls):

@@ -9,7 +9,7 @@ import pytest
 import variants
 from saeforge.core.reporting import pareto_front
 from saeforge.errors import UserError
-from saeforge.jobs import search_space as tune_space
+from saeforge.jobs.tune import search_space as tune_space
 
 GOOD = """\
 variant: relu

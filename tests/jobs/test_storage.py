@@ -7,13 +7,13 @@ import pytest
 
 from conftest import tiny_args
 from saeforge.errors import UserError
-from saeforge.jobs.storage import run_exists, storage_path, temporary_outputs
+from saeforge.jobs.runtime.storage import run_exists, storage_path, temporary_outputs
 
 
 def test_a_file_uri_storage_holds_the_runs_checkpoints(ray_session, tmp_path):
     from saeforge.core.sae_files import SAE_DIR, load_sae
-    from saeforge.jobs.storage import local_checkpoint
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.runtime.storage import local_checkpoint
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import check_new_run_folder, plan_train
 
     uri = (tmp_path / "shared").as_uri()  # file:///...

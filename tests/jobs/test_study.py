@@ -62,7 +62,7 @@ PROGRESS: list[str] = []  # the study's progress lines
 
 @pytest.fixture(scope="module")
 def study(ray_session, mlflow_store, tmp_path_factory):
-    from saeforge.jobs.study import run_study
+    from saeforge.jobs.study.driver import run_study
 
     tmp = tmp_path_factory.mktemp("study")
     PROGRESS.clear()
@@ -70,7 +70,7 @@ def study(ray_session, mlflow_store, tmp_path_factory):
 
 
 def test_one_model_pass_serves_every_sae(study):
-    from saeforge.jobs.study import plan_study, shared_train_args
+    from saeforge.jobs.study.driver import plan_study, shared_train_args
     from saeforge.jobs.validate import plan_train
 
     summary, tmp = study
@@ -93,7 +93,7 @@ def test_one_model_pass_serves_every_sae(study):
 
 
 def test_every_sae_is_matched_to_the_target_l0(study):
-    from saeforge.core.l0_match import matched
+    from saeforge.core.study.l0_match import matched
 
     summary, _ = study
     rows = {r["variant"]: r for r in summary["rows"]}

@@ -49,7 +49,7 @@ def test_two_first_runs_create_the_store_and_experiment_together(tmp_path):
     from saeforge.jobs import tracking
     mlflow.set_tracking_uri(uri)
     barrier(folder, me, other, 0)
-    print(tracking.ensure_experiment("saeforge/tiny/blocks.3.hook_resid_post", uri))
+    print(store.ensure_experiment("saeforge/tiny/blocks.3.hook_resid_post", uri))
     """
     results = race(tmp_path, script, ("a", "b"), uri)
     for r in results:
@@ -65,13 +65,13 @@ def test_two_runs_finishing_together_leave_the_better_one_champion(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from saeforge.jobs import tracking
+    from saeforge.jobs.tracking import store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     try:
         client = MlflowClient(uri)
-        experiment = tracking.ensure_experiment("race", uri)
+        experiment = store.ensure_experiment("race", uri)
         run = client.create_run(experiment)
         rounds = 12
         for r in range(rounds):
@@ -86,7 +86,7 @@ def test_two_runs_finishing_together_leave_the_better_one_champion(tmp_path):
         version, score = (1, 0.5) if me == "worse" else (2, 0.9)
         for r in range(int(rounds)):
             barrier(folder, me, other, r)
-            moved, reason = tracking.promote_if_better(
+            moved, reason = registry.promote_if_better(
                 f"race{r}", version, {"ce_loss_recovered": score, "explained_variance": 0.8, "l0": 10}, max_l0=100
             )
             print(r, moved, reason, flush=True)
@@ -103,11 +103,11 @@ def test_two_runs_finishing_together_leave_the_better_one_champion(tmp_path):
 def test_curve_logging_to_a_failing_store_is_counted_not_raised(tmp_path):
     """The worker's curves into a run the store does not have (as when the store refuses every
     call): each failure is counted and the first error kept, nothing raised."""
-    from saeforge.jobs import tracking
+    from saeforge.jobs.tracking import mlflow_runs, store
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.ensure_experiment("curves", uri)
-    curves = tracking.RunCurves(uri, "no-such-run")
+    store.ensure_experiment("curves", uri)
+    curves = mlflow_runs.RunCurves(uri, "no-such-run")
     for step in (5, 10, 15):
         curves.log(step, {"loss": 1.0, "l0": 3.0})
     assert curves.failures == 3 and "no-such-run" in curves.first_error
@@ -123,6 +123,6 @@ def test_curve_logging_to_a_failing_store_is_counted_not_raised(tmp_path):
     ],
 )
 def test_printed_tracking_uris_carry_no_credentials(uri, shown):
-    from saeforge.jobs import tracking
+    from saeforge.jobs.tracking import store
 
-    assert tracking.redact(uri) == shown
+    assert store.redact(uri) == shown

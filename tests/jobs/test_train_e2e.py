@@ -70,37 +70,37 @@ def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_st
 def test_champion_moves_only_for_a_good_sae_that_beats_it(tiny_run):
     from mlflow.tracking import MlflowClient
 
-    from saeforge.jobs import tracking
+    from saeforge.jobs.tracking import registry
 
     name, sae_dir = tiny_run["registered_model"], Path(tiny_run["checkpoint"]) / "sae"
     best = tiny_run["metrics"]["ce_loss_recovered"]
     import mlflow
 
     with mlflow.start_run(experiment_id=tiny_run["experiment_id"]):
-        worse = tracking.log_and_register(sae_dir, name)
-        better_but_dense = tracking.log_and_register(sae_dir, name)
+        worse = registry.log_and_register(sae_dir, name)
+        better_but_dense = registry.log_and_register(sae_dir, name)
     client = MlflowClient()
     good = {"explained_variance": 0.9, "l0": 10}
-    moved, reason = tracking.promote_if_better(name, worse, {**good, "ce_loss_recovered": best - 0.01}, max_l0=32)
+    moved, reason = registry.promote_if_better(name, worse, {**good, "ce_loss_recovered": best - 0.01}, max_l0=32)
     assert not moved and "does not beat champion" in reason
-    moved, reason = tracking.promote_if_better(
+    moved, reason = registry.promote_if_better(
         name, better_but_dense, {**good, "ce_loss_recovered": best + 1, "l0": 50}, max_l0=32
     )
     assert not moved and reason == "L0 50.0 is outside the sane range [1, 32]"
     # sparse but worse than deleting the activation (the issue's l1 30 run): never a champion
-    moved, reason = tracking.promote_if_better(
+    moved, reason = registry.promote_if_better(
         name, worse, {"ce_loss_recovered": -0.035, "explained_variance": -2.6, "l0": 20}, max_l0=32
     )
     assert not moved and "ce_loss_recovered -0.0350 is not above 0" in reason
     assert "explained variance -2.6000 is not above 0" in reason
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
-    moved, _ = tracking.promote_if_better(name, worse, {**good, "ce_loss_recovered": best + 1}, max_l0=32)
+    moved, _ = registry.promote_if_better(name, worse, {**good, "ce_loss_recovered": best + 1}, max_l0=32)
     assert moved and str(client.get_model_version_by_alias(name, "champion").version) == str(worse)
 
 
 def test_resume_continues_from_a_checkpoint(tiny_run, session_dir):
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train.driver import run_train
 
     run_dir = Path(tiny_run["checkpoint"]).parent
     checkpoints = sorted(
@@ -121,8 +121,8 @@ def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
     """Data parallelism: two producer actors feed two DDP workers (gloo), which stay in sync."""
     from saeforge.core.corpus import valid_mask
     from saeforge.core.sae_files import SAE_DIR, load_sae
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(tiny_args(session_dir, producers=2, workers=2, tokens=8000, checkpoint_every=1000))
@@ -137,7 +137,7 @@ def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
 
 
 def test_stream_auto_produces_first_only_locally_and_when_it_fits(ray_session, monkeypatch):
-    from saeforge.jobs.ray_cluster import produce_first
+    from saeforge.jobs.runtime.ray_cluster import produce_first
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     store = ray_session.available_resources()["object_store_memory"]

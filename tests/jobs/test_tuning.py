@@ -54,7 +54,7 @@ def search_args(tmp, **changes):
 
 @pytest.fixture(scope="module")
 def search(ray_session, mlflow_store, tmp_path_factory):
-    from saeforge.jobs.search import run_tune
+    from saeforge.jobs.tune.driver import run_tune
 
     tmp = tmp_path_factory.mktemp("tune")
     (tmp / "space.yaml").write_text(SPACE)
@@ -139,8 +139,8 @@ def test_every_trial_reuses_the_searchs_zero_ablation_and_gets_the_figures_of_a_
 
 
 def search_plan(tmp, **changes):
-    from saeforge.jobs.search import shared_train_args
-    from saeforge.jobs.search_space import load
+    from saeforge.jobs.tune.driver import shared_train_args
+    from saeforge.jobs.tune.search_space import load
     from saeforge.jobs.validate import plan_train
 
     args = search_args(tmp, **changes)
@@ -149,7 +149,7 @@ def search_plan(tmp, **changes):
 
 def test_the_model_ran_once_for_all_trials_and_the_cache_is_reused(search):
     from saeforge.core.corpus import valid_mask
-    from saeforge.jobs.shared_activations import shared_activations
+    from saeforge.jobs.data.activation_cache import shared_activations
 
     summary, tmp = search
     acts = summary["activations"]
@@ -169,8 +169,8 @@ def test_one_pass_serves_variants_of_both_batch_layouts(search):
     context-layout variants the context and its mask, from the same materialised rows."""
     import variants
     from saeforge.core.batches import sae_input
-    from saeforge.jobs.activation_stream import MASK_COLUMN
-    from saeforge.jobs.shared_activations import shared_activations
+    from saeforge.jobs.data.activation_cache import shared_activations
+    from saeforge.jobs.data.activation_stream import MASK_COLUMN
 
     summary, tmp = search
     args, plan, contexts = search_plan(tmp, activations="")
@@ -214,7 +214,7 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_t
     `trials/`. Both train every planned step."""
     from mlflow.tracking import MlflowClient
 
-    from saeforge.jobs.search import run_tune
+    from saeforge.jobs.tune.driver import run_tune
 
     summary, _ = search
     in_process = by_lr(summary)[3e-3]
@@ -241,7 +241,7 @@ def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child
 
     from mlflow.tracking import MlflowClient
 
-    import saeforge.jobs.search as search_module
+    import saeforge.jobs.tune.driver as search_module
     from saeforge.jobs.plan import InjectedExit
 
     marker, real = tmp_path / "trial-exited", search_module.plan_train

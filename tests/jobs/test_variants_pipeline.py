@@ -17,7 +17,7 @@ from saeforge.core.hooks import HookPoint
 from saeforge.core.model import ByteTokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta, load_sae, save_sae
 from saeforge.core.training import LoopSettings, start_fresh, train_loop
-from saeforge.jobs.activation_stream import activation_dataset, step_batches
+from saeforge.jobs.data.activation_stream import activation_dataset, step_batches
 from saeforge.jobs.plan import StreamSpec
 
 FAST = {"kde_tokens": "64", "n_candidates": "128"}  # keep per-step costs of big-batch maths tiny
@@ -62,8 +62,8 @@ def test_variant_trains_on_the_producer_stream(name, stream, tmp_path):
 
 
 def test_a_context_layout_variant_through_ray_train(ray_session, session_dir):
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     name = next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")

@@ -30,7 +30,7 @@ def planned_tokens(plan, contexts) -> int:
 
 def final_state(result):
     from saeforge.core.sae_files import SAE_DIR, load_sae
-    from saeforge.jobs.checkpoints import RUN_INFO_FILE
+    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
 
     folder = Path(result.checkpoint.path) if hasattr(result, "checkpoint") else Path(result)
     sae, _ = load_sae(folder / SAE_DIR)
@@ -49,7 +49,7 @@ def with_produce_first(plan, produce_first: bool):
 @pytest.fixture(scope="module")
 def reference(ray_session, session_dir):
     """The uninterrupted run every faulty one is compared with (produce-first: fixed order)."""
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(small_args(session_dir / "reference"))
@@ -64,7 +64,7 @@ def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_
     with the planned steps and tokens and the uninterrupted run's SAE."""
     from mlflow.tracking import MlflowClient
 
-    import saeforge.jobs.train as train
+    import saeforge.jobs.train.driver as train
     from saeforge.jobs.plan import InjectedExit
 
     marker = tmp_path / "worker-exited"
@@ -100,7 +100,7 @@ def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
     its activations first: so this also shows that streaming and produce-first train the same
     SAE, from the same rows in the same order.)"""
     from saeforge.jobs.plan import InjectedExit
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     marker = tmp_path / "producer-exited"
@@ -120,7 +120,7 @@ def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
 
-    import saeforge.jobs.train as train
+    import saeforge.jobs.train.driver as train
     from saeforge.cli import main
     from saeforge.jobs.plan import InjectedExit
 
@@ -159,7 +159,7 @@ def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
 @pytest.fixture(scope="module")
 def two_worker_reference(ray_session, session_dir):
     """The uninterrupted data-parallel run: two producers streaming into two DDP workers."""
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(small_args(session_dir / "two-workers", workers=2, producers=2, stream="on"))
@@ -181,7 +181,7 @@ def test_two_workers_one_killed_train_every_planned_step_and_token(two_worker_re
     planned steps, every context once and the uninterrupted run's SAE (made first here, by one
     producer: the steps hold the same contexts whatever the producers)."""
     from saeforge.jobs.plan import InjectedExit
-    from saeforge.jobs.train import train_on_ray
+    from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     marker = tmp_path / "worker-exited"
@@ -200,7 +200,7 @@ import dataclasses, sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import tiny_args
-import saeforge.jobs.train as train
+import saeforge.jobs.train.driver as train
 from saeforge.jobs.plan import InjectedExit
 
 real = train.plan_train
@@ -229,7 +229,7 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
     from ray.util.state import list_actors
 
     from saeforge.jobs.arguments import TrainArgs
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     marker, tests = tmp_path / "worker-waits", str(Path(__file__).resolve().parents[1])
     changes = {"workers": 2, "producers": 2, "stream": "on", "run_name": "driver-killed"}

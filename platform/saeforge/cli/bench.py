@@ -28,22 +28,22 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from saeforge.jobs import bench
+    from saeforge.bench import stages as bench
 
     args = parse_into(BenchArgs, ns)
     if not args.layers:
         bench.check_one_layer(args)
     with summary_only_on_stdout(ns.json):
         if args.layers:
-            from saeforge.jobs.layers_bench import run_layers_bench
+            from saeforge.bench.layers import run_layers_bench
 
             figures = run_layers_bench(args)
         elif args.same_work:
-            from saeforge.jobs.same_work import run_same_work
+            from saeforge.bench.same_work import run_same_work
 
             figures = run_same_work(args)
         elif args.search:
-            from saeforge.jobs.search_bench import run_search_bench
+            from saeforge.bench.search import run_search_bench
 
             figures = run_search_bench(args)
         elif args.step_cost:

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from saeforge.jobs.study import run_study
+    from saeforge.jobs.study.driver import run_study
 
     with summary_only_on_stdout(ns.json):
         summary = run_study(parse_into(StudyArgs, ns), progress=progress)

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from saeforge.jobs.train import run_train
+    from saeforge.jobs.train.driver import run_train
 
     with summary_only_on_stdout(ns.json):
         summary = run_train(parse_into(TrainArgs, ns), progress=progress)

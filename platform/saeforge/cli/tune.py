@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from saeforge.jobs.search import run_tune
+    from saeforge.jobs.tune.driver import run_tune
 
     with summary_only_on_stdout(ns.json):
         summary = run_tune(parse_into(TuneArgs, ns), progress=progress, verbose=0 if ns.json else 1)

@@ -1,6 +1,6 @@
 """The SAE training loop: an iterator of activation batches in, a trained variant out.
 
-It knows nothing of Ray (the Ray Train worker in `saeforge.jobs.train_worker` wraps it), so it is
+It knows nothing of Ray (the Ray Train worker in `saeforge.jobs.train.worker` wraps it), so it is
 tested on CPU in milliseconds. It owns what every variant shares: the optimiser, the
 learning-rate schedule, the activation scale and data-dependent initialisation of a fresh SAE,
 gradient clipping, the shared metrics and the cadence of logs and checkpoints. Batches are raw

@@ -26,18 +26,18 @@ import numpy as np
 import torch
 
 from saeforge.core import corpus, sae_files
-from saeforge.core.browser_site import SiteData, write_site
-from saeforge.core.browser_stats import LatentStats, cosine_histogram, logit_effects, most_similar
+from saeforge.core.browser.site import SiteData, write_site
+from saeforge.core.browser.stats import LatentStats, cosine_histogram, logit_effects, most_similar
 from saeforge.core.eval_suites.context import sae_latents
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import load_config, load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import ActivationProducer
 from saeforge.jobs.arguments import BrowseArgs, check_ranges
-from saeforge.jobs.evaluate import require_run, resolve_sae
+from saeforge.jobs.data.activation_stream import ActivationProducer
+from saeforge.jobs.eval import require_run, resolve_sae
 from saeforge.jobs.plan import StreamSpec
-from saeforge.jobs.ray_cluster import connect_ray, cores
+from saeforge.jobs.runtime.ray_cluster import connect_ray, cores
 
 CHOICES = ("frequent", "random", "all")
 ARTIFACT_DIR = "browser"

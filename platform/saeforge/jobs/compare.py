@@ -2,7 +2,7 @@
 a plot of L0 against CE loss recovered: one marker per run, each variant's Pareto frontier.
 
 Reads what training and tuning leave in MLflow: the `ce_loss_recovered` and `l0` tags that
-`tracking.promote_if_better` sets on every registered version, and the `eval/...` metrics of a
+`registry.promote_if_better` sets on every registered version, and the `eval/...` metrics of a
 search's child runs.
 """
 
@@ -13,8 +13,8 @@ import time
 
 from saeforge.core.reporting import plot_l0_vs_ce
 from saeforge.errors import UserError
-from saeforge.jobs import tracking
 from saeforge.jobs.arguments import CompareArgs
+from saeforge.jobs.tracking import mlflow_runs, registry, store
 
 # -- reading MLflow --------------------------------------------------------------------------------
 
@@ -31,13 +31,13 @@ def registered_rows(client, model: str = "", hook: str = "") -> tuple[list[dict]
     one point per registered version, for the plot)."""
     rows, points = [], []
     for rm in sorted(client.search_registered_models(max_results=1000), key=lambda m: m.name):
-        parts = tracking.parse_registered_name(rm.name)
-        if parts is None or (model and parts[0] != tracking.clean_name(model)) or (hook and parts[1] != hook):
+        parts = registry.parse_registered_name(rm.name)
+        if parts is None or (model and parts[0] != store.clean_name(model)) or (hook and parts[1] != hook):
             continue
         versions = list(client.search_model_versions(f"name = '{rm.name}'"))
         if not versions:
             continue
-        champion = tracking.champion_version(client, rm.name)
+        champion = registry.champion_version(client, rm.name)
         shown = champion or max(versions, key=lambda v: int(v.version))
         rows.append(
             {
@@ -46,8 +46,8 @@ def registered_rows(client, model: str = "", hook: str = "") -> tuple[list[dict]
                 "alias": "champion" if champion else "(latest)",
                 "variant": parts[2],
                 "hook": parts[1],
-                "ce_loss_recovered": _float(shown.tags.get(tracking.CHAMPION_METRIC)),
-                "l0": _float(shown.tags.get(tracking.L0_TAG)),
+                "ce_loss_recovered": _float(shown.tags.get(registry.CHAMPION_METRIC)),
+                "l0": _float(shown.tags.get(registry.L0_TAG)),
                 "run_id": shown.run_id,
             }
         )
@@ -55,8 +55,8 @@ def registered_rows(client, model: str = "", hook: str = "") -> tuple[list[dict]
             points.append(
                 {
                     "variant": parts[2],
-                    "l0": _float(v.tags.get(tracking.L0_TAG)),
-                    "ce_loss_recovered": _float(v.tags.get(tracking.CHAMPION_METRIC)),
+                    "l0": _float(v.tags.get(registry.L0_TAG)),
+                    "ce_loss_recovered": _float(v.tags.get(registry.CHAMPION_METRIC)),
                     "label": f"{rm.name} v{v.version}",
                     "run_id": v.run_id,
                     "champion": champion is not None and v.version == champion.version,
@@ -87,10 +87,10 @@ def search_rows(client, parent_run_id: str) -> tuple[dict, list[dict]]:
         m, tags = run.data.metrics, run.data.tags
         rows.append(
             {
-                "trial_id": tags.get(tracking.TRIAL_TAG, ""),
+                "trial_id": tags.get(mlflow_runs.TRIAL_TAG, ""),
                 "run_id": run.info.run_id,
-                "variant": tags.get(tracking.VARIANT_TAG, run.data.params.get("variant", "")),
-                "status": tags.get(tracking.STATUS_TAG, run.info.status.lower()),
+                "variant": tags.get(mlflow_runs.VARIANT_TAG, run.data.params.get("variant", "")),
+                "status": tags.get(mlflow_runs.STATUS_TAG, run.info.status.lower()),
                 **{k: params.get(k, "") for k in varying},
                 "l0": m.get("eval/l0", math.nan),
                 "ce_loss_recovered": m.get("eval/ce_loss_recovered", math.nan),
@@ -105,7 +105,7 @@ def run_compare(args: CompareArgs) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = tracking.require_store("the registry")
+    uri = store.require_store("the registry")
     client = MlflowClient(uri)
     champions, points = registered_rows(client, args.model, args.hook)
     trials, parent = [], None
@@ -124,7 +124,7 @@ def run_compare(args: CompareArgs) -> dict:
             client.log_artifact(parent.info.run_id, str(plot), artifact_path="compare")
             logged_to = parent.info.run_id
         else:
-            experiment_id = tracking.ensure_experiment("saeforge/compare", uri)
+            experiment_id = store.ensure_experiment("saeforge/compare", uri)
             with mlflow.start_run(experiment_id=experiment_id, run_name=f"compare-{time.strftime('%Y%m%d-%H%M%S')}"):
                 mlflow.log_artifact(str(plot), artifact_path="compare")
                 mlflow.log_dict({"champions": champions}, "compare/champions.json")
@@ -134,5 +134,5 @@ def run_compare(args: CompareArgs) -> dict:
         "trials": trials,
         "plot": str(plot),
         "logged_to": logged_to,
-        "tracking_uri": tracking.redact(uri),
+        "tracking_uri": store.redact(uri),
     }

@@ -26,7 +26,6 @@ from saeforge.core.model import compute_device, load_config, load_tokenizer, res
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
-from saeforge.jobs import checkpoints, storage, tracking
 from saeforge.jobs.arguments import (
     TrainArgs,
     check_ranges,
@@ -36,7 +35,10 @@ from saeforge.jobs.arguments import (
     resource_request,
 )
 from saeforge.jobs.plan import Contexts, CorpusRange, RunPlan, StreamSpec, TrackingTarget
-from saeforge.jobs.ray_cluster import attached
+from saeforge.jobs.runtime import storage
+from saeforge.jobs.runtime.ray_cluster import attached
+from saeforge.jobs.tracking import store
+from saeforge.jobs.train import checkpoints
 
 
 def variant_class(name: str) -> type[variants.Variant]:
@@ -136,7 +138,7 @@ def host_port(address: str, default_port: int) -> tuple[str, int]:
     try:
         return parts.hostname or "", parts.port or default_port
     except ValueError:  # a port that is not a number
-        raise UserError(f"'{tracking.redact(address)}' is not a host:port address") from None
+        raise UserError(f"'{store.redact(address)}' is not a host:port address") from None
 
 
 def check_reachable(address: str, what: str, default_port: int, timeout_s: float = 5.0) -> None:
@@ -144,12 +146,12 @@ def check_reachable(address: str, what: str, default_port: int, timeout_s: float
     MLflow would otherwise retry for minutes, after the run has started writing)."""
     host, port = host_port(address, default_port)
     if not host:
-        raise UserError(f"{what} '{tracking.redact(address)}' names no host")
+        raise UserError(f"{what} '{store.redact(address)}' names no host")
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as err:
         reason = err.strerror or type(err).__name__.replace("Error", "").lower() or "unreachable"
-        raise UserError(f"cannot reach {what} at {tracking.redact(address)}: {reason}") from None
+        raise UserError(f"cannot reach {what} at {store.redact(address)}: {reason}") from None
 
 
 def check_services(address: str) -> None:
@@ -157,7 +159,7 @@ def check_services(address: str) -> None:
     address = address or os.environ.get("RAY_ADDRESS", "")
     if address and address not in ("auto", "local"):
         check_reachable(address, "the Ray cluster", 10001 if address.startswith("ray://") else 6379)
-    uri = tracking.tracking_uri()
+    uri = store.tracking_uri()
     if uri.startswith(("http://", "https://")):
         check_reachable(uri, "the MLflow tracking server", 443 if uri.startswith("https") else 80)
     elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).parent.is_dir():
@@ -178,7 +180,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     hooks = hook_points(args)
     name = run_name(args, *hooks)
     check_new_run_folder(args, name)
-    lost = storage.temporary_outputs(args.storage, tracking.tracking_uri())
+    lost = storage.temporary_outputs(args.storage, store.tracking_uri())
     if lost:
         warn(
             f"this run is inside Ray's temporary copy of the job's working directory, which Ray deletes later: "

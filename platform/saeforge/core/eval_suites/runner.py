@@ -1,6 +1,6 @@
 """Running suites in this process: the EvalContext an SAE needs, suite options from the command
 line, one suite or several, and the flat metrics and printed report of their results. The jobs
-layer adds MLflow and Ray on top (`saeforge.jobs.evaluate`)."""
+layer adds MLflow and Ray on top (`saeforge.jobs.eval`)."""
 
 from __future__ import annotations
 

@@ -23,14 +23,15 @@ import time
 from pathlib import Path
 
 import variants
-from saeforge.core import l0_match, study_claims, study_report
 from saeforge.core.eval_suites.runner import parse_options
 from saeforge.core.reporting import write_csv
+from saeforge.core.study import claims, l0_match
+from saeforge.core.study import report as study_report
 from saeforge.errors import UserError
-from saeforge.jobs import tracking
 from saeforge.jobs.arguments import ClusterArgs, SaeSizeArgs, SourceArgs, StudyArgs, TrainArgs, check_ranges, pairs_dict
-from saeforge.jobs.search import one_line, open_search, trial_concurrency
-from saeforge.jobs.study_trial import CALIBRATION, FINAL, StudyContext, study_trial
+from saeforge.jobs.study.trial import CALIBRATION, FINAL, StudyContext, study_trial
+from saeforge.jobs.tracking import store
+from saeforge.jobs.tune.driver import one_line, open_search, trial_concurrency
 from saeforge.jobs.validate import hook_points, plan_train, variant_config
 
 TRIAL_CPU = 1.0  # one SAE trains (and evaluates) in its trial's own process
@@ -48,7 +49,7 @@ SUITE_DEFAULTS = {
 class StudyPlan:
     """What validation produced: the studies, the SAEs, the targets and the seeds."""
 
-    studies: tuple[study_claims.Study, ...]
+    studies: tuple[claims.Study, ...]
     variants: tuple[str, ...]
     targets: tuple[float, ...]
     seeds: int
@@ -72,11 +73,11 @@ def parse_targets(text: str) -> tuple[float, ...]:
 def plan_study(args: StudyArgs) -> StudyPlan:
     """Check the study's own inputs; UserError (one line) for a bad one."""
     check_ranges(args)
-    known = study_claims.seed_names()
+    known = claims.seed_names()
     if args.study == "all":
-        studies = tuple(study_claims.STUDIES.values())
+        studies = tuple(claims.STUDIES.values())
     elif args.study in known:
-        studies = (study_claims.STUDIES[args.study],)
+        studies = (claims.STUDIES[args.study],)
     else:
         raise UserError(f"unknown study '{args.study}' (known: {', '.join(known)}, all)")
     names = tuple(dict.fromkeys(v for s in studies for v in s.variants))
@@ -317,7 +318,7 @@ def run_study(args: StudyArgs, progress=print) -> dict:
         **info,
         "parent_run_id": parent.info.run_id,
         "experiment_id": experiment_id,
-        "tracking_uri": tracking.redact(uri),
+        "tracking_uri": store.redact(uri),
         "activations": acts.summary(),
         "factors": [{"variant": v, "target": t, "factor": f} for (v, t), f in factors.items()],
         "calibration": calibration,

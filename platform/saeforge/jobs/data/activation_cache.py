@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import MASK_COLUMN, materialize
+from saeforge.jobs.data.activation_stream import MASK_COLUMN, materialize
 from saeforge.jobs.plan import Contexts, RunPlan
 
 CACHE_MANIFEST = "manifest.json"
@@ -84,7 +84,7 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
     import ray
     import ray.data
 
-    from saeforge.jobs.corpus_stream import plan_dataset
+    from saeforge.jobs.data.corpus_stream import plan_dataset
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     started = time.time()

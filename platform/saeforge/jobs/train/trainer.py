@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saeforge.jobs.activation_stream import worker_dataset
+from saeforge.jobs.data.activation_stream import worker_dataset
 from saeforge.jobs.plan import RunPlan
-from saeforge.jobs.storage import storage_path
-from saeforge.jobs.train_worker import worker_loop
+from saeforge.jobs.runtime.storage import storage_path
+from saeforge.jobs.train.worker import worker_loop
 
 
 def make_trainer(

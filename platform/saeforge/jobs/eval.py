@@ -38,9 +38,9 @@ from saeforge.core.hooks import HookPoint
 from saeforge.core.model import load_config, resolve_model
 from saeforge.core.sae_files import CFG_FILE, SaeMeta, load_sae
 from saeforge.errors import UserError
-from saeforge.jobs import tracking
 from saeforge.jobs.arguments import EvalArgs, check_ranges
-from saeforge.jobs.ray_cluster import connect_ray, cores
+from saeforge.jobs.runtime.ray_cluster import connect_ray, cores
+from saeforge.jobs.tracking import registry, store
 
 MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 RUNS_URI = re.compile(r"runs:/(?P<run>[0-9A-Za-z]+)(?:/(?P<path>.+))?")
@@ -79,7 +79,7 @@ def _load_downloaded(uri: str, artifact_uri: str) -> tuple[variants.Variant, dic
 def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
     """Load the SAE that MODEL_URI names, and find the MLflow run its metrics belong to."""
     if match := MODELS_URI.fullmatch(uri):
-        tracking.require_store(uri)
+        store.require_store(uri)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -95,7 +95,7 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
         sae, cfg = _load_downloaded(uri, f"models:/{name}/{version.version}")
         return ResolvedSAE(sae, cfg, run_id or version.run_id, f"{name}_v{version.version}")
     if match := RUNS_URI.fullmatch(uri):
-        tracking.require_store(uri)
+        store.require_store(uri)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -103,7 +103,7 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
             MlflowClient().get_run(match["run"])
         except MlflowException as err:
             raise _mlflow_error(uri, err) from None
-        sae, cfg = _load_downloaded(uri, f"runs:/{match['run']}/{match['path'] or tracking.MODEL_NAME}")
+        sae, cfg = _load_downloaded(uri, f"runs:/{match['run']}/{match['path'] or registry.MODEL_NAME}")
         return ResolvedSAE(sae, cfg, run_id or match["run"], f"run_{match['run']}")
     if uri.startswith(("models:/", "runs:/")):
         raise UserError(f"cannot read '{uri}': use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID[/PATH]")
@@ -116,7 +116,7 @@ def resolve_sae(uri: str, run_id: str = "") -> ResolvedSAE:
 
 def require_run(uri: str, run_id: str) -> None:
     """The MLflow run --run-id names exists, or one line (checked before any long work)."""
-    tracking.require_store(uri)
+    store.require_store(uri)
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

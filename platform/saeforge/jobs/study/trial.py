@@ -22,10 +22,10 @@ import variants
 from saeforge.core.batches import step_budget
 from saeforge.core.sae_files import sae_cfg, save_sae
 from saeforge.core.training import LoopSettings, start_fresh, train_loop
-from saeforge.jobs import tracking
-from saeforge.jobs.activation_stream import step_batches
+from saeforge.jobs.data.activation_stream import step_batches
 from saeforge.jobs.plan import RunPlan
-from saeforge.jobs.train_worker import in_process_device
+from saeforge.jobs.tracking import mlflow_runs
+from saeforge.jobs.train.worker import in_process_device
 from saeforge.jobs.validate import variant_config
 
 CALIBRATION, FINAL = "calibration", "final"
@@ -163,13 +163,13 @@ def log_final(ctx: StudyContext, job: dict, sae: variants.Variant, metrics: dict
 
     plan = ctx.plan
     uri = plan.tracking.uri
-    run_id = tracking.start_child_run(
+    run_id = mlflow_runs.start_child_run(
         uri,
         plan.tracking.experiment_id,
         ctx.parent_run_id,
         job_name(job),
         {
-            tracking.VARIANT_TAG: job["variant"],
+            mlflow_runs.VARIANT_TAG: job["variant"],
             "saeforge.kind": "study_sae",
             "saeforge.target_l0": str(job["target"]),
             "saeforge.seed": str(job["seed"]),
@@ -185,7 +185,9 @@ def log_final(ctx: StudyContext, job: dict, sae: variants.Variant, metrics: dict
             Param("target_l0", str(job["target"])),
             Param("factor", str(job["factor"])),
         ],
-        metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in tracking.finite(metrics).items()],
+        metrics=[Metric(f"eval/{k}", v, now, 0) for k, v in mlflow_runs.finite(metrics).items()],
     )
-    tracking.close_run(uri, run_id, "FINISHED", {"saeforge.sae_dir": str(folder), tracking.STATUS_TAG: "completed"})
+    mlflow_runs.close_run(
+        uri, run_id, "FINISHED", {"saeforge.sae_dir": str(folder), mlflow_runs.STATUS_TAG: "completed"}
+    )
     return run_id

@@ -27,13 +27,13 @@ from saeforge.core.hooks import HookPoint
 from saeforge.core.model import ModelSpec, compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR, load_sae
 from saeforge.core.training import LoopSettings
-from saeforge.jobs import tracking
-from saeforge.jobs.activation_stream import ID_COLUMN, MASK_COLUMN
+from saeforge.jobs.data.activation_stream import ID_COLUMN, MASK_COLUMN
 from saeforge.jobs.plan import RunPlan
-from saeforge.jobs.search_space import EarlyStopping, TuneSpace
-from saeforge.jobs.storage import local_checkpoint
-from saeforge.jobs.train_worker import WorkerSession, in_process_device, train_plan
-from saeforge.jobs.trainer import fit, make_trainer
+from saeforge.jobs.runtime.storage import local_checkpoint
+from saeforge.jobs.tracking import mlflow_runs
+from saeforge.jobs.train.trainer import fit, make_trainer
+from saeforge.jobs.train.worker import WorkerSession, in_process_device, train_plan
+from saeforge.jobs.tune.search_space import EarlyStopping, TuneSpace
 from saeforge.jobs.validate import variant_config
 
 ES_SCORE = "early_stop_score"  # the intermediate metric ASHA reads
@@ -162,12 +162,12 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
 
     space, uri = ctx.space, ctx.plan.tracking.uri
     trial_id = tune.get_context().get_trial_id()
-    run_id = tracking.start_child_run(
+    run_id = mlflow_runs.start_child_run(
         uri,
         ctx.plan.tracking.experiment_id,
         ctx.parent_run_id,
         f"{space.variant}-{trial_id}",
-        {tracking.TRIAL_TAG: trial_id, tracking.VARIANT_TAG: space.variant},
+        {mlflow_runs.TRIAL_TAG: trial_id, mlflow_runs.VARIANT_TAG: space.variant},
     )
     # No terminal status is written on failure here: a trial that ASHA stops also raises, and its
     # actor can still run after tuner.fit() returns. The driver closes every unfinished child run
@@ -218,7 +218,7 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
         precision=plan.stream.precision,
     )
     eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
-    final = tracking.finite(metrics)
+    final = mlflow_runs.finite(metrics)
     objective = space.score(metrics) if not space.multi_objective else math.nan
     now = int(time.time() * 1000)
     client.log_batch(
@@ -230,8 +230,8 @@ def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
         ]
         + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []),
     )
-    tracking.close_run(
-        uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint), tracking.STATUS_TAG: "completed"}
+    mlflow_runs.close_run(
+        uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint), mlflow_runs.STATUS_TAG: "completed"}
     )
     tune.report(
         {

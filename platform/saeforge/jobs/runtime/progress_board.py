@@ -13,7 +13,7 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator
 
-from saeforge.jobs.ray_cluster import on_this_node
+from saeforge.jobs.runtime.ray_cluster import on_this_node
 
 
 def _board_class():

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from saeforge.core import study_claims as sc
-from saeforge.core.l0_match import matched
 from saeforge.core.reporting import cell
+from saeforge.core.study import claims as sc
+from saeforge.core.study.l0_match import matched
 
 REPORT_DIR = "report"
 REPORT_FILE = "study.md"

@@ -20,11 +20,11 @@ import torch
 from saeforge.core.corpus import valid_mask
 from saeforge.core.training import make_optimizer, start_fresh, train_loop
 from saeforge.errors import UserError
-from saeforge.jobs.activation_stream import BATCH_CONTEXTS, MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.arguments import BenchArgs, TrainArgs
+from saeforge.jobs.data.activation_stream import BATCH_CONTEXTS, MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.plan import RunPlan
-from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources
-from saeforge.jobs.train import run_train, train_on_ray
+from saeforge.jobs.runtime.ray_cluster import connect_ray, cores, plan_resources
+from saeforge.jobs.train.driver import run_train, train_on_ray
 from saeforge.jobs.validate import hook_points, plan_train
 
 

@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from saeforge.jobs.evaluate import run_eval
+    from saeforge.jobs.eval import run_eval
 
     args = parse_into(EvalArgs, ns)
     with summary_only_on_stdout(ns.json):

@@ -9,7 +9,7 @@ the same arithmetic on the same tokens and differ only in how the work is run: n
 MLflow, no checkpoints in the plain loop. Both read the prepared model from the same cache
 (prepared before the first round), so neither pays the first-time preparation.
 
-    python -m saeforge.jobs.same_work '<TrainArgs as JSON>'   # the plain loop alone (JSON out)
+    python -m saeforge.bench.same_work '<TrainArgs as JSON>'   # the plain loop alone (JSON out)
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ def plain_loop(args: TrainArgs) -> dict:
     """The plain single-process loop on `args`' work; returns its figures and phase times."""
     import torch
 
+    from saeforge.bench.stages import _plain_stream
     from saeforge.core.evaluation import evaluate_core
     from saeforge.core.model import load_model
     from saeforge.core.training import start_fresh, train_loop
-    from saeforge.jobs.activation_stream import ActivationProducer
-    from saeforge.jobs.bench import _plain_stream
-    from saeforge.jobs.ray_cluster import cores
+    from saeforge.jobs.data.activation_stream import ActivationProducer
+    from saeforge.jobs.runtime.ray_cluster import cores
     from saeforge.jobs.validate import plan_train
 
     torch.set_num_threads(cores())
@@ -130,7 +130,7 @@ def run_same_work(args: BenchArgs, say=print) -> dict:
         folder = Path(tmp)
         env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
         env.pop("RAY_ADDRESS", None)  # both on this machine
-        plain_cmd = [sys.executable, "-m", "saeforge.jobs.same_work", json.dumps(dataclasses.asdict(work))]
+        plain_cmd = [sys.executable, "-m", "saeforge.bench.same_work", json.dumps(dataclasses.asdict(work))]
         for r in range(1, args.rounds + 1):
             say(f"[bench] round {r}/{args.rounds}: the plain loop...")
             plain_wall, plain = timed(plain_cmd, folder, env)

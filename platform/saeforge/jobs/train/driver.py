@@ -32,14 +32,16 @@ from saeforge.core.eval_suites.runner import build_context, run_local
 from saeforge.core.evaluation import evaluate_hooks
 from saeforge.core.model import compute_device, load_model
 from saeforge.core.sae_files import SAE_DIR
-from saeforge.jobs import checkpoints, progress_board, tracking
-from saeforge.jobs.activation_stream import forward_counter, forwards, materialize
 from saeforge.jobs.arguments import TrainArgs
-from saeforge.jobs.failures import run_failed
+from saeforge.jobs.data.activation_stream import forward_counter, forwards, materialize
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, plan_resources, produce_first, sigterm_interrupts
-from saeforge.jobs.storage import local_checkpoint
-from saeforge.jobs.trainer import fit, make_trainer
+from saeforge.jobs.runtime import progress_board
+from saeforge.jobs.runtime.failures import run_failed
+from saeforge.jobs.runtime.ray_cluster import connect_ray, plan_resources, produce_first, sigterm_interrupts
+from saeforge.jobs.runtime.storage import local_checkpoint
+from saeforge.jobs.tracking import mlflow_runs, registry, store
+from saeforge.jobs.train import checkpoints
+from saeforge.jobs.train.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
 
@@ -67,7 +69,7 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
 
 
 def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
-    from saeforge.jobs.corpus_stream import plan_dataset  # imports Ray Data: only once a run starts
+    from saeforge.jobs.data.corpus_stream import plan_dataset
 
     counter = forward_counter()  # the producers count their forwards in it (run_train reports them)
     dataset = plan_dataset(plan, contexts.train, count=True)
@@ -138,9 +140,9 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         f"({len(contexts.train)} contexts to train), {args.producers} producer(s) computing in "
         f"{plan.stream.precision}, {args.workers} worker(s)"
     )
-    uri = tracking.use_store()
+    uri = store.use_store()
     model_name = plan.stream.model.short_name
-    experiments = [tracking.ensure_experiment(tracking.experiment_name(model_name, h.name), uri) for h in hooks]
+    experiments = [store.ensure_experiment(store.experiment_name(model_name, h.name), uri) for h in hooks]
     connect_ray(args.address)
     phases.done("ray_start")
     run_ids = open_runs(plan, uri, experiments)
@@ -164,7 +166,7 @@ def run_train(args: TrainArgs, progress=print) -> dict:
     finally:
         close_runs(uri, run_ids, status)
     seconds = time.time() - started
-    return {**summary, "tracking_uri": tracking.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
+    return {**summary, "tracking_uri": store.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
 
 
 def open_runs(plan: RunPlan, uri: str, experiments: list[str]) -> list[str]:
@@ -178,14 +180,14 @@ def open_runs(plan: RunPlan, uri: str, experiments: list[str]) -> list[str]:
         for run_id in plan.run_ids:
             client.update_run(run_id, status="RUNNING")
         return list(plan.run_ids)
-    run_ids = [tracking.start_run(uri, experiment_id, plan.name) for experiment_id in experiments]
+    run_ids = [mlflow_runs.start_run(uri, experiment_id, plan.name) for experiment_id in experiments]
     params = run_params(plan)
     for run_id in run_ids:
         client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
     if len(run_ids) > 1:  # each run names its siblings of the same model pass
         siblings = json.dumps({h.name: run_id for h, run_id in zip(plan.stream.hooks, run_ids)})
         for run_id in run_ids:
-            client.set_tag(run_id, tracking.HOOK_RUNS_TAG, siblings)
+            client.set_tag(run_id, mlflow_runs.HOOK_RUNS_TAG, siblings)
     return run_ids
 
 
@@ -277,20 +279,20 @@ def log_and_register(
 
     started = time.time()
     hook, run_id = plan.hook, plan.tracking.run_id
-    registered = tracking.registered_model_name(plan.stream.model.short_name, hook.name, plan.variant_name)
+    registered = registry.registered_model_name(plan.stream.model.short_name, hook.name, plan.variant_name)
     run = mlflow.start_run(run_id=run_id)
     eval_metrics = {k: v for k, v in results.items() if k != "dead_fraction_train"}
-    mlflow.log_metrics({f"eval/{k}": v for k, v in tracking.finite(eval_metrics).items()})
+    mlflow.log_metrics({f"eval/{k}": v for k, v in mlflow_runs.finite(eval_metrics).items()})
     mlflow.log_metrics({**train_metrics, "train/dead_fraction_last_50k": results["dead_fraction_train"]})
     mlflow.log_dict(results, "eval/core.json")
     if plan.eval_suites:
         ctx = build_context(variant, cfg, model, dataset=plan.args.dataset)
         for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
-            mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in tracking.finite(outcome.metrics).items()})
+            mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in mlflow_runs.finite(outcome.metrics).items()})
             mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
     sae_folder = folder / SAE_DIR
-    version = tracking.log_and_register(sae_folder, registered)
-    moved, reason = tracking.promote_if_better(registered, version, results, plan.max_l0)
+    version = registry.log_and_register(sae_folder, registered)
+    moved, reason = registry.promote_if_better(registered, version, results, plan.max_l0)
     mlflow.log_metrics({f"time/{k}_s": v for k, v in {**shared, "register": time.time() - started}.items()})
     mlflow.end_run("FINISHED")
     return {

@@ -30,9 +30,11 @@ import torch
 
 from saeforge.core import metrics
 from saeforge.core.training import LoopState, start_fresh_side_by_side, train_side_by_side
-from saeforge.jobs import checkpoints, progress_board, tracking
-from saeforge.jobs.activation_stream import hook_step_batches
+from saeforge.jobs.data.activation_stream import hook_step_batches
 from saeforge.jobs.plan import InjectedExit, RunPlan
+from saeforge.jobs.runtime import progress_board
+from saeforge.jobs.tracking import mlflow_runs
+from saeforge.jobs.train import checkpoints
 
 
 def _average_over_workers(value: float) -> float:
@@ -140,7 +142,7 @@ def train_plan(plan: RunPlan, shard, session: WorkerSession) -> None:
         batches = start_fresh_side_by_side(saes, batches, average=_average_over_workers)
     models = [_data_parallel(sae) if world > 1 else sae for sae in saes]
 
-    curves = [tracking.RunCurves(plan.tracking.uri, run_id) for run_id in plan.run_ids] if rank == 0 else []
+    curves = [mlflow_runs.RunCurves(plan.tracking.uri, run_id) for run_id in plan.run_ids] if rank == 0 else []
     settings, start_step = plan.loop, states[0].step
     started = time.perf_counter()  # the first batch is already here
     hook_run_ids = {h.name: run_id for h, run_id in zip(hooks, plan.run_ids)} if len(hooks) > 1 else None

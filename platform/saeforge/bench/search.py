@@ -20,8 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from saeforge.bench.same_work import timed
 from saeforge.jobs.arguments import BenchArgs
-from saeforge.jobs.same_work import timed
 
 
 def _flags(pairs: dict) -> list[str]:
@@ -66,8 +66,8 @@ def completed_trials(search: dict, fixed: dict) -> list[tuple[dict, dict]]:
 
 def run_search_bench(args: BenchArgs, say=print) -> dict:
     from saeforge.core.model import resolve_model
-    from saeforge.jobs import search_space
-    from saeforge.jobs.search import variant_names
+    from saeforge.jobs.tune import search_space
+    from saeforge.jobs.tune.driver import variant_names
 
     (variant,) = variant_names(args.variant)  # one variant: its tune space, tune_spaces/<variant>.yaml
     fixed = dict(search_space.load(search_space.default_space_path(variant), variant).fixed)

@@ -24,7 +24,7 @@ from saeforge.core.hooks import capture, layers_needed
 from saeforge.core.model import compute_device, forward_precision, load_model, resolve_precision, run_slice, slice_dtype
 from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
 from saeforge.jobs.plan import InjectedExit, StreamSpec
-from saeforge.jobs.ray_cluster import on_this_node
+from saeforge.jobs.runtime.ray_cluster import on_this_node
 
 MASK_COLUMN = "mask"
 ID_COLUMN = "context_id"

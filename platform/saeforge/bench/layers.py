@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
+from saeforge.bench.same_work import timed, train_args, train_command
 from saeforge.jobs.arguments import BenchArgs
-from saeforge.jobs.same_work import timed, train_args, train_command
 
 
 def layer_commands(args: BenchArgs, storage: Path) -> tuple[list[str], list[list[str]]]:

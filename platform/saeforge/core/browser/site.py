@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saeforge.core.browser_stats import WINDOW_BEFORE, LatentStats
+from saeforge.core.browser.stats import WINDOW_BEFORE, LatentStats
 from saeforge.core.metrics import DENSE_FIRING_RATE
 
 INDEX = "index.html"

@@ -30,14 +30,14 @@ import numpy as np
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
-from saeforge.jobs.activation_stream import (
+from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
+from saeforge.jobs.data.activation_stream import (
     BATCH_CONTEXTS,
     ID_COLUMN,
     TOKENS_COLUMN,
     plain_remote_args,
     produce_activations,
 )
-from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
 from saeforge.jobs.plan import CorpusRange, RunPlan
 
 READ_BLOCK_BYTES = 8 * 1024 * 1024  # the dataset's target_max_block_size (see the module docstring)

@@ -27,15 +27,16 @@ from saeforge.core.hooks import HookPoint
 from saeforge.core.reporting import pareto_front, plot_l0_vs_ce, write_csv
 from saeforge.core.training import LoopSettings
 from saeforge.errors import UserError
-from saeforge.jobs import search_space, tracking
 from saeforge.jobs.arguments import ClusterArgs, SaeSizeArgs, SourceArgs, TrainArgs, TuneArgs, check_ranges
-from saeforge.jobs.failures import one_line
+from saeforge.jobs.data.activation_cache import SharedActivations, check_cache, shared_activations
 from saeforge.jobs.plan import RunPlan, TrackingTarget
-from saeforge.jobs.ray_cluster import connect_ray, cores, plan_resources, sigterm_interrupts
-from saeforge.jobs.search_space import TuneSpace
-from saeforge.jobs.shared_activations import SharedActivations, check_cache, shared_activations
-from saeforge.jobs.storage import is_uri, storage_path
-from saeforge.jobs.trial import ES_SCORE, TrialContext, run_trial, trains_in_process, zero_ablation
+from saeforge.jobs.runtime.failures import one_line
+from saeforge.jobs.runtime.ray_cluster import connect_ray, cores, plan_resources, sigterm_interrupts
+from saeforge.jobs.runtime.storage import is_uri, storage_path
+from saeforge.jobs.tracking import mlflow_runs, registry, store
+from saeforge.jobs.tune import search_space
+from saeforge.jobs.tune.search_space import TuneSpace
+from saeforge.jobs.tune.trial import ES_SCORE, TrialContext, run_trial, trains_in_process, zero_ablation
 from saeforge.jobs.validate import plan_train, variant_config
 
 TRIAL_CPU = 0.1  # a TorchTrainer trial's own driver: it mostly waits on its workers ({"cpu": 0} is refused)
@@ -173,8 +174,8 @@ def trial_rows(grid, space: TuneSpace, ctx: TrialContext) -> list[dict]:
     stopped early or died are closed with their status."""
     uri = ctx.plan.tracking.uri
     children = {
-        r.data.tags.get(tracking.TRIAL_TAG): r
-        for r in tracking.child_runs(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id)
+        r.data.tags.get(mlflow_runs.TRIAL_TAG): r
+        for r in mlflow_runs.child_runs(uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id)
     }
     rows = []
     for result in grid:
@@ -206,12 +207,12 @@ def trial_rows(grid, space: TuneSpace, ctx: TrialContext) -> list[dict]:
         row["error"] = one_line(result.error) if result.error else ""
         rows.append(row)
         if run is not None and status != "completed":  # failed and stopped trials are closed here
-            tags = {tracking.STATUS_TAG: status}
+            tags = {mlflow_runs.STATUS_TAG: status}
             if status == "early_stopped":
                 tags["saeforge.stopped_at_step"] = str(row["step"])
             if row["error"]:
                 tags["saeforge.error"] = row["error"][:4000]
-            tracking.close_run(uri, run.info.run_id, "KILLED" if status == "early_stopped" else "FAILED", tags)
+            mlflow_runs.close_run(uri, run.info.run_id, "KILLED" if status == "early_stopped" else "FAILED", tags)
     done = [i for i, r in enumerate(rows) if r["status"] == "completed"]
     front = {done[j] for j in pareto_front([(rows[i]["l0"], rows[i]["ce_loss_recovered"]) for i in done])}
     for i, r in enumerate(rows):
@@ -228,9 +229,9 @@ def killed_on_interrupt(uri: str, experiment_id: str, parent_run_id: str):
     try:
         yield
     except (KeyboardInterrupt, SystemExit):
-        for child in tracking.child_runs(uri, experiment_id, parent_run_id):
+        for child in mlflow_runs.child_runs(uri, experiment_id, parent_run_id):
             if child.info.status == "RUNNING":
-                tracking.close_run(uri, child.info.run_id, "KILLED", {tracking.STATUS_TAG: "interrupted"})
+                mlflow_runs.close_run(uri, child.info.run_id, "KILLED", {mlflow_runs.STATUS_TAG: "interrupted"})
         mlflow.end_run("KILLED")
         raise
 
@@ -240,11 +241,11 @@ def register_best(best: dict, space: TuneSpace, plan: RunPlan, l0_max: float) ->
     champion only when it met every constraint and beats the current champion."""
     from saeforge.core.sae_files import SAE_DIR
 
-    name = tracking.registered_model_name(plan.stream.model.short_name, plan.hook.name, space.variant)
-    version = tracking.log_and_register(Path(best["checkpoint_dir"]) / SAE_DIR, name, run_id=best["run_id"])
+    name = registry.registered_model_name(plan.stream.model.short_name, plan.hook.name, space.variant)
+    version = registry.log_and_register(Path(best["checkpoint_dir"]) / SAE_DIR, name, run_id=best["run_id"])
     if best["feasible"]:
-        return (name, version, *tracking.promote_if_better(name, version, best, l0_max))
-    tracking.tag_version(name, version, best)  # for the record, but not a champion candidate
+        return (name, version, *registry.promote_if_better(name, version, best, l0_max))
+    registry.tag_version(name, version, best)  # for the record, but not a champion candidate
     missed = [str(c) for c in space.constraints if c.violation(best) > 0]
     return name, version, False, f"no trial met the constraints ({', '.join(missed)}); this is the closest"
 
@@ -295,7 +296,7 @@ def search_variant(
         mlflow.start_run(
             experiment_id=plan.tracking.experiment_id,
             run_name=search_name,
-            tags={"saeforge.kind": "tune_search", tracking.VARIANT_TAG: space.variant},
+            tags={"saeforge.kind": "tune_search", mlflow_runs.VARIANT_TAG: space.variant},
         ) as parent,
         killed_on_interrupt(plan.tracking.uri, plan.tracking.experiment_id, parent.info.run_id),
     ):
@@ -456,10 +457,8 @@ def open_search(plan: RunPlan, contexts, args, progress=print) -> tuple[RunPlan,
     resources and tracking target, and the activations."""
     if args.activations:
         check_cache(args.activations, plan)
-    uri = tracking.use_store()
-    experiment_id = tracking.ensure_experiment(
-        tracking.experiment_name(plan.stream.model.short_name, plan.hook.name), uri
-    )
+    uri = store.use_store()
+    experiment_id = store.ensure_experiment(store.experiment_name(plan.stream.model.short_name, plan.hook.name), uri)
     connect_ray(args.address)
     # Trials report their metrics only at their end (tune: the early-stopping score only while
     # they train): Tune must not insist on every metric in every report.
@@ -476,8 +475,8 @@ def hook_plan(plan: RunPlan, hook: HookPoint) -> RunPlan:
     """The plan of the searches on one hook of the shared activations: its trials read that hook's
     column, and the search is recorded in the hook's own experiment."""
     one = plan.for_hook(hook)
-    name = tracking.experiment_name(plan.stream.model.short_name, hook.name)
-    experiment_id = tracking.ensure_experiment(name, plan.tracking.uri)
+    name = store.experiment_name(plan.stream.model.short_name, hook.name)
+    experiment_id = store.ensure_experiment(name, plan.tracking.uri)
     return dataclasses.replace(one, tracking=dataclasses.replace(one.tracking, experiment_id=experiment_id))
 
 
@@ -514,7 +513,7 @@ def run_tune(args: TuneArgs, progress=print, verbose: int = 1) -> dict:
         "searches": searches,
         "activations": acts.summary(),
         "max_concurrent": concurrency[0],
-        "tracking_uri": tracking.redact(uri),
+        "tracking_uri": store.redact(uri),
         "experiment_id": experiment_id,
         "seconds": time.time() - started,
     }
