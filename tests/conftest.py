@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,10 @@ SMALL_SUITES = {
 
 
 SESSION_STORE: list[str] = []  # the session's MLflow store, once `mlflow_store` made it
+
+# The fault tests' hook (saeforge.jobs.runtime.faults): set before any Ray starts, so that every
+# Ray process of the session (and every process a test starts) can see what a test arms.
+os.environ["SAEFORGE_FAULTS"] = tempfile.mkdtemp(prefix="saeforge-faults-")
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
-"""Every bad input of issue 10 is answered with one line on stderr and exit code 2, before Ray
-starts or anything is written (the folder the command runs in is left exactly as it was), and
-the silently-wrong ones are refused or warned about. In-process through `saeforge.cli.main` on
-the tiny model: no Ray, seconds per input. `connect_ray` is replaced by a tripwire so that a
-check moved after Ray's start fails here loudly."""
+"""Every bad input is answered with one line on stderr and exit code 2, before Ray starts or
+anything is written (the folder the command runs in is left exactly as it was), and the
+silently-wrong ones are refused or warned about. In-process through `saeforge.cli.main` on the
+tiny model: no Ray, seconds per input. The drivers' `connect_ray` is replaced by a tripwire so
+that a check moved after Ray's start fails here loudly."""
 
 import json
 import socket
@@ -30,7 +30,7 @@ def closed_port() -> int:
 def refused(tmp_path, monkeypatch, capsys):
     """Run the CLI in an empty folder; assert exit 2, one error line containing `message`, no
     traceback, and nothing written; return the error line."""
-    import saeforge.jobs.train.driver
+    from saeforge.jobs.runtime import ray_cluster
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -39,7 +39,7 @@ def refused(tmp_path, monkeypatch, capsys):
     def tripwire(*_):
         raise AssertionError("Ray was started before the input was checked")
 
-    monkeypatch.setattr(saeforge.jobs.train.driver, "connect_ray", tripwire)
+    monkeypatch.setattr(ray_cluster, "connect_ray", tripwire)  # what train, tune and study connect with
 
     def check(argv, message, env=None):
         for key, value in (env or {}).items():
@@ -77,13 +77,7 @@ def test_negative_max_failures(refused):
     refused([*TRAIN, "--max-failures", "-1"], "--max-failures must be at least 0, got -1")
 
 
-def test_negative_max_failures_in_a_search(refused, monkeypatch):
-    import saeforge.jobs.tune.driver
-
-    def tripwire(*_):
-        raise AssertionError("Ray was started before the input was checked")
-
-    monkeypatch.setattr(saeforge.jobs.tune.driver, "connect_ray", tripwire)
+def test_negative_max_failures_in_a_search(refused):
     refused(
         ["tune", "--model", "tiny", "--layer", "3", "--max-failures", "-2"], "--max-failures must be at least 0, got -2"
     )
@@ -174,9 +168,8 @@ def saved_checkpoint(tmp_path):
     folder = tmp_path / "runs" / "old-run" / "checkpoint_000000"
     sae = variants.build("relu", d_in=64, d_sae=128)
     info = checkpoints.run_info(tiny_args(tmp_path), "run-id", total_steps=20)
-    checkpoints.save_checkpoint(
-        folder, sae, LoopState(5, 500), SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 128, "wiki"), info
-    )
+    meta = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 128, "wiki")
+    checkpoints.save_checkpoint(folder, [(sae, LoopState(5, 500), meta)], info)
     return folder
 
 
@@ -265,10 +258,7 @@ def test_a_layer_out_of_range_in_a_list(refused):
     refused(["train", "--model", "tiny", "--layer", "1,9"], "layer 9 is out of range: tiny has 8 layers (0-7)")
 
 
-def test_a_layer_listed_twice_in_a_search(refused, monkeypatch):
-    import saeforge.jobs.tune.driver
-
-    monkeypatch.setattr(saeforge.jobs.tune.driver, "connect_ray", lambda *_: pytest.fail("Ray started"))
+def test_a_layer_listed_twice_in_a_search(refused):
     refused(["tune", "--model", "tiny", "--layer", "2,2"], "--layer 2,2: layer 2 is listed twice")
 
 
@@ -280,3 +270,9 @@ def test_a_layers_bench_of_one_layer_or_out_of_range(refused):
     refused(["bench", "--model", "tiny", "--layers", "3"], "--layers 3: give two layers or more")
     refused(["bench", "--model", "tiny", "--layers", "3,12"], "layer 12 is out of range: tiny has 8 layers")
     refused(["bench", "--model", "tiny", "--layer", "3,6"], "--layer 3,6: this bench reads one layer")
+
+
+def test_two_bench_modes_at_once(refused):
+    """Each mode is a bench of its own: two mode flags are refused, not one silently preferred."""
+    refused(["bench", "--model", "tiny", "--same-work", "--step-cost"], "--same-work and --step-cost: choose one")
+    refused(["bench", "--model", "tiny", "--layers", "1,3", "--search", "4"], "--layers and --search: choose one")

@@ -104,8 +104,8 @@ def test_the_state_tallies_the_contexts_trained_and_a_checkpoint_keeps_the_tally
         sum(i * i for i in ids),
     )
     assert snaps[0].contexts.count == 24  # a snapshot, not the running tally
-    save_checkpoint(tmp_path / "ck", variant, snaps[0], SaeMeta("tiny", "h", 1, 33, "wiki"), {})
-    _, state = load_checkpoint(tmp_path / "ck")
+    save_checkpoint(tmp_path / "ck", [(variant, snaps[0], SaeMeta("tiny", "h", 1, 33, "wiki"))], {})
+    ((_, state),) = load_checkpoint(tmp_path / "ck", ["h"])
     assert state.contexts == snaps[0].contexts
     later = (b for step, b in enumerate(with_ids(planted_batches(6))) if step >= 3)
     assert train_loop(variant, later, settings, state=state).contexts == final.contexts

@@ -104,7 +104,7 @@ def main(out: str, work: str, kill_at: int) -> None:
 def train_and_lose_a_node(cluster, nodes: dict, work: Path, kill_at: int) -> dict:
     """The run, with rank 0's node removed when it reaches `kill_at`; what the test checks."""
     from saeforge.core.corpus import valid_mask
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
     from saeforge.jobs.runtime.ray_cluster import connect_ray, plan_resources
     from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
     from saeforge.jobs.train.driver import train_on_ray
@@ -125,14 +125,13 @@ def train_and_lose_a_node(cluster, nodes: dict, work: Path, kill_at: int) -> dic
     )
     plan, contexts = plan_train(args)
     connect_ray(cluster.address)
-    plan = dataclasses.replace(
-        plan, resources=plan_resources(plan), worker_exit=InjectedExit(kill_at, str(marker), hang=True)
-    )
+    plan = dataclasses.replace(plan, resources=plan_resources(plan))
     removed: dict = {}
     watcher = threading.Thread(target=remove_when_marked, args=(cluster, nodes, marker, removed), daemon=True)
     watcher.start()
     lines: list[str] = []
-    result = train_on_ray(plan, contexts, plan.name, show=lines.append)
+    with faults.arm(faults.WORKER_STEP, kill_at, marker, hang=True):
+        result = train_on_ray(plan, contexts, plan.name, show=lines.append)
     checkpoint = Path(result.checkpoint.path)
     return {
         "started": started,

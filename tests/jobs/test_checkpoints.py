@@ -20,7 +20,7 @@ META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 16, "wiki")
 def save(folder, step: int):
     variant = variants.build("relu", d_in=16, d_sae=32)
     info = checkpoints.run_info(tiny_args(folder.parent), "run-id", total_steps=20)
-    checkpoints.save_checkpoint(folder, variant, LoopState(step, 100 * step), META, info)
+    checkpoints.save_checkpoint(folder, [(variant, LoopState(step, 100 * step), META)], info)
     return folder
 
 
@@ -35,12 +35,12 @@ def test_a_crash_at_any_step_of_a_checkpoint_save_keeps_a_complete_one(tmp_path)
             break
         crashes += outcome == "crashed"
         assert checkpoints.is_checkpoint(folder), (step, torn)
-        assert checkpoints.load_checkpoint(folder)[1].step in (5, 10), (step, torn)
+        assert checkpoints.load_checkpoint(folder, [META.hook_name])[0][1].step in (5, 10), (step, torn)
         assert checkpoints.read_info(folder)["step"] in (5, 10)
         save(folder, 5)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"], (step, torn)
     assert crashes >= 20
-    assert checkpoints.load_checkpoint(folder)[1].step == 10
+    assert checkpoints.load_checkpoint(folder, [META.hook_name])[0][1].step == 10
 
 
 @pytest.mark.parametrize("cut", ["no marker", "a file missing", "a file truncated"])
@@ -79,11 +79,11 @@ def test_a_checkpoint_of_several_hooks_keeps_each_sae_in_its_hook_folder(tmp_pat
     run = tmp_path / "run"
     for n, step in enumerate((5, 10)):
         parts = [(sae, LoopState(step, 100 * step), meta) for sae, meta in zip(saes, metas)]
-        checkpoints.save_hooks_checkpoint(run / f"checkpoint_00000{n}", parts, info)
+        checkpoints.save_checkpoint(run / f"checkpoint_00000{n}", parts, info)
     newest = run / "checkpoint_000001"
     assert sorted(p.name for p in newest.iterdir()) == sorted([*hooks, "complete.json", "run.json"])
     assert checkpoints.is_checkpoint(newest) and checkpoints.find_checkpoint(str(run)) == newest
-    loaded = checkpoints.load_hooks_checkpoint(newest, hooks)
+    loaded = checkpoints.load_checkpoint(newest, hooks)
     for (sae, state), want, meta in zip(loaded, saes, metas):
         assert state.step == 10 and torch.equal(sae.W_dec, want.W_dec)
         assert (

@@ -159,9 +159,8 @@ def test_a_search_of_two_hooks_runs_the_model_once_and_registers_each_hooks_best
     from saeforge.core.training import estimate_act_scale
     from saeforge.jobs.arguments import TuneArgs
     from saeforge.jobs.data.activation_stream import ActivationProducer
-    from saeforge.jobs.tune.driver import run_tune, shared_train_args
-    from saeforge.jobs.tune.search_space import load
-    from saeforge.jobs.validate import plan_train
+    from saeforge.jobs.tune.driver import run_tune
+    from saeforge.jobs.validate import plan_tune
 
     (tmp_path / "space.yaml").write_text(SPACE)
     args = TuneArgs(
@@ -180,7 +179,7 @@ def test_a_search_of_two_hooks_runs_the_model_once_and_registers_each_hooks_best
         max_failures=0,
     )
     summary = run_tune(args, progress=lambda *_: None, verbose=0)
-    plan, contexts = plan_train(shared_train_args(args, load(args.space)))
+    plan, contexts, _ = plan_tune(args)
     acts = summary["activations"]
     assert acts["contexts_forwarded"] == acts["contexts"] == len(contexts.train)  # once, for both hooks
     assert [s["hook"] for s in summary["searches"]] == ["blocks.4.hook_resid_post", "blocks.5.hook_resid_post"]

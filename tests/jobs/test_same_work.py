@@ -45,7 +45,7 @@ def test_layers_bench_times_one_run_of_every_layer_against_one_run_per_layer(tmp
 
 def test_the_bench_finds_the_summary_among_other_output():
     """A --json verb's stdout may carry a library's lines before and after the summary."""
-    from saeforge.bench.same_work import last_json
+    from saeforge.bench.processes import last_json
 
     summary = {"rounds": [{"wall_s": 1.5}], "nested": {"a": [1, 2]}}
     noise = "{'trial': 'repr, not JSON'}\nTrial finished.\n"

@@ -12,9 +12,10 @@ from saeforge.jobs.runtime.storage import run_exists, storage_path, temporary_ou
 
 def test_a_file_uri_storage_holds_the_runs_checkpoints(ray_session, tmp_path):
     from saeforge.core.sae_files import SAE_DIR, load_sae
+    from saeforge.jobs.checks import check_new_run_folder
     from saeforge.jobs.runtime.storage import local_checkpoint
     from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import check_new_run_folder, plan_train
+    from saeforge.jobs.validate import plan_train
 
     uri = (tmp_path / "shared").as_uri()  # file:///...
     args = tiny_args(tmp_path, tokens=4000, storage=uri, run_name="on-a-uri", checkpoint_every=1000)

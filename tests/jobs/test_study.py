@@ -70,12 +70,10 @@ def study(ray_session, mlflow_store, tmp_path_factory):
 
 
 def test_one_model_pass_serves_every_sae(study):
-    from saeforge.jobs.study.driver import plan_study, shared_train_args
-    from saeforge.jobs.validate import plan_train
+    from saeforge.jobs.validate import plan_study
 
     summary, tmp = study
-    args = study_args(tmp)
-    _, contexts = plan_train(shared_train_args(args, plan_study(args).variants[0]))
+    _, _, contexts = plan_study(study_args(tmp))
     acts = summary["activations"]
     # every training context went through the producers exactly once, for every SAE of the study
     assert acts["source"] == "model" and acts["contexts_forwarded"] == acts["contexts"] == len(contexts.train)

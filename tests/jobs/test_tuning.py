@@ -139,12 +139,11 @@ def test_every_trial_reuses_the_searchs_zero_ablation_and_gets_the_figures_of_a_
 
 
 def search_plan(tmp, **changes):
-    from saeforge.jobs.tune.driver import shared_train_args
-    from saeforge.jobs.tune.search_space import load
-    from saeforge.jobs.validate import plan_train
+    from saeforge.jobs.validate import plan_tune
 
     args = search_args(tmp, **changes)
-    return args, *plan_train(shared_train_args(args, load(args.space)))
+    plan, contexts, _ = plan_tune(args)
+    return args, plan, contexts
 
 
 def test_the_model_ran_once_for_all_trials_and_the_cache_is_reused(search):
@@ -233,27 +232,20 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_t
     assert folder.parent.name == row["trial_id"] and folder.parent.parent.name == "trials"  # the TorchTrainer's
 
 
-def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child_run(search, tmp_path, monkeypatch):
+def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child_run(search, tmp_path):
     """--max-failures 1: the in-process trial's process exits at step 3 (as an OOM kill would end
     it); Tune starts the trial again, which trains to its last step and ends in the child run it
     started before, not a second one."""
-    import dataclasses
-
     from mlflow.tracking import MlflowClient
 
-    import saeforge.jobs.tune.driver as search_module
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
+    from saeforge.jobs.tune.driver import run_tune
 
-    marker, real = tmp_path / "trial-exited", search_module.plan_train
-
-    def plan_with_a_crash(args, progress=None):
-        plan, contexts = real(args, progress)
-        return dataclasses.replace(plan, worker_exit=InjectedExit(3, str(marker))), contexts
-
-    monkeypatch.setattr(search_module, "plan_train", plan_with_a_crash)
+    marker = tmp_path / "trial-exited"
     (tmp_path / "space.yaml").write_text(ONE_TRIAL_SPACE)
     args = search_args(tmp_path, scheduler="fifo", layer="7", activations="", max_failures=1)
-    (s,) = search_module.run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
+    with faults.arm(faults.WORKER_STEP, 3, marker):
+        (s,) = run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
     assert marker.exists()  # the trial's process did die
     (row,) = s["rows"]
     assert row["status"] == "completed" and row["step"] == 24, row

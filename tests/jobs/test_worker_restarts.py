@@ -1,6 +1,6 @@
 """Workers and producers can die (issue 10 item 1), on the tiny Gemma with real Ray Train workers,
 Ray Data producers and the session's SQLite MLflow store. A crash is injected with the plan's
-`InjectedExit` (the process calls os._exit at a chosen step or batch, once: a marker file disarms
+`faults.arm` (the process calls os._exit at a chosen step or batch, once: a marker file disarms
 the restarted process), and the run must end as if nothing happened: every planned step once,
 every planned token once, the same SAE as an uninterrupted run (one worker, fixed data order)."""
 
@@ -58,26 +58,23 @@ def reference(ray_session, session_dir):
     return sae, info
 
 
-def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_store, tmp_path, monkeypatch):
+def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_store, tmp_path):
     """Rank 0 dies at step 7: Ray Train restarts it from the checkpoint at step 6, the worker skips
     the 6 steps' contexts it already trained, and the run ends in the same MLflow run, FINISHED,
     with the planned steps and tokens and the uninterrupted run's SAE."""
     from mlflow.tracking import MlflowClient
 
-    import saeforge.jobs.train.driver as train
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
+    from saeforge.jobs.train.driver import run_train
+    from saeforge.jobs.validate import plan_train
 
     marker = tmp_path / "worker-exited"
-    planned, real = {}, train.plan_train
-
-    def plan_with_a_crash(args, progress=None):
-        plan, contexts = real(args, progress)
-        planned.update(steps=plan.loop.total_steps, tokens=planned_tokens(plan, contexts))
-        return dataclasses.replace(plan, worker_exit=InjectedExit(KILL_AT, str(marker))), contexts
-
-    monkeypatch.setattr(train, "plan_train", plan_with_a_crash)
+    args = small_args(tmp_path, stream="off", run_name="worker-killed")
+    plan, contexts = plan_train(args)
+    planned = {"steps": plan.loop.total_steps, "tokens": planned_tokens(plan, contexts)}
     started, lines = time.time(), []
-    summary = train.run_train(small_args(tmp_path, stream="off", run_name="worker-killed"), progress=lines.append)
+    with faults.arm(faults.WORKER_STEP, KILL_AT, marker):
+        summary = run_train(args, progress=lines.append)
     assert marker.exists()  # the worker did die
     logged = [line.split()[2] for line in lines if line.startswith("[saeforge] step ")]
     # rank 0's lines: restarted from a checkpoint (at 6, or at 3 when the controller had not yet
@@ -99,43 +96,38 @@ def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
     retries the batch, in order, and the run trains the uninterrupted run's SAE. (That run made
     its activations first: so this also shows that streaming and produce-first train the same
     SAE, from the same rows in the same order.)"""
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
     from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     marker = tmp_path / "producer-exited"
     plan, contexts = plan_train(small_args(tmp_path))
-    plan = dataclasses.replace(with_produce_first(plan, False), producer_exit=InjectedExit(3, str(marker)))
-    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    plan = with_produce_first(plan, False)
+    with faults.arm(faults.PRODUCER_BATCH, 3, marker):
+        sae, info = final_state(train_on_ray(plan, contexts, plan.name))
     assert marker.exists()
     assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
     assert_same_sae(reference[0], sae)
 
 
-def test_a_producer_that_always_crashes_ends_the_run_in_one_line(
-    ray_session, mlflow_store, tmp_path, monkeypatch, capsys
-):
+def test_a_producer_that_always_crashes_ends_the_run_in_one_line(ray_session, mlflow_store, tmp_path, capsys):
     """A producer that dies every time it loads the model (as out of memory would) is restarted
     --max-failures times, then the run fails: one line, exit 1, the MLflow run FAILED."""
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors
 
-    import saeforge.jobs.train.driver as train
     from saeforge.cli import main
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
 
-    real, producer_class = train.plan_train, "MapWorker(MapBatches(ActivationProducer))"
+    producer_class = "MapWorker(MapBatches(ActivationProducer))"
     assert not list_actors(filters=[("class_name", "=", producer_class), ("state", "!=", "DEAD")])
     earlier = {a.actor_id for a in list_actors(filters=[("class_name", "=", producer_class)], limit=10_000)}
 
-    def plan_with_a_crash(args, progress=None):
-        plan, contexts = real(args, progress)
-        return dataclasses.replace(plan, producer_exit=InjectedExit(0)), contexts
-
-    monkeypatch.setattr(train, "plan_train", plan_with_a_crash)
     argv = ["train", "--model", "tiny", "--layer", "3", "--variant", "relu", "--tokens", "2000", "--d-sae", "64"]
+    argv += ["--storage", str(tmp_path), "--run-name", "oom", "--stream", "off", "--max-failures", "1"]
     started = time.time()
-    code = main([*argv, "--storage", str(tmp_path), "--run-name", "oom", "--stream", "off", "--max-failures", "1"])
+    with faults.arm(faults.PRODUCER_BATCH, 0):  # every time a producer loads the model
+        code = main(argv)
     seconds = time.time() - started
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
@@ -180,15 +172,15 @@ def test_two_workers_one_killed_train_every_planned_step_and_token(two_worker_re
     the checkpoint at step 6, each rank skips its 6 steps' share, and the run ends with the
     planned steps, every context once and the uninterrupted run's SAE (made first here, by one
     producer: the steps hold the same contexts whatever the producers)."""
-    from saeforge.jobs.plan import InjectedExit
+    from saeforge.jobs.runtime import faults
     from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     marker = tmp_path / "worker-exited"
     plan, contexts = plan_train(small_args(tmp_path, workers=2))
     assert plan.stream.contexts_per_worker == 2 and plan.loop.total_steps > KILL_AT
-    plan = dataclasses.replace(with_produce_first(plan, True), worker_exit=InjectedExit(KILL_AT, str(marker)))
-    sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    with faults.arm(faults.WORKER_STEP, KILL_AT, marker):
+        sae, info = final_state(train_on_ray(with_produce_first(plan, True), contexts, plan.name))
     assert marker.exists()
     assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
     assert tally(info) == tally(two_worker_reference[1])
@@ -196,21 +188,13 @@ def test_two_workers_one_killed_train_every_planned_step_and_token(two_worker_re
 
 
 DRIVER = """
-import dataclasses, sys
+import sys
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from conftest import tiny_args
-import saeforge.jobs.train.driver as train
-from saeforge.jobs.plan import InjectedExit
+from saeforge.jobs.train.driver import run_train
 
-real = train.plan_train
-
-def plan_with_a_stop(args, progress=None):
-    plan, contexts = real(args, progress)
-    return dataclasses.replace(plan, worker_exit=InjectedExit({at}, {marker!r}, hang=True)), contexts
-
-train.plan_train = plan_with_a_stop
-train.run_train(tiny_args(Path({tmp!r}), **{changes!r}), progress=print)
+run_train(tiny_args(Path({tmp!r}), **{changes!r}), progress=print)
 """
 
 
@@ -229,21 +213,22 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
     from ray.util.state import list_actors
 
     from saeforge.jobs.arguments import TrainArgs
+    from saeforge.jobs.runtime import faults
     from saeforge.jobs.train.driver import run_train
 
     marker, tests = tmp_path / "worker-waits", str(Path(__file__).resolve().parents[1])
     changes = {"workers": 2, "producers": 2, "stream": "on", "run_name": "driver-killed"}
     changes.update(tokens=6000, checkpoint_every=3, log_every=3, address=ray.get_runtime_context().gcs_address)
-    script = DRIVER.format(tests=tests, at=KILL_AT, marker=str(marker), tmp=str(tmp_path), changes=changes)
+    script = DRIVER.format(tests=tests, tmp=str(tmp_path), changes=changes)
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
-    with log.open("wb") as out:
+    with faults.arm(faults.WORKER_STEP, KILL_AT, marker, hang=True), log.open("wb") as out:
         driver = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while not marker.exists() and driver.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert marker.exists(), log.read_text()[-3000:]
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=30)
+        deadline = time.time() + 240
+        while not marker.exists() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), log.read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
     run_folder = tmp_path / "runs" / "driver-killed"
     assert list(run_folder.glob("checkpoint_*"))  # the checkpoint at step 3 or 6 is there to resume from
     ours, deadline = ray.get_runtime_context().get_job_id(), time.time() + 60

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from saeforge.bench.same_work import timed, train_args, train_command
+from saeforge.bench.processes import bench_env, timed, train_args, train_command
 from saeforge.jobs.arguments import BenchArgs
 
 
@@ -59,8 +59,7 @@ def run_layers_bench(args: BenchArgs, say=print) -> dict:
     rounds = []
     with tempfile.TemporaryDirectory(prefix="saeforge-layers-bench-") as tmp:
         folder = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        env.pop("RAY_ADDRESS", None)  # every run on this machine, on a private local Ray
+        env = bench_env(folder)
         _prepare_store(env["MLFLOW_TRACKING_URI"])
         together, separate = layer_commands(args, folder / "runs")
         for r in range(1, args.rounds + 1):

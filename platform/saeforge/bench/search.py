@@ -15,17 +15,11 @@ side by side where the cores allow.
 
 from __future__ import annotations
 
-import os
-import sys
 import tempfile
 from pathlib import Path
 
-from saeforge.bench.same_work import timed
+from saeforge.bench.processes import bench_env, saeforge_command, timed
 from saeforge.jobs.arguments import BenchArgs
-
-
-def _flags(pairs: dict) -> list[str]:
-    return [str(x) for kv in pairs.items() for x in kv]
 
 
 def tune_command(args: BenchArgs, storage: Path) -> list[str]:
@@ -41,7 +35,7 @@ def tune_command(args: BenchArgs, storage: Path) -> list[str]:
         "--storage": storage,
         "--name": "bench",
     }
-    return [sys.executable, "-m", "saeforge.cli", "tune", *_flags(flags), "--json"]
+    return saeforge_command("tune", flags)
 
 
 def trial_command(args: BenchArgs, overrides: dict, storage: Path) -> list[str]:
@@ -55,7 +49,7 @@ def trial_command(args: BenchArgs, overrides: dict, storage: Path) -> list[str]:
         "--storage": storage,
     }
     sets = [x for k, v in overrides.items() for x in ("--set", f"{k}={v}")]
-    return [sys.executable, "-m", "saeforge.cli", "train", *_flags(flags), *sets, "--json"]
+    return saeforge_command("train", flags, *sets)
 
 
 def completed_trials(search: dict, fixed: dict) -> list[tuple[dict, dict]]:
@@ -67,15 +61,14 @@ def completed_trials(search: dict, fixed: dict) -> list[tuple[dict, dict]]:
 def run_search_bench(args: BenchArgs, say=print) -> dict:
     from saeforge.core.model import resolve_model
     from saeforge.jobs.tune import search_space
-    from saeforge.jobs.tune.driver import variant_names
+    from saeforge.jobs.validate import variant_names
 
     (variant,) = variant_names(args.variant)  # one variant: its tune space, tune_spaces/<variant>.yaml
     fixed = dict(search_space.load(search_space.default_space_path(variant), variant).fixed)
     resolve_model(args.model)  # prepared once, before anything is timed
     with tempfile.TemporaryDirectory(prefix="saeforge-search-bench-") as tmp:
         folder = Path(tmp)
-        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
-        env.pop("RAY_ADDRESS", None)  # both on this machine
+        env = bench_env(folder)
         say(f"[bench] a {args.search}-trial search of {variant} (fifo: every trial to its end)...")
         search_wall, tuned = timed(tune_command(args, folder / "runs"), folder, env)
         search = tuned["searches"][0]

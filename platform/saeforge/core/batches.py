@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-TOKENS, CONTEXTS = "tokens", "contexts"
-LAYOUTS = (TOKENS, CONTEXTS)
+CONTEXTS = "contexts"  # the batch layout of variants that read whole contexts; the other is "tokens"
 
 
 def scaled_positions(variant, acts: Tensor, mask: Tensor) -> Tensor:

@@ -314,6 +314,13 @@ def load_model(
     return model.to(device).eval()
 
 
+def load_whole_model(spec: ModelSpec):
+    """The whole model (LM head included) on this process's compute device, in its compute dtype
+    (`compute_device`): what an evaluation runs."""
+    device, dtype = compute_device()
+    return load_model(spec, dtype=dtype, device=device)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The list of decoder blocks of a causal LM (or of its inner base model)."""
     inner = getattr(model, "model", model)

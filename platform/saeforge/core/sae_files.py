@@ -157,11 +157,6 @@ def save_sae(variant: variants.Variant, folder: str | Path, meta: SaeMeta) -> Pa
     return folder
 
 
-def is_sae_folder(folder: str | Path) -> bool:
-    folder = readable_folder(folder)
-    return all((folder / name).is_file() for name in SAE_FILES)
-
-
 def read_cfg(folder: str | Path) -> dict:
     path = readable_folder(folder) / CFG_FILE
     try:

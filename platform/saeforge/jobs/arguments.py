@@ -319,6 +319,13 @@ class BenchArgs:
     )
 
 
+def train_args_of(args, variant: str, overrides: dict, tokens: int) -> TrainArgs:
+    """A search's or a study's flags as a training run's: the groups the verbs share (source,
+    cluster, sizes), with the variant, `--set` values and token budget of one SAE."""
+    shared = {f.name: getattr(args, f.name) for cls in (SourceArgs, ClusterArgs, SaeSizeArgs) for f in fields(cls)}
+    return TrainArgs(**shared, variant=variant, overrides=overrides, tokens=tokens)
+
+
 def check_ranges(args) -> None:
     """Every field with a `minimum` meets it, or one line naming the flag (before anything runs)."""
     for f in fields(args):

@@ -20,6 +20,7 @@ import resource
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +31,13 @@ from saeforge.core.browser.site import SiteData, write_site
 from saeforge.core.browser.stats import LatentStats, cosine_histogram, logit_effects, most_similar
 from saeforge.core.eval_suites.context import sae_latents
 from saeforge.core.hooks import HookPoint
-from saeforge.core.model import load_config, load_tokenizer, resolve_model
+from saeforge.core.model import load_tokenizer, resolve_model
 from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
 from saeforge.jobs.arguments import BrowseArgs, check_ranges
+from saeforge.jobs.checks import check_sae_fits_model
 from saeforge.jobs.data.activation_stream import ActivationProducer
-from saeforge.jobs.eval import require_run, resolve_sae
+from saeforge.jobs.eval import ResolvedSAE, require_run, resolve_sae
 from saeforge.jobs.plan import StreamSpec
 from saeforge.jobs.runtime.ray_cluster import connect_ray, cores
 
@@ -99,13 +101,6 @@ def check_latents(ids: list[int], d_sae: int) -> None:
     bad = [i for i in ids if not 0 <= i < d_sae]
     if bad:
         raise UserError(f"--latents: latent {bad[0]} is out of range: the SAE has {d_sae} latents (0-{d_sae - 1})")
-
-
-def check_width(sae_d_in: int, config, model_name: str) -> None:
-    if config.hidden_size != sae_d_in:
-        raise UserError(
-            f"the SAE reads {sae_d_in}-wide activations but {model_name} has hidden size {config.hidden_size}"
-        )
 
 
 def choose_pages(stats: LatentStats, choice: str, ids: list[int], n: int, cap: int, seed: int) -> list[int]:
@@ -186,105 +181,57 @@ def default_out(label: str) -> Path:
     return Path(f"browser_{re.sub(r'[^A-Za-z0-9_.-]+', '-', label)}")
 
 
+@dataclass
+class BrowseInput:
+    """What validation of `saeforge browse` produced: the SAE, the model and hook it reads, the
+    held-out contexts, the latents asked for."""
+
+    resolved: ResolvedSAE
+    stream: StreamSpec
+    contexts: np.ndarray
+    tokenizer: object
+    choice: str
+    ids: list[int]
+
+    @property
+    def hook(self) -> HookPoint:
+        return self.stream.hooks[0]
+
+
 def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print) -> dict:
     """The whole `saeforge browse`: returns a summary (the site's path, what it holds)."""
     say = progress or (lambda _m: None)
     started = time.time()
-    check_ranges(args)
-    choice, ids = parse_latents(args.latents)
-    resolved = resolve_sae(args.uri, args.run_id)
-    sae, cfg = resolved.sae, resolved.cfg
-    meta = SaeMeta.from_cfg(cfg)
-    d_sae = sae.cfg.d_sae
-    model_name = args.model or meta.model_name
-    spec = resolve_model(model_name)
-    config = load_config(spec)
-    hook = HookPoint.parse(meta.hook_name)
-    hook.check(config.num_hidden_layers, model_name)
-    check_width(sae.cfg.d_in, config, model_name)
-    check_latents(ids, d_sae)  # --n-latents above d_sae just means every latent that fired
-    if args.log and args.run_id:
-        require_run(args.uri, args.run_id)
-    tokenizer = load_tokenizer(spec)
-    special = tuple(corpus.special_ids(tokenizer))
-    n_contexts = -(-args.tokens // (meta.context_size - 1))
-    contexts = corpus.pack_contexts(
-        corpus.split_texts(args.dataset, "eval", args.text_column), tokenizer, meta.context_size, n_contexts
-    )
-    if len(contexts) == 0 or not corpus.valid_mask(contexts, list(special)).any():
-        raise UserError(f"dataset '{args.dataset}' has no held-out text to browse")
-
+    given = check_browse(args)
+    sae, cfg = given.resolved.sae, given.resolved.cfg
+    model_name = args.model or SaeMeta.from_cfg(cfg).model_name
     say(
-        f"saeforge: browsing {args.uri} ({cfg['saeforge']['variant']}, d_sae {d_sae}, {hook.name} of {model_name}) "
-        f"on {len(contexts)} held-out contexts of '{args.dataset}', {args.producers} producer(s)"
+        f"saeforge: browsing {args.uri} ({cfg['saeforge']['variant']}, d_sae {sae.cfg.d_sae}, {given.hook.name} of "
+        f"{model_name}) on {len(given.contexts)} held-out contexts of '{args.dataset}', {args.producers} producer(s)"
     )
     connect_ray(args.address)
     import ray
 
-    stream = StreamSpec(spec, (hook,), special, meta.context_size, args.batch_contexts, 1)
     settings = {"top_k": args.top_k, "samples": SAMPLES, "seed": args.seed}
-    stats, actors = read_on_ray(contexts, stream, sae_files.to_bytes(sae, cfg), settings, args, say)
-    pages = choose_pages(stats, choice, ids, args.n_latents, args.max_pages, args.seed)
-    if choice == "all" and len(pages) < int((stats.fire_counts > 0).sum()):
+    stats, actors = read_on_ray(given.contexts, given.stream, sae_files.to_bytes(sae, cfg), settings, args, say)
+    pages = choose_pages(stats, given.choice, given.ids, args.n_latents, args.max_pages, args.seed)
+    if given.choice == "all" and len(pages) < int((stats.fire_counts > 0).sum()):
         say(f"saeforge: warning: --latents all: pages for the {len(pages)} most frequent latents (--max-pages)")
-
-    say(f"saeforge: decoder directions through the unembedding ({d_sae} latents), {len(pages)} pages...")
-    with torch.no_grad():
-        directions = (sae.decoder_directions().detach().float() / sae.act_scale).cpu()
-    up, up_v, down, down_v = decoder_effects(actors, directions)
+    say(f"saeforge: decoder directions through the unembedding ({sae.cfg.d_sae} latents), {len(pages)} pages...")
+    data = site_data(args, given, model_name, stats, pages, actors)
     producer_peak = max(ray.get([a.peak_memory_mb.remote() for a in actors]))
     for actor in actors:
         ray.kill(actor)
-    sim_ids, sim_cos = most_similar(directions, torch.tensor(pages, dtype=torch.long), N_SIMILAR)
-    groups = sae.latent_groups()
-    data = SiteData(
-        title=f"{cfg['saeforge']['variant']} SAE, {hook.name} of {model_name}",
-        info={
-            "SAE": args.uri,
-            "variant": cfg["saeforge"]["variant"],
-            "hook": hook.name,
-            "model": model_name,
-            "latents (d_sae)": str(d_sae),
-            "text": f"held-out split of '{args.dataset}', {len(contexts):,} contexts of {meta.context_size}",
-            "written": time.strftime("%Y-%m-%d %H:%M"),
-        },
-        stats=stats,
-        pages=pages,
-        tokens=contexts,
-        token_text=token_texts(tokenizer),
-        promoted={i: list(zip(up[i].tolist(), up_v[i].tolist())) for i in range(d_sae)},
-        suppressed={i: list(zip(down[i].tolist(), down_v[i].tolist())) for i in pages},
-        similar={p: list(zip(sim_ids[j].tolist(), sim_cos[j].tolist())) for j, p in enumerate(pages)},
-        cosine_hist=cosine_histogram(directions),
-        group_kind=groups.kind if groups else "",
-        group_labels=groups.labels.tolist() if groups else [],
-    )
-    out = Path(args.out).expanduser() if args.out else default_out(resolved.label)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}-"))
-    write_site(data, staging)
-    sae_files.replace_folder(staging, out)  # a rerun replaces the old site whole
-    index = out.resolve() / "index.html"
-    logged = bool(args.log and resolved.run_id)
-    if logged:
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        try:
-            MlflowClient().log_artifacts(resolved.run_id, str(out), ARTIFACT_DIR)
-        except MlflowException as err:
-            raise UserError(
-                f"site written to {index}, but logging to MLflow run {resolved.run_id} failed: "
-                f"{str(err).splitlines()[0]}"
-            ) from None
+    out = Path(args.out).expanduser() if args.out else default_out(given.resolved.label)
+    index, logged = publish(data, out, given.resolved.run_id if args.log else None)
     return {
         "index": str(index),
         "folder": str(out.resolve()),
-        "run_id": resolved.run_id,
+        "run_id": given.resolved.run_id,
         "logged": logged,
         "artifact_path": f"{ARTIFACT_DIR}/index.html" if logged else "",
         "tokens": stats.tokens,
-        "contexts": len(contexts),
+        "contexts": len(given.contexts),
         "pages": len(pages),
         "dead": int((stats.fire_counts == 0).sum()),
         "seconds": time.time() - started,
@@ -292,3 +239,84 @@ def run_browse(args: BrowseArgs, progress: Callable[[str], None] | None = print)
         "stats": stats,
         "page_latents": pages,
     }
+
+
+def check_browse(args: BrowseArgs) -> BrowseInput:
+    """Every input of `saeforge browse`, before Ray starts: the URI, the latent choice, the SAE
+    against the model, the MLflow run to log to, the held-out text."""
+    check_ranges(args)
+    choice, ids = parse_latents(args.latents)
+    resolved = resolve_sae(args.uri, args.run_id)
+    meta = SaeMeta.from_cfg(resolved.cfg)
+    model_name = args.model or meta.model_name
+    check_sae_fits_model(resolved.cfg, model_name)
+    check_latents(ids, resolved.sae.cfg.d_sae)  # --n-latents above d_sae just means every latent that fired
+    if args.log and args.run_id:
+        require_run(args.uri, args.run_id)
+    spec = resolve_model(model_name)
+    tokenizer = load_tokenizer(spec)
+    special = tuple(corpus.special_ids(tokenizer))
+    n_contexts = -(-args.tokens // (meta.context_size - 1))
+    texts = corpus.split_texts(args.dataset, "eval", args.text_column)
+    contexts = corpus.pack_contexts(texts, tokenizer, meta.context_size, n_contexts)
+    if len(contexts) == 0 or not corpus.valid_mask(contexts, list(special)).any():
+        raise UserError(f"dataset '{args.dataset}' has no held-out text to browse")
+    hook = HookPoint.parse(meta.hook_name)
+    stream = StreamSpec(spec, (hook,), special, meta.context_size, args.batch_contexts, 1)
+    return BrowseInput(resolved, stream, contexts, tokenizer, choice, ids)
+
+
+def site_data(args: BrowseArgs, given: BrowseInput, model_name: str, stats: LatentStats, pages: list, actors):
+    """Everything the site shows: the statistics, each latent's promoted and suppressed tokens
+    (on the actors, which hold the unembedding) and most similar latents, the variant's groups."""
+    sae, cfg = given.resolved.sae, given.resolved.cfg
+    d_sae, hook, size = sae.cfg.d_sae, given.hook, given.stream.context_size
+    with torch.no_grad():
+        directions = (sae.decoder_directions().detach().float() / sae.act_scale).cpu()
+    up, up_v, down, down_v = decoder_effects(actors, directions)
+    sim_ids, sim_cos = most_similar(directions, torch.tensor(pages, dtype=torch.long), N_SIMILAR)
+    groups = sae.latent_groups()
+    return SiteData(
+        title=f"{cfg['saeforge']['variant']} SAE, {hook.name} of {model_name}",
+        info={
+            "SAE": args.uri,
+            "variant": cfg["saeforge"]["variant"],
+            "hook": hook.name,
+            "model": model_name,
+            "latents (d_sae)": str(d_sae),
+            "text": f"held-out split of '{args.dataset}', {len(given.contexts):,} contexts of {size}",
+            "written": time.strftime("%Y-%m-%d %H:%M"),
+        },
+        stats=stats,
+        pages=pages,
+        tokens=given.contexts,
+        token_text=token_texts(given.tokenizer),
+        promoted={i: list(zip(up[i].tolist(), up_v[i].tolist())) for i in range(d_sae)},
+        suppressed={i: list(zip(down[i].tolist(), down_v[i].tolist())) for i in pages},
+        similar={p: list(zip(sim_ids[j].tolist(), sim_cos[j].tolist())) for j, p in enumerate(pages)},
+        cosine_hist=cosine_histogram(directions),
+        group_kind=groups.kind if groups else "",
+        group_labels=groups.labels.tolist() if groups else [],
+    )
+
+
+def publish(data: SiteData, out: Path, run_id: str | None) -> tuple[Path, bool]:
+    """Write the site to `out` (a rerun replaces the old site whole) and log it to the MLflow run
+    under browser/ when there is one. Returns (index.html, whether it was logged)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.resolve().parent, prefix=f".{out.name}-"))
+    write_site(data, staging)
+    sae_files.replace_folder(staging, out)
+    index = out.resolve() / "index.html"
+    if not run_id:
+        return index, False
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient().log_artifacts(run_id, str(out), ARTIFACT_DIR)
+    except MlflowException as err:
+        raise UserError(
+            f"site written to {index}, but logging to MLflow run {run_id} failed: {str(err).splitlines()[0]}"
+        ) from None
+    return index, True

@@ -34,13 +34,12 @@ from saeforge.core.eval_suites.runner import (
     run_local,
     run_one,
 )
-from saeforge.core.hooks import HookPoint
-from saeforge.core.model import load_config, resolve_model
 from saeforge.core.sae_files import CFG_FILE, SaeMeta, load_sae
 from saeforge.errors import UserError
 from saeforge.jobs.arguments import EvalArgs, check_ranges
+from saeforge.jobs.checks import check_sae_fits_model
 from saeforge.jobs.runtime.ray_cluster import connect_ray, cores
-from saeforge.jobs.tracking import registry, store
+from saeforge.jobs.tracking import mlflow_runs, registry, store
 
 MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
 RUNS_URI = re.compile(r"runs:/(?P<run>[0-9A-Za-z]+)(?:/(?P<path>.+))?")
@@ -202,29 +201,14 @@ def write_json(path: Path, data: dict) -> None:
         raise
 
 
-def log_to_run(run_id: str, results: dict[str, SuiteResult], report: dict) -> None:
-    from mlflow.entities import Metric
+def log_report(run_id: str, results: dict[str, SuiteResult], report: dict) -> None:
+    """Every suite's metrics (`eval/<suite>/<metric>`) and the whole report into the SAE's run."""
+    import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient()
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(results).items()]
-    for start in range(0, len(metrics), 500):  # MLflow caps one batch at 1000 metrics
-        client.log_batch(run_id, metrics=metrics[start : start + 500])
-    client.log_dict(run_id, report, REPORT_ARTIFACT)
-
-
-def check_model_fits(cfg: dict, model_name: str) -> None:
-    """The model has the SAE's hook layer and the width it reads, or one line (before it loads)."""
-    if not model_name:
-        raise UserError("the SAE's cfg.json names no model_name: pass --model")
-    config = load_config(resolve_model(model_name))
-    HookPoint.parse(SaeMeta.from_cfg(cfg).hook_name).check(config.num_hidden_layers, model_name)
-    if config.hidden_size != cfg["d_in"]:
-        raise UserError(
-            f"the SAE reads activations of width {cfg['d_in']}, but model '{model_name}' has width "
-            f"{config.hidden_size}: pass the --model it was trained on"
-        )
+    uri = mlflow.get_tracking_uri()
+    mlflow_runs.log_to_run(uri, run_id, metrics=flat_metrics(results))
+    MlflowClient(uri).log_dict(run_id, report, REPORT_ARTIFACT)
 
 
 def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> dict:
@@ -236,7 +220,7 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
     if args.log and args.run_id:  # check the run now, not after a long evaluation
         require_run(args.uri, args.run_id)
     meta = SaeMeta.from_cfg(resolved.cfg)
-    check_model_fits(resolved.cfg, args.model or meta.model_name)
+    check_sae_fits_model(resolved.cfg, args.model or meta.model_name)
     if progress:
         progress(
             f"saeforge: evaluating {args.uri} ({resolved.cfg['saeforge']['variant']}, d_sae "
@@ -276,7 +260,7 @@ def run_eval(args: EvalArgs, progress: Callable[[str], None] | None = print) -> 
         from mlflow.exceptions import MlflowException
 
         try:
-            log_to_run(resolved.run_id, results, report)
+            log_report(resolved.run_id, results, report)
         except MlflowException as err:
             raise UserError(
                 f"report written to {out}, but logging to MLflow run {resolved.run_id} failed: "

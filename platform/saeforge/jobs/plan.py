@@ -1,5 +1,6 @@
-"""The typed plan of a run: what validation produced, built once in the driver and shipped whole
-to every Ray Train worker and Tune trial (frozen and picklable; nothing in it is re-parsed).
+"""The typed plans: what validation produced, built once in the driver. A run's `RunPlan` is
+shipped whole to every Ray Train worker and Tune trial (frozen and picklable; nothing in it is
+re-parsed); a study adds its `StudyPlan`.
 
 A Tune trial derives its own plan with `dataclasses.replace(plan, variant=..., loop=...)` from
 the sampled values, once. The token contexts themselves are not in the plan: `Contexts` describes
@@ -10,8 +11,6 @@ dataset's input (`corpus_stream`), and holds the few held-out ones.
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -46,43 +45,6 @@ class StreamSpec:
 
 
 @dataclass(frozen=True)
-class InjectedExit:
-    """A crash the fault tests inject (nothing on the command line sets one): the process exits at
-    once (os._exit: no exception, no clean-up, as an OOM kill or a lost node ends it) when it
-    reaches `at`: a training step for rank 0 of the Train workers (about to train it), a batch for
-    a producer actor (0: while it loads the model). With a `marker` file it fires once per run:
-    the process that fires creates the file, whose existence disarms the processes restarted after
-    it; without one it fires every time (a deterministic crash). With `hang` the process stops
-    there instead, until it is killed: the driver-kill test kills the driver while a worker waits
-    (the marker tells it the run has reached `at`), the multi-node test removes the node the
-    marker names (it holds the Ray node id of the process that fired)."""
-
-    at: int
-    marker: str = ""
-    hang: bool = False
-
-    def check(self, reached: int) -> None:
-        if reached != self.at:
-            return
-        if self.marker:
-            try:
-                with open(self.marker, "x") as marker:
-                    marker.write(_node_id())
-            except FileExistsError:
-                return
-        while self.hang:
-            time.sleep(1)
-        os._exit(1)
-
-
-def _node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-
-
-@dataclass(frozen=True)
 class Resources:
     """How the run uses the cluster: whether the activations are all made before training
     (`produce_first`) or streamed into it, GPUs per actor and worker, torch threads in each, and
@@ -97,6 +59,12 @@ class Resources:
     worker_threads: int = 1
     producer_resources: dict[str, float] = field(default_factory=dict)
     worker_resources: dict[str, float] = field(default_factory=dict)
+
+    def per_worker(self) -> dict[str, float]:
+        """What one SAE worker asks Ray for (a Ray Train worker, or a Tune trial that trains in
+        its own process): a CPU, its GPU share, its custom resources."""
+        gpus = {"GPU": self.gpus_per_worker} if self.gpus_per_worker > 0 else {}
+        return {"CPU": 1, **gpus, **self.worker_resources}
 
 
 @dataclass(frozen=True)
@@ -126,8 +94,6 @@ class RunPlan:
     name: str = ""  # the run's name: its folder under --storage, its MLflow run name
     progress_board: str = ""  # the named actor rank 0 posts its progress lines to ("": none)
     model_params: int = 0  # the whole model's parameter count, from its config (GPU defaults read it)
-    worker_exit: InjectedExit | None = None  # fault tests only
-    producer_exit: InjectedExit | None = None  # fault tests only
 
     @property
     def hook(self) -> HookPoint:
@@ -199,3 +165,26 @@ class Contexts:
 
     train: CorpusRange
     eval: np.ndarray
+
+
+# The evaluation suites' sizes in a study unless --eval-set says otherwise: smaller than `saeforge
+# eval`'s, so that a study's many SAEs fit a CPU; core and groups read --eval-contexts contexts.
+STUDY_SUITE_SIZES = {
+    "probing": {"train_size": 100, "test_size": 50, "ks": (1, 5)},
+    "unlearning": {"train_contexts": 16, "eval_contexts": 8},
+    "disentanglement": {"contexts": 16},
+}
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What a study adds to its RunPlan: the papers, the SAEs, the target L0s, the seeds, the
+    `--set` values every SAE that has the field gets, the suites and their options."""
+
+    studies: tuple  # core.study.claims.Study
+    variants: tuple[str, ...]
+    targets: tuple[float, ...]
+    seeds: int
+    overrides: dict
+    suites: tuple[str, ...]
+    suite_options: dict

@@ -12,7 +12,7 @@ import variants
 from saeforge.core import eval_suites
 from saeforge.core.eval_suites.context import EvalContext, SuiteResult
 from saeforge.core.hooks import HookPoint
-from saeforge.core.model import compute_device, load_model, load_tokenizer, resolve_model
+from saeforge.core.model import load_tokenizer, load_whole_model, resolve_model
 from saeforge.core.reporting import format_rows
 from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
@@ -56,9 +56,7 @@ def build_context(
     if model is None or tokenizer is None:
         spec = resolve_model(name)
         tokenizer = tokenizer or load_tokenizer(spec)
-        if model is None:
-            device, dtype = compute_device()
-            model = load_model(spec, dtype=dtype, device=device)
+        model = model if model is not None else load_whole_model(spec)
     sae.eval()
     return EvalContext(
         model=model,

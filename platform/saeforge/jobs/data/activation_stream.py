@@ -23,7 +23,8 @@ from saeforge.core.corpus import valid_mask
 from saeforge.core.hooks import capture, layers_needed
 from saeforge.core.model import compute_device, forward_precision, load_model, resolve_precision, run_slice, slice_dtype
 from saeforge.jobs.arguments import DEFAULT_MAX_FAILURES
-from saeforge.jobs.plan import InjectedExit, StreamSpec
+from saeforge.jobs.plan import StreamSpec
+from saeforge.jobs.runtime import faults
 from saeforge.jobs.runtime.ray_cluster import on_this_node
 
 MASK_COLUMN = "mask"
@@ -72,22 +73,16 @@ def forwards(counter) -> tuple[int, int]:
 
 class ActivationProducer:
     """Ray Data actor class: loads the model slice once, then maps token contexts to activations
-    (counting its forwards in the named counter actor when `count` is set; `inject_exit`: the
-    fault tests' crash, see `InjectedExit`). Its process keeps the memory each forward frees
-    (`allocator.keep_freed_memory`: its forward was 1.10-1.33x slower without, measured)."""
+    (counting its forwards in the named counter actor when `count` is set). Its process keeps the
+    memory each forward frees (`allocator.keep_freed_memory`: a fresh Ray worker process would
+    page the forward's blocks in again on every batch)."""
 
-    KEEP_FREED_MEMORY = True  # False only in benchmarks/producer_in_actor.py's glibc-defaults arm
-
-    def __init__(
-        self, spec: StreamSpec, threads: int = 1, count: bool = False, inject_exit: InjectedExit | None = None
-    ):
+    def __init__(self, spec: StreamSpec, threads: int = 1, count: bool = False):
         import ray
 
-        self.inject_exit, self.batches = inject_exit, 0
-        if inject_exit:
-            inject_exit.check(0)
-        if self.KEEP_FREED_MEMORY:
-            keep_freed_memory()
+        self.batches = 0
+        faults.reached(faults.PRODUCER_BATCH, 0)
+        keep_freed_memory()
         torch.set_num_threads(threads)
         self.spec = spec
         self.device = compute_device()[0]
@@ -111,8 +106,7 @@ class ActivationProducer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.batches += 1
-        if self.inject_exit:
-            self.inject_exit.check(self.batches)
+        faults.reached(faults.PRODUCER_BATCH, self.batches)
         ids = torch.from_numpy(np.asarray(batch[TOKENS_COLUMN], dtype=np.int64)).to(self.device)
         acts = self.activations(ids)
         if self.counter is not None:
@@ -166,7 +160,6 @@ def produce_activations(
     resources: dict[str, float] | None = None,
     count: bool = False,
     max_failures: int = DEFAULT_MAX_FAILURES,
-    inject_exit: InjectedExit | None = None,
 ):
     """The producer actors over `tokens` (a Ray Dataset of contexts: ids and token ids, in order):
     a lazy Ray Dataset of activations, in the same order. `resources`: custom Ray resources each
@@ -183,7 +176,7 @@ def produce_activations(
     with plain_remote_args():
         return tokens.map_batches(
             ActivationProducer,
-            fn_constructor_kwargs={"spec": spec, "threads": threads, "count": count, "inject_exit": inject_exit},
+            fn_constructor_kwargs={"spec": spec, "threads": threads, "count": count},
             batch_size=BATCH_CONTEXTS,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=producers),

@@ -134,5 +134,4 @@ def plan_dataset(plan: RunPlan, contexts: CorpusRange, *, count: bool = False):
         resources=res.producer_resources,
         count=count,
         max_failures=plan.args.max_failures,
-        inject_exit=plan.producer_exit,
     )

@@ -102,6 +102,16 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def ray_driver(address: str = "") -> Iterator[None]:
+    """A driver's Ray: connected (`connect_ray`) and, while the block runs, SIGTERM raising
+    KeyboardInterrupt as Ctrl-C does (`sigterm_interrupts`), so train, tune and study end their
+    MLflow runs KILLED on the way out. Connected first: ray.init sets a SIGTERM handler of its own."""
+    connect_ray(address)
+    with sigterm_interrupts():
+        yield
+
+
 def cores() -> int:
     """Physical cores this machine offers the run (a local Ray declares more logical CPUs)."""
     return os.cpu_count() or 1

@@ -45,6 +45,21 @@ def finite(values: dict) -> dict[str, float]:
     return {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
 
 
+def log_to_run(uri: str, run_id: str, params: dict | None = None, metrics: dict | None = None, step: int = 0) -> None:
+    """Params (as text) and the finite metrics (at `step`) into a run, in batches MLflow takes
+    (at most 100 params and 1,000 metrics a call)."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
+
+    client, now = MlflowClient(uri), int(time.time() * 1000)
+    params = [Param(k, str(v)) for k, v in (params or {}).items()]
+    metrics = [Metric(k, v, now, step) for k, v in finite(metrics or {}).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
 def start_run(uri: str, experiment_id: str, name: str, tags: dict | None = None) -> str:
     """A new RUNNING run, tagged as `mlflow.start_run` tags one (source, user, ...), but not made
     the process's active run: a driver holds several at once (one per hook). Returns its id."""
@@ -68,6 +83,19 @@ def start_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str,
         .create_run(experiment_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, **tags})
         .info.run_id
     )
+
+
+def open_child_run(uri: str, experiment_id: str, parent_run_id: str, name: str, tags: dict, params: dict) -> str:
+    """A child run of a search's or a study's parent run (one per trial or SAE), with its params."""
+    run_id = start_child_run(uri, experiment_id, parent_run_id, name, tags)
+    log_to_run(uri, run_id, params=params)
+    return run_id
+
+
+def finish_run(uri: str, run_id: str, metrics: dict, step: int, tags: dict) -> None:
+    """A run's final metrics (at `step`) and tags; then it ends FINISHED."""
+    log_to_run(uri, run_id, metrics=metrics, step=step)
+    close_run(uri, run_id, "FINISHED", tags)
 
 
 def close_run(uri: str, run_id: str, status: str, tags: dict | None = None) -> None:

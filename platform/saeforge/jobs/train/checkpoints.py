@@ -37,16 +37,10 @@ RUN_INFO_FILE = "run.json"
 COMPLETE_FILE = "complete.json"  # written last: {"files": {relative path: size in bytes}}
 
 
-def save_checkpoint(folder: Path, variant: variants.Variant, state: LoopState, meta: SaeMeta, info: dict) -> None:
-    """Write the checkpoint `folder` atomically (an existing one survives a crash at any point)."""
-    save_hooks_checkpoint(folder, [(variant, state, meta)], info)
-
-
-def save_hooks_checkpoint(
-    folder: Path, saes: Sequence[tuple[variants.Variant, LoopState, SaeMeta]], info: dict
-) -> None:
+def save_checkpoint(folder: Path, saes: Sequence[tuple[variants.Variant, LoopState, SaeMeta]], info: dict) -> None:
     """Write the checkpoint of SAEs trained side by side, one per hook (`meta.hook_name`), at
-    the same step, atomically. One SAE: the one-hook layout."""
+    the same step, atomically: an existing checkpoint there survives a crash at any point. One
+    SAE: the one-hook layout."""
     folder = Path(folder)
     staging = sae_files.staging_folder(folder)
     names = [meta.hook_name for _, _, meta in saes]
@@ -80,12 +74,7 @@ def hook_folders(hook_names: Sequence[str]) -> list[str]:
     return [""] if len(hook_names) == 1 else list(hook_names)
 
 
-def load_checkpoint(folder: str | Path) -> tuple[variants.Variant, LoopState]:
-    (loaded,) = load_hooks_checkpoint(folder, [""])
-    return loaded
-
-
-def load_hooks_checkpoint(folder: str | Path, hook_names: Sequence[str]) -> list[tuple[variants.Variant, LoopState]]:
+def load_checkpoint(folder: str | Path, hook_names: Sequence[str]) -> list[tuple[variants.Variant, LoopState]]:
     """Each hook's (SAE, loop state) from a checkpoint, in the order of `hook_names`."""
     folder = sae_files.readable_folder(folder)
     loaded = []

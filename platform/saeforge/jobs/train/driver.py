@@ -30,14 +30,14 @@ from dataclasses import asdict
 from saeforge.core import sae_files
 from saeforge.core.eval_suites.runner import build_context, run_local
 from saeforge.core.evaluation import evaluate_hooks
-from saeforge.core.model import compute_device, load_model
+from saeforge.core.model import load_whole_model
 from saeforge.core.sae_files import SAE_DIR
 from saeforge.jobs.arguments import TrainArgs
 from saeforge.jobs.data.activation_stream import forward_counter, forwards, materialize
 from saeforge.jobs.plan import Contexts, RunPlan, TrackingTarget
 from saeforge.jobs.runtime import progress_board
 from saeforge.jobs.runtime.failures import run_failed
-from saeforge.jobs.runtime.ray_cluster import connect_ray, plan_resources, produce_first, sigterm_interrupts
+from saeforge.jobs.runtime.ray_cluster import plan_resources, produce_first, ray_driver
 from saeforge.jobs.runtime.storage import local_checkpoint
 from saeforge.jobs.tracking import mlflow_runs, registry, store
 from saeforge.jobs.train import checkpoints
@@ -121,13 +121,37 @@ class Phases:
 def run_train(args: TrainArgs, progress=print) -> dict:
     """The whole `saeforge train`: returns a summary dict (also printed by the CLI). With several
     hooks (`--layer 3,6,9`) one model pass trains one SAE per hook, each evaluated, logged in an
-    MLflow run of its own (in its hook's experiment, as a one-hook run of that hook would be; the
-    k runs share the run's name) and registered under its own name; the summary lists every
-    hook's result under "hooks" (a one-hook run also has its result at the top, as always)."""
+    MLflow run of its own and registered under its own name; the summary lists every hook's
+    result under "hooks" (a one-hook run also has its result at the top)."""
     started = time.time()
     phases = Phases()
     plan, contexts = plan_train(args, progress)
-    phases.done("plan")  # the model prepared the first time, the corpus tokenised
+    phases.done("plan")  # the model prepared the first time, the corpus counted
+    progress(run_line(plan, len(contexts.train)))
+    uri = store.use_store()
+    model_name = plan.stream.model.short_name
+    experiments = [store.ensure_experiment(store.experiment_name(model_name, h.name), uri) for h in plan.stream.hooks]
+    with ray_driver(plan.args.address):
+        phases.done("ray_start")
+        run_ids = open_runs(plan, uri, experiments)
+        one = len(run_ids) == 1
+        tracking = TrackingTarget(uri, experiments[0], run_ids[0] if one else "", hook_run_ids=() if one else run_ids)
+        plan = dataclasses.replace(plan, tracking=tracking)
+        status = "FAILED"
+        try:
+            summary = train_evaluate_register(plan, contexts, started, progress, phases)
+            status = "FINISHED"
+        except (KeyboardInterrupt, SystemExit):
+            status = "KILLED"
+            raise
+        finally:
+            close_runs(uri, run_ids, status)
+    seconds = time.time() - started
+    return {**summary, "tracking_uri": store.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
+
+
+def run_line(plan: RunPlan, n_contexts: int) -> str:
+    """The line that says what the run will do."""
     args, hooks = plan.args, plan.stream.hooks
     what = (
         f"{args.variant} SAE (d_sae {plan.variant.d_sae}) on {plan.hook.name}"
@@ -135,44 +159,16 @@ def run_train(args: TrainArgs, progress=print) -> dict:
         else f"{len(hooks)} {args.variant} SAEs (d_sae {plan.variant.d_sae}), one per hook of "
         f"{', '.join(h.name for h in hooks)}, from one model pass"
     )
-    progress(
+    return (
         f"saeforge: {what} of {args.model}, {plan.loop.total_steps} steps of {plan.stream.contexts_per_step} contexts "
-        f"({len(contexts.train)} contexts to train), {args.producers} producer(s) computing in "
+        f"({n_contexts} contexts to train), {args.producers} producer(s) computing in "
         f"{plan.stream.precision}, {args.workers} worker(s)"
     )
-    uri = store.use_store()
-    model_name = plan.stream.model.short_name
-    experiments = [store.ensure_experiment(store.experiment_name(model_name, h.name), uri) for h in hooks]
-    connect_ray(args.address)
-    phases.done("ray_start")
-    run_ids = open_runs(plan, uri, experiments)
-    plan = dataclasses.replace(
-        plan,
-        tracking=TrackingTarget(
-            uri,
-            experiments[0],
-            run_ids[0] if len(hooks) == 1 else "",
-            hook_run_ids=tuple(run_ids) if len(hooks) > 1 else (),
-        ),
-    )
-    status = "FAILED"
-    try:
-        with sigterm_interrupts():  # after ray.init, which sets a handler of its own
-            summary = train_evaluate_register(plan, contexts, started, progress, phases)
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        close_runs(uri, run_ids, status)
-    seconds = time.time() - started
-    return {**summary, "tracking_uri": store.redact(uri), "seconds": seconds, "phase_seconds": phases.seconds}
 
 
 def open_runs(plan: RunPlan, uri: str, experiments: list[str]) -> list[str]:
     """Each hook's MLflow run, RUNNING: a resumed run's own (it goes on logging into them), else
     new ones named after the run, with their params."""
-    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
@@ -181,9 +177,8 @@ def open_runs(plan: RunPlan, uri: str, experiments: list[str]) -> list[str]:
             client.update_run(run_id, status="RUNNING")
         return list(plan.run_ids)
     run_ids = [mlflow_runs.start_run(uri, experiment_id, plan.name) for experiment_id in experiments]
-    params = run_params(plan)
     for run_id in run_ids:
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        mlflow_runs.log_to_run(uri, run_id, params=run_params(plan))
     if len(run_ids) > 1:  # each run names its siblings of the same model pass
         siblings = json.dumps({h.name: run_id for h, run_id in zip(plan.stream.hooks, run_ids)})
         for run_id in run_ids:
@@ -207,70 +202,69 @@ def close_runs(uri: str, run_ids: list[str], status: str) -> None:
 def train_evaluate_register(plan: RunPlan, contexts: Contexts, started: float, progress, phases: Phases) -> dict:
     """Train on Ray, evaluate every hook's SAE (one clean pass for them all), then log, register
     and promote each in its own MLflow run."""
-    args, hooks = plan.args, plan.stream.hooks
-    plan = dataclasses.replace(
-        plan,
-        resources=plan_resources(
-            plan, concurrent=not produce_first(args.stream, args.address, activation_bytes(plan, len(contexts.train)))
-        ),
-    )
+    concurrent = not produce_first(plan.args.stream, plan.args.address, activation_bytes(plan, len(contexts.train)))
+    plan = dataclasses.replace(plan, resources=plan_resources(plan, concurrent=concurrent))
     counter = forward_counter()  # held while the producers count into it
     before = forwards(counter)
     result = train_on_ray(plan, contexts, plan.name, show=progress)
     after = forwards(counter)
     phases.done("train")  # activations and SAE steps, with Ray Train's start-up
     checkpoint = local_checkpoint(result.checkpoint)  # downloaded when --storage is remote
-    train_seconds = time.time() - started
-    train_tokens_per_s = result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9)
+    train_metrics = {
+        "train_seconds": time.time() - started,
+        "train_tokens_per_s": result.metrics["tokens_seen"] / max(result.metrics["train_seconds"], 1e-9),
+    }
     failures = int(result.metrics.get("mlflow_failures", 0))
     if failures:
         progress(
             f"saeforge: warning: {failures} of the workers' MLflow logging calls failed "
             "(training went on; those curve points are missing)"
         )
-
+    hooks = plan.stream.hooks
     folders = [checkpoint / sub for sub in checkpoints.hook_folders([h.name for h in hooks])]
+    saes, model, evaluations = evaluate_saes(plan, contexts, folders, progress)
+    phases.done("evaluate")
+    shared = dict(phases.seconds)  # plan, ray_start, train, evaluate: every hook's
+    summaries = []
+    for hook, folder, sae, results in zip(hooks, folders, saes, evaluations):
+        results["dead_fraction_train"] = result.metrics.get(
+            f"dead_fraction/{hook.name}", result.metrics["dead_fraction"]
+        )
+        logged = log_and_register(plan.for_hook(hook), folder, sae, model, results, train_metrics, shared, progress)
+        summaries.append(
+            {**logged, "train_tokens_per_s": train_metrics["train_tokens_per_s"], "mlflow_failures": failures}
+        )
+        phases.done("register")
+    summary = {
+        "checkpoint": str(checkpoint),
+        "train_tokens_per_s": train_metrics["train_tokens_per_s"],
+        "mlflow_failures": failures,
+        "producer_precision": plan.stream.precision,
+        "activations": {"producer_batches": after[0] - before[0], "contexts_forwarded": after[1] - before[1]},
+        "hooks": summaries,
+    }
+    return {**summaries[0], **summary} if len(hooks) == 1 else summary
+
+
+def evaluate_saes(plan: RunPlan, contexts: Contexts, folders: list, progress):
+    """Each hook's final SAE (variant, cfg.json) from its checkpoint folder, the whole model, and
+    the core evaluation of every SAE on the held-out contexts from one clean pass."""
     saes = [sae_files.load_sae(folder / SAE_DIR) for folder in folders]
     progress(f"saeforge: evaluating on {len(contexts.eval)} held-out contexts...")
-    device, dtype = compute_device()
-    model = load_model(plan.stream.model, dtype=dtype, device=device)
+    model = load_whole_model(plan.stream.model)
     evaluations = evaluate_hooks(
         model,
-        [(variant, hook) for (variant, _), hook in zip(saes, hooks)],
+        [(variant, hook) for (variant, _), hook in zip(saes, plan.stream.hooks)],
         contexts.eval,
         list(plan.stream.special_ids),
         progress=lambda done, total: progress(f"  eval {done}/{total} contexts"),
         precision=plan.stream.precision,  # the model computes as the producers did
     )
-    phases.done("evaluate")
-    shared = dict(phases.seconds)  # plan, ray_start, train, evaluate: every hook's
-    train_metrics = {"train_seconds": train_seconds, "train_tokens_per_s": train_tokens_per_s}
-    hook_summaries = []
-    for hook, folder, (variant, cfg), results in zip(hooks, folders, saes, evaluations):
-        silent = result.metrics.get(f"dead_fraction/{hook.name}", result.metrics["dead_fraction"])
-        results["dead_fraction_train"] = silent  # over the last 50k training tokens
-        hook_plan = plan.for_hook(hook)
-        hook_summaries.append(
-            {
-                **log_and_register(hook_plan, folder, variant, cfg, model, results, train_metrics, shared, progress),
-                "train_tokens_per_s": train_tokens_per_s,
-                "mlflow_failures": failures,
-            }
-        )
-        phases.done("register")
-    summary = {
-        "checkpoint": str(checkpoint),
-        "train_tokens_per_s": train_tokens_per_s,
-        "mlflow_failures": failures,
-        "producer_precision": plan.stream.precision,
-        "activations": {"producer_batches": after[0] - before[0], "contexts_forwarded": after[1] - before[1]},
-        "hooks": hook_summaries,
-    }
-    return {**hook_summaries[0], **summary} if len(hooks) == 1 else summary
+    return saes, model, evaluations
 
 
 def log_and_register(
-    plan: RunPlan, folder, variant, cfg: dict, model, results: dict, train_metrics: dict, shared: dict, progress
+    plan: RunPlan, folder, sae, model, results: dict, train_metrics: dict, shared: dict, progress
 ) -> dict:
     """One hook's SAE (`plan` is the hook's: `RunPlan.for_hook`) in its MLflow run: its evaluation,
     any extra suites, the logged and registered model, the champion decision, the phase times;
@@ -278,6 +272,7 @@ def log_and_register(
     import mlflow
 
     started = time.time()
+    variant, cfg = sae
     hook, run_id = plan.hook, plan.tracking.run_id
     registered = registry.registered_model_name(plan.stream.model.short_name, hook.name, plan.variant_name)
     run = mlflow.start_run(run_id=run_id)
@@ -290,8 +285,7 @@ def log_and_register(
         for suite, outcome in run_local(ctx, [s for s in plan.eval_suites if s != "core"], {}, progress).items():
             mlflow.log_metrics({f"eval/{suite}/{k}": v for k, v in mlflow_runs.finite(outcome.metrics).items()})
             mlflow.log_dict(outcome.to_dict(), f"eval/{suite}.json")
-    sae_folder = folder / SAE_DIR
-    version = registry.log_and_register(sae_folder, registered)
+    version = registry.log_and_register(folder / SAE_DIR, registered)
     moved, reason = registry.promote_if_better(registered, version, results, plan.max_l0)
     mlflow.log_metrics({f"time/{k}_s": v for k, v in {**shared, "register": time.time() - started}.items()})
     mlflow.end_run("FINISHED")

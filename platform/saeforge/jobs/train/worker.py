@@ -31,8 +31,8 @@ import torch
 from saeforge.core import metrics
 from saeforge.core.training import LoopState, start_fresh_side_by_side, train_side_by_side
 from saeforge.jobs.data.activation_stream import hook_step_batches
-from saeforge.jobs.plan import InjectedExit, RunPlan
-from saeforge.jobs.runtime import progress_board
+from saeforge.jobs.plan import RunPlan
+from saeforge.jobs.runtime import faults, progress_board
 from saeforge.jobs.tracking import mlflow_runs
 from saeforge.jobs.train import checkpoints
 
@@ -70,10 +70,10 @@ def progress_line(step: int, total_steps: int, values: dict[str, float], eta: fl
     )
 
 
-def exit_at_step(batches, step: int, inject: InjectedExit):
-    """The batches, checking the fault tests' crash before handing out each step's (from `step`)."""
+def fault_points(batches, step: int):
+    """The batches, passing the fault tests' hook before handing out each step's (from `step`)."""
     for n, batch in enumerate(batches, step):
-        inject.check(n)
+        faults.reached(faults.WORKER_STEP, n)
         yield batch
 
 
@@ -121,77 +121,95 @@ def train_plan(plan: RunPlan, shard, session: WorkerSession) -> None:
     """Train the plan's SAEs (one per hook) on this worker's shard (a Ray Data iterator),
     reporting through the session: every `report_every` steps, and each checkpoint."""
     torch.set_num_threads(plan.resources.worker_threads)
-    rank, world, device, resume_dir = session.rank, session.world, session.device, session.resume_dir
-    hooks = plan.stream.hooks
-    if resume_dir:
-        saes, states = zip(*checkpoints.load_hooks_checkpoint(resume_dir, [h.name for h in hooks]))
+    saes, states = starting_point(plan, session)
+    start_step = states[0].step
+    # the shard starts at the stream's first step whatever was trained since: skip that
+    trained = start_step - plan.stream.first_step
+    if trained < 0:
+        raise ValueError(f"checkpoint at step {start_step} is before the stream's first step {plan.stream.first_step}")
+    batches = hook_step_batches(shard, plan.stream, device=session.device, skip_steps=trained, rank=session.rank)
+    if session.rank == 0:
+        batches = fault_points(batches, start_step)
+    if not session.resume_dir:
+        batches = start_fresh_side_by_side(saes, batches, average=_average_over_workers)
+    models = [_data_parallel(sae) if session.world > 1 else sae for sae in saes]
+    reports = Reports(plan, session, saes, start_step)
+    train_side_by_side(
+        models,
+        batches,
+        plan.loop,
+        states=states,
+        on_log=reports.on_log,
+        on_checkpoint=reports.on_checkpoint,
+        sum_over_workers=_sum_over_workers,
+    )
+
+
+def starting_point(plan: RunPlan, session: WorkerSession) -> tuple[list, list[LoopState]]:
+    """Each hook's SAE and loop state, on the session's device: restored from the checkpoint to
+    resume from, else fresh."""
+    hooks = [h.name for h in plan.stream.hooks]
+    if session.resume_dir:
+        saes, states = (list(x) for x in zip(*checkpoints.load_checkpoint(session.resume_dir, hooks)))
     else:
         saes, states = [plan.build_variant() for _ in hooks], [LoopState() for _ in hooks]
-    for sae in saes:
-        sae.to(device)
-    # the shard starts at the stream's first step whatever was trained since: skip that
-    trained = states[0].step - plan.stream.first_step
-    if trained < 0:
-        raise ValueError(
-            f"checkpoint at step {states[0].step} is before the stream's first step {plan.stream.first_step}"
+    return [sae.to(session.device) for sae in saes], states
+
+
+class Reports:
+    """What the loop's callbacks do: every rank reports to its session every `report_every`
+    steps and at each checkpoint; rank 0 also logs each hook's curves to its MLflow run
+    (best-effort), posts the progress lines and writes the checkpoint folder."""
+
+    def __init__(self, plan: RunPlan, session: WorkerSession, saes: list, start_step: int):
+        hooks = plan.stream.hooks
+        self.plan, self.session, self.saes, self.start_step = plan, session, saes, start_step
+        self.curves = (
+            [mlflow_runs.RunCurves(plan.tracking.uri, run_id) for run_id in plan.run_ids] if session.rank == 0 else []
         )
-    batches = hook_step_batches(shard, plan.stream, device=device, skip_steps=trained, rank=rank)
-    if rank == 0 and plan.worker_exit:
-        batches = exit_at_step(batches, states[0].step, plan.worker_exit)
-    if not resume_dir:
-        batches = start_fresh_side_by_side(saes, batches, average=_average_over_workers)
-    models = [_data_parallel(sae) if world > 1 else sae for sae in saes]
+        self.labels = [h.name for h in hooks] if len(hooks) > 1 else [""]
+        hook_run_ids = {h.name: run_id for h, run_id in zip(hooks, plan.run_ids)} if len(hooks) > 1 else None
+        self.info = checkpoints.run_info(plan.args, plan.tracking.run_id, plan.loop.total_steps, hook_run_ids)
+        self.started = time.perf_counter()  # the first batch is already here
 
-    curves = [mlflow_runs.RunCurves(plan.tracking.uri, run_id) for run_id in plan.run_ids] if rank == 0 else []
-    settings, start_step = plan.loop, states[0].step
-    started = time.perf_counter()  # the first batch is already here
-    hook_run_ids = {h.name: run_id for h, run_id in zip(hooks, plan.run_ids)} if len(hooks) > 1 else None
-    info = checkpoints.run_info(plan.args, plan.tracking.run_id, settings.total_steps, hook_run_ids)
-    labels = [h.name for h in hooks] if len(hooks) > 1 else [""]
-
-    def on_log(step: int, values: list[dict[str, float]]) -> None:
+    def on_log(self, step: int, values: list[dict[str, float]]) -> None:
+        plan, settings = self.plan, self.plan.loop
         if settings.report_every and step % settings.report_every == 0:  # a barrier: every rank reports
-            session.report({"step": step, **{k: float(v) for k, v in values[0].items()}}, None)
-        if rank != 0:
+            self.session.report({"step": step, **{k: float(v) for k, v in values[0].items()}}, None)
+        if self.session.rank != 0:
             return
-        failed_before = sum(c.failures for c in curves)
-        for hook_curves, hook_values in zip(curves, values):
-            hook_curves.log(step, hook_values)  # log the curves (best-effort), then the lines on the driver's stderr
-        if not failed_before and any(c.failures for c in curves):
-            first_error = next(c.first_error for c in curves if c.failures)
+        failed_before = self.failures()
+        for hook_curves, hook_values in zip(self.curves, values):
+            hook_curves.log(step, hook_values)  # the curves (best-effort), then the lines on the driver's stderr
+        if not failed_before and self.failures():
+            first_error = next(c.first_error for c in self.curves if c.failures)
             progress_board.post(
                 plan.progress_board,
                 f"saeforge: warning: logging curves to MLflow failed ({first_error}); "
                 "training goes on, failures are counted",
             )
-        eta = (time.perf_counter() - started) / max(1, step - start_step) * (settings.total_steps - step)
-        for hook_values, label in zip(values, labels):
+        eta = (time.perf_counter() - self.started) / max(1, step - self.start_step) * (settings.total_steps - step)
+        for hook_values, label in zip(values, self.labels):
             progress_board.post(plan.progress_board, progress_line(step, settings.total_steps, hook_values, eta, label))
 
-    def on_checkpoint(snapshots: list[LoopState]) -> None:
+    def on_checkpoint(self, snapshots: list[LoopState]) -> None:
+        hooks, rank = self.plan.stream.hooks, self.session.rank
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:
-                metas = [plan.sae_meta_of(h) for h in hooks]
-                checkpoints.save_hooks_checkpoint(Path(tmp), list(zip(saes, snapshots, metas)), info)
+                metas = [self.plan.sae_meta_of(h) for h in hooks]
+                checkpoints.save_checkpoint(Path(tmp), list(zip(self.saes, snapshots, metas)), self.info)
             snapshot = snapshots[0]
-            dead = [metrics.dead_fraction(sae.tokens_since_fired, snapshot.tokens_seen) for sae in saes]
+            dead = [metrics.dead_fraction(sae.tokens_since_fired, snapshot.tokens_seen) for sae in self.saes]
             progress = {
                 "step": snapshot.step,
                 "tokens_seen": snapshot.tokens_seen,
-                "train_seconds": time.perf_counter() - started,  # from the first batch on
+                "train_seconds": time.perf_counter() - self.started,  # from the first batch on
                 "dead_fraction": dead[0],
-                "mlflow_failures": sum(c.failures for c in curves),  # rank 0's count reaches the driver
+                "mlflow_failures": self.failures(),  # rank 0's count reaches the driver
             }
             if len(hooks) > 1:  # each hook's silent latents
                 progress.update({f"dead_fraction/{h.name}": d for h, d in zip(hooks, dead)})
-            session.report(progress, Path(tmp) if rank == 0 else None)
+            self.session.report(progress, Path(tmp) if rank == 0 else None)
 
-    train_side_by_side(
-        models,
-        batches,
-        settings,
-        states=states,
-        on_log=on_log,
-        on_checkpoint=on_checkpoint,
-        sum_over_workers=_sum_over_workers,
-    )
+    def failures(self) -> int:
+        return sum(c.failures for c in self.curves)

@@ -269,7 +269,7 @@ def _string_hint(value: Any) -> str:
 
 def default_space_path(variant: str) -> Path:
     """tune_spaces/<variant>.yaml of this checkout (SAEFORGE_TUNE_SPACES overrides the folder)."""
-    folder = Path(os.environ.get("SAEFORGE_TUNE_SPACES", Path(__file__).resolve().parents[3] / "tune_spaces"))
+    folder = Path(os.environ.get("SAEFORGE_TUNE_SPACES", Path(__file__).resolve().parents[4] / "tune_spaces"))
     return folder / f"{variant}.yaml"
 
 

@@ -1,13 +1,12 @@
-"""One Tune trial: the Tune function that trains an SAE on the shared activations, then
-evaluates the final SAE with the whole model and reports the objective.
+"""One Tune trial of a search: the Tune function that trains an SAE on the search's shared
+activations, then evaluates it with the whole model and reports the objective.
 
 The trial derives its plan from the search's plan once, from the sampled values, and trains with
-the same loop as `saeforge train` (`train_worker.train_plan`), reporting every `report_every`
+the same loop as `saeforge train` (`train.worker.train_plan`), reporting every `report_every`
 steps so ASHA can stop a bad trial early. A trial of one worker (the default) trains in its own
-process; a trial of several (`--workers N`) fits a TorchTrainer (Ray's Train V2 pattern). A
-worker group costs about 35 s to start on 2 cores (measured: 51 s of a trial's training was 13 s
-of steps), more than the training of a typical trial. Each trial is an MLflow child run of the
-search.
+process, where a worker group would only add its start-up to a short trial; a trial of several
+(`--workers N`) fits a TorchTrainer (Ray's Train V2 pattern). Each trial is an MLflow child run
+of the search.
 """
 
 from __future__ import annotations
@@ -24,12 +23,13 @@ import numpy as np
 from saeforge.core.batches import step_budget
 from saeforge.core.evaluation import Baseline, baselines, evaluate_core
 from saeforge.core.hooks import HookPoint
-from saeforge.core.model import ModelSpec, compute_device, load_model
+from saeforge.core.model import ModelSpec
 from saeforge.core.sae_files import SAE_DIR, load_sae
 from saeforge.core.training import LoopSettings
 from saeforge.jobs.data.activation_stream import ID_COLUMN, MASK_COLUMN
 from saeforge.jobs.plan import RunPlan
 from saeforge.jobs.runtime.storage import local_checkpoint
+from saeforge.jobs.sweep import eval_model
 from saeforge.jobs.tracking import mlflow_runs
 from saeforge.jobs.train.trainer import fit, make_trainer
 from saeforge.jobs.train.worker import WorkerSession, in_process_device, train_plan
@@ -125,14 +125,17 @@ def train_in_process(plan: RunPlan, dataset, stopping: EarlyStopping, l0_max: fl
     return local_checkpoint(tune.get_checkpoint())  # the final one: Tune's copy in the trial's storage
 
 
-def _eval_model(spec):
-    """The full model for evaluation, loaded once per trial process."""
-    cache = _eval_model.__dict__.setdefault("cache", {})
-    if spec not in cache:
-        cache.clear()
-        device, dtype = compute_device()
-        cache[spec] = load_model(spec, dtype=dtype, device=device)
-    return cache[spec]
+def train_trial(plan: RunPlan, ctx: TrialContext, trial_id: str) -> Path:
+    """Train the trial's SAE on its hook's column of the shared activations, in this process or
+    on a TorchTrainer's workers; returns its final checkpoint as a local folder."""
+    columns = [ID_COLUMN, *(h.name for h in plan.stream.hooks), MASK_COLUMN]
+    dataset = ctx.dataset.limit(plan.loop.total_steps * plan.stream.contexts_per_step).select_columns(columns)
+    stopping = ctx.space.early_stopping
+    if trains_in_process(plan):
+        return train_in_process(plan, dataset, stopping, ctx.l0_max)
+    callbacks = (early_stop_callback(stopping, ctx.l0_max),)
+    trainer = make_trainer(plan, dataset, name=trial_id, storage=ctx.storage, num_to_keep=1, callbacks=callbacks)
+    return local_checkpoint(fit(trainer).checkpoint)  # downloaded when the storage is remote
 
 
 def zero_ablation(
@@ -149,100 +152,64 @@ def zero_ablation(
     import torch
 
     torch.set_num_threads(threads)
-    return baselines(_eval_model(spec), hooks, contexts, special_ids, precision=precision)
+    return baselines(eval_model(spec)[0], hooks, contexts, special_ids, precision=precision)
 
 
 def run_trial(config: dict, ctx: TrialContext | None = None) -> None:
-    """The Tune function: training on the shared activations (in this process, or a
-    TorchTrainer's workers), then evaluation."""
+    """The Tune function: train on the shared activations, evaluate, log, report."""
     import torch
-    from mlflow.entities import Metric, Param
-    from mlflow.tracking import MlflowClient
     from ray import tune
 
     space, uri = ctx.space, ctx.plan.tracking.uri
     trial_id = tune.get_context().get_trial_id()
-    run_id = mlflow_runs.start_child_run(
-        uri,
-        ctx.plan.tracking.experiment_id,
-        ctx.parent_run_id,
-        f"{space.variant}-{trial_id}",
-        {mlflow_runs.TRIAL_TAG: trial_id, mlflow_runs.VARIANT_TAG: space.variant},
-    )
+    tags = {mlflow_runs.TRIAL_TAG: trial_id, mlflow_runs.VARIANT_TAG: space.variant}
+    plan = trial_plan(ctx, config, run_id="")
+    params = {
+        **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
+        "variant": space.variant,
+        "total_steps": plan.loop.total_steps,
+        "workers": plan.stream.workers,
+    }
     # No terminal status is written on failure here: a trial that ASHA stops also raises, and its
     # actor can still run after tuner.fit() returns. The driver closes every unfinished child run
-    # from Tune's own view of the trial (search.trial_rows).
-    plan = trial_plan(ctx, config, run_id)
-    total_steps = plan.loop.total_steps
-    client = MlflowClient(uri)
-    client.log_batch(
-        run_id,
-        params=[
-            Param(k, str(v))
-            for k, v in {
-                **{f"sae.{k}": v for k, v in plan.variant.to_dict().items()},
-                "variant": space.variant,
-                "total_steps": total_steps,
-                "workers": plan.stream.workers,
-            }.items()
-        ],
+    # from Tune's own view of the trial (driver.close_unfinished).
+    run_id = mlflow_runs.open_child_run(
+        uri, ctx.plan.tracking.experiment_id, ctx.parent_run_id, f"{space.variant}-{trial_id}", tags, params
     )
+    plan = dataclasses.replace(plan, tracking=dataclasses.replace(plan.tracking, run_id=run_id))
     started = time.time()
-    # the trial's hook only, of activations that may hold several (`saeforge tune --layer 3,6`)
-    columns = [ID_COLUMN, *(h.name for h in plan.stream.hooks), MASK_COLUMN]
-    dataset = ctx.dataset.limit(total_steps * plan.stream.contexts_per_step).select_columns(columns)
-    if trains_in_process(plan):
-        checkpoint = train_in_process(plan, dataset, space.early_stopping, ctx.l0_max)
-    else:
-        result = fit(
-            make_trainer(
-                plan,
-                dataset,
-                name=trial_id,
-                storage=ctx.storage,
-                num_to_keep=1,
-                callbacks=(early_stop_callback(space.early_stopping, ctx.l0_max),),
-            )
-        )
-        checkpoint = local_checkpoint(result.checkpoint)  # downloaded when the storage is remote
+    checkpoint = train_trial(plan, ctx, trial_id)
     train_seconds = time.time() - started
     torch.set_num_threads(plan.resources.worker_threads)
     sae, _ = load_sae(checkpoint / SAE_DIR)
+    model, _ = eval_model(plan.stream.model)
+    special = list(plan.stream.special_ids)
     metrics = evaluate_core(
-        _eval_model(plan.stream.model),
-        sae,
-        plan.hook,
-        ctx.eval_contexts,
-        list(plan.stream.special_ids),
-        reference=ctx.eval_reference,
-        precision=plan.stream.precision,
+        model, sae, plan.hook, ctx.eval_contexts, special, reference=ctx.eval_reference, precision=plan.stream.precision
     )
-    eval_seconds = time.time() - started - train_seconds  # with the full model's load (once per trial)
-    final = mlflow_runs.finite(metrics)
+    seconds = {"train_seconds": train_seconds, "eval_seconds": time.time() - started - train_seconds}
+    report_trial(plan, space, metrics, seconds, checkpoint)
+
+
+def report_trial(plan: RunPlan, space: TuneSpace, metrics: dict, seconds: dict, checkpoint: Path) -> None:
+    """The trial's end: its evaluation and times in its child run (then FINISHED), and the final
+    report to Tune, which the driver's rows are built from."""
+    from ray import tune
+
+    steps, final = plan.loop.total_steps, mlflow_runs.finite(metrics)
     objective = space.score(metrics) if not space.multi_objective else math.nan
-    now = int(time.time() * 1000)
-    client.log_batch(
-        run_id,
-        metrics=[Metric(f"eval/{k}", v, now, total_steps) for k, v in final.items()]
-        + [
-            Metric("train_seconds", train_seconds, now, total_steps),
-            Metric("eval_seconds", eval_seconds, now, total_steps),
-        ]
-        + ([Metric("objective", objective, now, total_steps)] if math.isfinite(objective) else []),
-    )
-    mlflow_runs.close_run(
-        uri, run_id, "FINISHED", {"saeforge.checkpoint": str(checkpoint), mlflow_runs.STATUS_TAG: "completed"}
-    )
+    logged = {**{f"eval/{k}": v for k, v in final.items()}, **seconds, "objective": objective}
+    tags = {"saeforge.checkpoint": str(checkpoint), mlflow_runs.STATUS_TAG: "completed"}
+    mlflow_runs.finish_run(plan.tracking.uri, plan.tracking.run_id, logged, steps, tags)
     tune.report(
         {
             **final,
+            **seconds,
             "objective": objective,
             "feasible": int(space.feasible(metrics)),
-            "train_seconds": train_seconds,
-            "eval_seconds": eval_seconds,
             "checkpoint_dir": str(checkpoint),
-            "mlflow_run_id": run_id,
-            "step": total_steps,
+            "mlflow_run_id": plan.tracking.run_id,
+            "step": steps,
             "trial_done": 1,
         }
     )
