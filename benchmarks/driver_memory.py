@@ -1,4 +1,7 @@
-"""The driver's peak memory on the default corpus and on one ten times larger (issue 10 item 4).
+"""The driver's peak memory on the default corpus and on one ten times larger.
+
+The driver of a run must not hold the corpus: one Ray Data read task packs it and streams it to the
+producers (measured: docs/benchmarks.md#corpus-memory).
 
 One process per measurement (so its peak resident set is its own):
   python benchmarks/driver_memory.py --scale 1            # the default run's plan + corpus stage

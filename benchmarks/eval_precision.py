@@ -5,7 +5,8 @@ the same held-out contexts: wall and CPU seconds of each, and each figure's diff
     .venv/bin/python benchmarks/eval_precision.py CHECKPOINT --contexts 64 --rounds 2
 
 The SAE's own cfg.json names the model and hook; the held-out contexts are the default run's
-(`--contexts` of them). Rounds alternate which precision goes first.
+(`--contexts` of them). Rounds alternate which precision goes first. Measured:
+docs/benchmarks.md#precision.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """How much any schedule of the same work can gain over the plain loop on this machine's cores
-(issue 11, item 1: saeforge >= 1.0x the plain loop end to end, >= 1.3x in the steady state).
+(measured: docs/benchmarks.md#what-any-schedule-can-reach-on-2-cores).
 
 The plain loop alternates the slice's forward and the SAE step in one process, each on every
 core. A platform can only beat it by running the two halves side by side, each on part of the

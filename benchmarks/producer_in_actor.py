@@ -1,6 +1,7 @@
-"""The producer's forward in a plain process against the same forward inside a Ray actor (issue 11:
-the producer actor makes activations about 20% slower than the same `ActivationProducer` in the
-plain loop's process).
+"""The producer's forward in a plain process against the same forward inside a Ray actor: in a
+`saeforge bench --same-work` run the producer actor made activations slower than the same
+`ActivationProducer` in the plain loop's process (docs/benchmarks.md#same-work-as-a-plain-loop);
+this script found why (measured: docs/benchmarks.md#producers-in-a-ray-actor).
 
 Every arm builds the same `ActivationProducer` (the default run's model slice, precision and
 threads) and times the same batches of 16 training contexts, one after another, back to back in

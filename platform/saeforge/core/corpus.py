@@ -24,8 +24,8 @@ BUILTIN = "wiki"
 EVAL_EVERY = 10  # one document in ten is held out
 LOCAL_FORMATS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # datasets reads local text and JSON lines this many bytes at a time, as Python strings: its
-# default, 10 MiB, made a 40 MB peak in the driver while it counted contexts; the rows are the
-# same whatever the chunk
+# default, 10 MiB, made the driver's peak while it counted contexts several times larger
+# (measured: docs/benchmarks.md#corpus-memory); the rows are the same whatever the chunk
 LOCAL_CHUNK_BYTES = 256 << 10
 
 

@@ -322,8 +322,8 @@ def _losses(model, ids, real, clean_hidden, passes: dict) -> dict[str, torch.Ten
     for every pass: a (rows, vocab) tensor for all positions of a batch is about 0.5 GB with
     Gemma's 262k-token vocabulary, and allocating and freeing such tensors (each one freshly
     page-faulted) cost more than the matmul. Chunks too small are slow the other way: each reads
-    the whole 0.67 GB head matrix, so 16 rows ran the LM head about 3.5x slower than 128 (512
-    positions, 2 threads, best of four: 15.1 s vs 4.1 s)."""
+    the whole 0.67 GB head matrix, so 16-row chunks ran the LM head several times slower than
+    128-row ones (measured: docs/benchmarks.md#evaluation)."""
     hidden = {"clean": clean_hidden[real]}
     for tag, (hook, entering, fn) in passes.items():
         with replace(model, hook, fn), skip_blocks_before(model, hook.layer, entering):

@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what a local model fo
 
 
 def compute_device() -> tuple[str, torch.dtype]:
-    """Where and in what precision models run: bf16 on a GPU; fp32 on the CPU (NOTES-APIS.md)."""
+    """Where and in what precision models run: bf16 on a GPU; fp32 on the CPU."""
     return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
@@ -38,8 +38,8 @@ BF16_MIN_SPEEDUP = 1.3  # a CPU whose bf16 matmuls are not at least this much fa
 def cpu_bf16_speedup() -> float:
     """How many times faster this CPU multiplies bf16 matrices than fp32 ones (CPU time of a
     producer-sized matmul, best of five each). Measured, not assumed from the CPU's name: CPUs
-    with AVX512-BF16 or AMX run them 2-3x faster (2.4x on the AMD EPYC Zen 4 these runs were
-    measured on), CPUs without bf16 instructions slower than fp32."""
+    with bf16 instructions (AVX512-BF16, AMX) run them faster, CPUs without them slower than fp32
+    (measured: docs/benchmarks.md#precision)."""
     a, b = torch.randn(1024, 640), torch.randn(640, 1024)
 
     def best(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -74,9 +74,8 @@ def forward_precision(precision: str, device: str):
     """The context a producer's forward runs in. On a CPU with `precision` bfloat16: autocast, so
     the matmuls (most of the time) run in bf16 with fp32 accumulation while norms, softmax and
     the residual stream stay fp32. On Gemma 3 270M's layer-6 residual that differs from an fp32
-    forward by 0.4% of its norm on average (a whole-bf16 model: 0.6%), far below what an SAE
-    leaves unexplained (about 20% of the norm at explained variance 0.95), and made the slice
-    1.95x faster per CPU-second on Zen 4 (1,749 vs 895 tokens per CPU-second, one thread)."""
+    forward far less than what an SAE leaves unexplained, and runs the slice faster per
+    CPU-second on a CPU with bf16 instructions (measured: docs/benchmarks.md#precision)."""
     if precision == "bfloat16" and device == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -130,8 +129,8 @@ def _fast_gguf_reading():
     """Two costs of transformers' GGUF loading, most of the first preparation's minutes, cut
     while the packaged GGUF is read (the same strings and tensors come out):
     - it parses the whole file (a 262k-entry vocabulary, entry by entry through numpy memmap
-      views: about 30 s) once for the config, once for the weights and once for the tokenizer:
-      one `GGUFReader` per path is kept and handed out again;
+      views) once for the config, once for the weights and once for the tokenizer: one
+      `GGUFReader` per path is kept and handed out again;
     - it decodes each vocabulary string through a Python list of bytes (`_gguf_parse_value`):
       string values are decoded straight from their byte arrays; any other value goes through
       transformers' own parser."""
@@ -170,7 +169,7 @@ def _fast_gguf_reading():
 
 def prepare_packaged_gemma() -> Path:
     """De-quantise the GGUF Gemma 3 270M shipped on PyPI once and cache it as a plain folder
-    (about 30 s the first time; later loads take seconds)."""
+    (first-time cost measured: docs/benchmarks.md#the-default-run)."""
     target = packaged_gemma_dir()
     if (target / "config.json").is_file():
         return target

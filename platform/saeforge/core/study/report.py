@@ -3,7 +3,7 @@ unlearning grids, as a Markdown file with tables and plots (matplotlib, headless
 
 Input: the final SAEs' results (each {"job": {variant, target, factor, seed}, "metrics":
 {suite/metric: value}, "tables": {suite: {title: rows}}}), the calibration points, and the
-study's scale (`info`). Statistics and verdicts follow `study_claims` (mean +- sample standard
+study's scale (`info`). Statistics and verdicts follow `core.study.claims` (mean +- sample standard
 deviation over seeds; a difference counts only beyond the sum of the two spreads).
 """
 
