@@ -4,9 +4,14 @@ object store, Ray Train workers train the SAE, each SAE is evaluated on held-out
 registered and given the alias `champion` when it beats the current one. Ray Tune searches a
 variant's hyperparameters on activations made once; `study` re-runs a seed paper's comparison.
 
-Packages: `saeforge.core` (no Ray, no MLflow), `saeforge.jobs` (the drivers on Ray and MLflow),
-`saeforge.cli` (the verbs), `saeforge.bench` (benchmarks); the SAE variants are the top-level
-`variants` package.
+The package (its first paragraph above is `saeforge --help`'s):
+
+  cli/        the verbs: flags and printing
+  bench/      `saeforge bench`'s benchmarks
+  jobs/       the drivers, on Ray and MLflow
+  core/       no Ray, no MLflow: model, corpus, training loop, evaluation, SAE files
+  errors.py   UserError (one line, exit 2) and RunFailed (one line, exit 1)
+The SAE variants are the top-level `variants` package.
 """
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
 """`saeforge bench --search N`: an N-trial `saeforge tune` against the same N trials run as N
-separate `saeforge train` runs, each program a fresh process timed whole (issue 11: a search must
-cost far less than its trials one by one).
+separate `saeforge train` runs, each program a fresh process timed whole: a search must cost far
+less than its trials one by one.
 
 The search runs first, with the FIFO scheduler (every trial trains to its end, so both arms do
 the same training); its trials' sampled values, plus the space's fixed ones, then become the

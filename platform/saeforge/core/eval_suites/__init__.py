@@ -6,6 +6,15 @@ and each suite's keyword options from its signature (never typed out by hand).
 
 A suite is a function `suite(ctx: EvalContext, **options) -> SuiteResult`; `ctx` carries the
 model, tokenizer, SAE and hook point (see `context.py`).
+
+  context.py           EvalContext, SuiteResult and the forward passes the suites share
+  runner.py            building a context, parsing options, running suites in this process
+  core.py              reconstruction, sparsity, CE loss recovered and KL (core.evaluation)
+  probing.py           sparse probing on the built-in corpus
+  disentanglement.py   mean |corr|, KDE mutual information, decoder cosines
+  groups.py            per-part zero fractions and centroid cosines of a variant's groups
+  unlearning.py        domain unlearning by latent clamping
+  absorption.py        first-letter feature absorption
 """
 
 from __future__ import annotations

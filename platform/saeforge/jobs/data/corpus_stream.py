@@ -1,14 +1,14 @@
 """The training corpus as a Ray Dataset of token contexts, read, tokenised and packed by a Ray Data
 read task feeding the producer actors: the driver only ships the small `CorpusRange`, never the
-corpus (issue 10: a cluster run trains on billions of tokens).
+corpus (a cluster run trains on billions of tokens).
 
 Why one read task: packing runs across documents (a context holds the end of one document and
 the start of the next), so where context i begins depends on every document before it. One task
 that reads the split in order keeps the contexts exactly as `corpus.iter_contexts` packs them
 (the same as ever for the same input) with contiguous ids, which exact resume relies on
-(`activation_stream.step_batches`). Tokenising is far cheaper than the model's forward pass (the
-Gemma tokenizer packed about 260k tokens/s on two busy cores here, the 270M slice's forward ran
-about 2k tokens/s on them), so one ordered reader keeps many producers busy; a pool of GPU
+(`activation_stream.step_batches`). Tokenising is about a hundred times cheaper than the model's
+forward pass (docs/benchmarks.md#corpus-reader-speed), so one ordered reader keeps many
+producers busy; a pool of GPU
 producers that outran it would need the corpus split into shards, each read in order (not done).
 A resumed run's reader tokenises and drops the contexts before its first one (no model pass),
 and it stops after the run's last.

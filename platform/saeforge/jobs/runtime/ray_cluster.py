@@ -1,8 +1,9 @@
 """Connecting to Ray, and sharing its resources between producers and trainers.
 
 A cluster is attached through --address or RAY_ADDRESS (as inside `ray job submit`); otherwise a
-private local Ray starts with generously declared logical CPUs (on 2 cores, default requests hang:
-NOTES-APIS.md) and its dashboard on localhost: Ray Train's placement-group cleaner and the
+private local Ray starts with generously declared logical CPUs (declaring only the 2 cores, two
+producers and two train workers of 1 CPU each wait for each other for ever) and its dashboard on
+localhost: Ray Train's placement-group cleaner and the
 clean-up of a Tune trial stopped early go through the state API, which needs it. Without it, a
 run prints "Failed to query Ray Train Controller actor state" hundreds of times and a stopped
 trial's placement group leaks.
@@ -43,8 +44,8 @@ def connect_ray(address: str = "") -> None:
         port = s.getsockname()[1]
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # before init: Ray's processes inherit it
     # Ray Train's controller notices that training ended at its next health check of the workers,
-    # every 2 s by default: 3.8-5.0 s from the last checkpoint to the result in a one-worker run
-    # here, 2.0 s at 0.5 s (a status poll per worker twice a second costs nothing measurable).
+    # every 2 s by default: checking every 0.5 s brings a run's result sooner at no measurable
+    # cost (docs/benchmarks.md#start-up-costs).
     os.environ.setdefault(TRAIN_HEALTH_CHECK_ENV, TRAIN_HEALTH_CHECK_S)
     ray.init(
         address="local",
@@ -120,10 +121,10 @@ def cores() -> int:
 def produce_first(mode: str, address: str, activation_bytes: int) -> bool:
     """Whether a training run makes all its activations before it trains (`--stream`).
 
-    On one machine the producers' forward and the SAE steps compete for the same cores: two
-    processes splitting 2 cores ran matmuls at about 80% of one process with both, so making
+    On one machine the producers' forward and the SAE steps compete for the same cores, so making
     the activations first (every core on the forward, then every core on the steps) is faster
-    end to end than overlapping them, as long as they fit in the object store. On a cluster
+    end to end than overlapping them (docs/benchmarks.md#sharing-cores-on-one-machine), as long
+    as they fit in the object store. On a cluster
     (an --address or RAY_ADDRESS) producers and trainers sit on their own nodes: stream."""
     import ray
 
@@ -180,9 +181,10 @@ def share_resources(
     """GPUs and threads for `producers` actors and `workers` trainers: GPUs as `gpus_each`
     decides from what the cluster has now. Threads: when producers and workers run at once
     (`concurrent`: a streaming training run) each process gets its share of all the cores, so the
-    threads never outnumber the cores (on 2 cores, 1 + 1 threads and 2 + 2 ran the default run at
-    the same rate, 450-900 tokens/s); when the producers run alone first (a search, or a training
-    run that makes its activations first) they share every core, and then the workers do."""
+    threads never outnumber the cores (more threads than cores gained nothing:
+    docs/benchmarks.md#sharing-cores-on-one-machine); when the producers run alone first (a
+    search, or a training run that makes its activations first) they share every core, and then
+    the workers do."""
     import ray
 
     producer_gpus, worker_gpus = gpus_each(

@@ -2,7 +2,8 @@
 
 The same loop (`train_plan`) also runs in a one-worker Tune trial's own process, through a
 `WorkerSession` that reports to Tune instead of Ray Train: there a worker group would only add
-its start-up (about 35 s a trial on 2 cores, measured) to a few seconds of training.
+its start-up to a short trial's training
+(docs/benchmarks.md#a-trial-in-its-own-process-against-a-torchtrainer-per-trial).
 
 Thin glue around `core.training.train_side_by_side`: the worker gets the whole typed plan, builds
 one variant per hook of the stream (or restores them from a checkpoint), gives a fresh SAE its

@@ -4,7 +4,8 @@ activations, then evaluates it with the whole model and reports the objective.
 The trial derives its plan from the search's plan once, from the sampled values, and trains with
 the same loop as `saeforge train` (`train.worker.train_plan`), reporting every `report_every`
 steps so ASHA can stop a bad trial early. A trial of one worker (the default) trains in its own
-process, where a worker group would only add its start-up to a short trial; a trial of several
+process, where a worker group would only add its start-up to a short trial
+(docs/benchmarks.md#a-trial-in-its-own-process-against-a-torchtrainer-per-trial); a trial of several
 (`--workers N`) fits a TorchTrainer (Ray's Train V2 pattern). Each trial is an MLflow child run
 of the search.
 """
