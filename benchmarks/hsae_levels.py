@@ -1,6 +1,6 @@
 """hsae's two levels on the recipe sweep's activations: each level's L0 and live latents and the
-norms of the level-2 directions (rows of Wd2 Wd1), beside L0 and explained variance (docs/recipe.md,
-"The hsae-trained variants on the shared recipe").
+norms of the level-2 directions (rows of Wd2 Wd1), beside L0 and explained variance
+(docs/recipe.md#behind-hsae holds its results).
 
     .venv/bin/python benchmarks/hsae_levels.py hsae "hsae gram_coeff=0"
     .venv/bin/python benchmarks/hsae_levels.py --unit-wd2-rows "hsae gram_coeff=0"

@@ -35,7 +35,7 @@ from saeforge.core.model import load_model, load_tokenizer, resolve_model, run_s
 from saeforge.core.training import LoopSettings, start_fresh, train_loop
 
 SWEEP = [
-    "relu",  # the specification's defaults
+    "relu",  # at its defaults (the sweep in docs/recipe.md ran it at the papers' l1_coeff 0.04)
     "topk k=64",
     "topk k=64 lr=1e-3",
     "topk k=64 lr=2e-3",

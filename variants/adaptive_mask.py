@@ -1,6 +1,7 @@
-"""Adaptive-mask SAE (the HSAE paper's comparison variant): a ReLU SAE whose latents are
-multiplied by a learnt per-latent importance gate m_i = sigmoid(mask_logit_i), with an L1 on the
-gates, each weighted by the norm of the encoder column it gates:
+"""Adaptive-mask SAE, a comparison variant of "Beyond Sparsity: Hierarchical Feature Organization
+Reveals Fundamental Limits in Language Model Unlearning" (the hsae paper): a ReLU SAE whose
+latents are multiplied by a learnt per-latent importance gate m_i = sigmoid(mask_logit_i), with an
+L1 on the gates, each weighted by the norm of the encoder column it gates:
 
   u = ReLU((x - b_dec) W_enc + b_enc),   f = u * m,   x_hat = f W_dec + b_dec,
   loss = MSE + w(l1_coeff) ||f||_1 + w(mask_l1_coeff) sum_i m_i ||W_enc[:, i]||,
@@ -12,33 +13,25 @@ into the decoder (f times c, W_dec rows times 1/c lower both L1s). Weighting eac
 encoder column's norm penalises the latent's whole gain m_i ||W_enc[:, i]||, which that move
 leaves unchanged (as the decoder-norm-weighted L1 does for the decoder), and the decoder's rows
 are renormalised to unit norm after each step. `normalize_encoder` (off by default) renormalises
-the encoder columns too, so the norms are 1 and the penalty is the plain sum of the gates (the
-first cure, which ruled the move out by fixing u's scale): measured, it costs most of the
-fidelity, because an encoder of unit columns cannot undo the L1's shrinkage and the gate (<= 1)
-can only shrink further.
+the encoder columns instead, so the norms are 1 and the penalty is the plain sum of the gates; it
+costs fidelity, because an encoder of unit columns cannot undo the L1's shrinkage and the gate
+(<= 1) can only shrink further.
 
 Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
 over tokens; the gate penalty summed over latents (once per batch). l1_coeff is on the papers'
 per-element scale (their 0.04, applied times d_in); the paper gives no gate penalty or initial
 gate, so both are config fields (mask_l1_coeff on the same per-element scale; gates start at
-sigmoid(mask_init_logit) ~ 0.88, nearly open). Training: the shared recipe (Adam at 2e-3, batches
-of 1024, decayed over the last 20%), as relu's; the HSAE paper trains it as hsae (AdamW, cosine,
-batches of 2048), which halves the steps of a short run.
+sigmoid(mask_init_logit) ~ 0.88, nearly open).
 
-Defaults, measured (issue 15; docs/recipe.md has the runs): l1_coeff 0.002 and mask_l1_coeff
-1e-5 with free encoder columns, trained with the shared recipe. In the default run's 300k tokens
-on Gemma 3 270M layer 6 (d_sae 5120) the papers' 0.04 left the SAE silent (L0 0.2); with unit
-encoder columns 0.0012 gave L0 51 but CE loss recovered 0.45 and explained variance 0.44 (and a
-gate penalty 100x lighter changed nothing), where free columns reach explained variance 0.86 at
-L0 160 with the same L1 (and the plain gate penalty). With the gain-weighted penalty at 0.001 the
-encoder norms shrink instead of the gates (explained variance 0.40 at L0 49, mean |corr| 0.91);
-at 1e-5 they do not. Trained as hsae (AdamW, cosine, 147 steps of 2048) l1_coeff 0.003 gave L0
-36, CE loss recovered 0.56 and explained variance 0.50; with the shared recipe (295 steps of
-1024) the same L1 gives explained variance 0.72 at L0 16, 0.0017 gives 0.85 at L0 55 (`--no-ce`).
-The gates stay near their start (0.88) in a run this short: the gate penalty at a weight that
-costs no fidelity is too light to close any, so here the gate is a learnt per-latent scale.
-`--set l1_coeff=0.04` is the papers' L1; `--set normalize_encoder=true` the unit-column cure;
-`--set optimizer=adamw weight_decay=0.01 lr_schedule=cosine batch_size=2048` the paper's training.
+Defaults: l1_coeff 0.002 and mask_l1_coeff 1e-5 with free encoder columns, and the shared recipe
+(Adam at 2e-3, batches of 1024, decayed over the last 20%), which is sparser and more faithful
+than the hsae paper's training (AdamW, cosine, batches of 2048: half the steps). The papers' 0.04
+silences it in a default-scale run; a gate penalty much heavier than 1e-5 shrinks the encoder
+norms instead of the gates. At 1e-5 the gates stay near their start in a run this short: here the
+gate is a learnt per-latent scale. `--set l1_coeff=0.04` is the papers' L1; `--set
+normalize_encoder=true` the unit encoder columns; `--set optimizer=adamw weight_decay=0.01
+lr_schedule=cosine batch_size=2048` the hsae paper's training. Measured:
+docs/recipe.md#adaptive_mask.
 
 Rescaling moves: the latents (W_enc, b_enc by c, W_dec by 1/c) and the gates (m by c, W_enc and
 b_enc by 1/c): unit decoder rows undo the first, the gain weighting makes the second change

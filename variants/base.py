@@ -54,10 +54,10 @@ class VariantConfig:
 
     d_in: int = field(metadata={"help": "width of the activations the SAE reads"})
     d_sae: int = field(metadata={"help": "number of latents"})
-    # The recipe every variant starts from (docs/recipe.md, measured on the default run's 300k
-    # tokens): Adam at 2e-3, warm-up, held, decayed over the last 20%, batches of 1024 tokens. The
-    # papers' own rates and batches (3e-4, 2048-4096 tokens) are for runs of millions of tokens or
-    # more; each variant's docstring says how to get its paper's settings back.
+    # The recipe every variant starts from, chosen by the sweep in docs/recipe.md#the-default-recipe
+    # for the default run's 300k tokens: Adam at 2e-3, warm-up, held, decayed over the last 20%,
+    # batches of 1024 tokens. The papers' own rates and batches (3e-4, 2048-4096 tokens) are for
+    # runs of millions of tokens or more; each variant's docstring gives the `--set` for its paper's.
     lr: float = param(2.0e-3, "learning rate (the recipe sweep's choice for a 300k-token run)")
     optimizer: str = param("adam", "'adam' or 'adamw'")
     weight_decay: float = param(0.0, "weight decay (adamw)")
@@ -324,7 +324,7 @@ class LinearSAE(Variant):
         """For a SAELens architecture, SAELens's four tensors with the activation scale s
         (x_normalised = s * x_raw) folded in: W_enc * s, W_dec / s, b_dec / s, b_enc unchanged,
         so every pre-activation on raw activations equals ours on normalised ones and the
-        reconstruction comes out in raw units (SAELens's convention; NOTES-APIS.md)."""
+        reconstruction comes out in raw units (SAELens's convention; docs/saelens-interop-notes.md)."""
         if self.saelens_architecture is None:
             return super().saelens_tensors()
         s = self.act_scale

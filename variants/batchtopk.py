@@ -16,8 +16,8 @@ paper's number; 0 gives Gao's d_in / 2); dead_tokens 0 is topk's 10 * d_sae (Bus
 count a latent dead after 5 silent batches, 20,480 tokens at their batch of 4096).
 
 Defaults: topk's recipe for a default-scale (300k-token) run, k = 64, lr 2e-3 with the late
-linear decay, batches of 1024 tokens (docs/recipe.md); Bussmann et al.'s batch of 4096 would leave
-such a run 72 steps.
+linear decay, batches of 1024 tokens; Bussmann et al.'s batch (`--set batch_size=4096`) would
+leave such a run 72 steps. Measured: docs/recipe.md#batchtopk.
 
 Rescaling: the batch top-k choice is scale free and the threshold moves with the latents
 (`_scale_latents`), so MSE and AuxK are unchanged; decoder rows are unit norm (after_step).
@@ -93,8 +93,8 @@ class BatchTopK(TopK):
 
     def threshold_ema_beta(self) -> float:
         """threshold_beta, with its averaging window (1 / (1 - beta) steps) capped at 10% of the
-        run like every warm-up (`penalty_warmup`): at 0.999 a 300-step run would barely move the
-        threshold from its first estimate (inference L0 972 at k = 64 after 98 steps)."""
+        run like every warm-up (`penalty_warmup`): uncapped, 0.999 would leave a 300-step run's
+        threshold near its first estimate (docs/recipe.md#behind-batchtopk)."""
         window = round(1 / (1 - self.cfg.threshold_beta)) if self.cfg.threshold_beta > 0 else 1
         return 1 - 1 / max(1, self.penalty_warmup(window))
 

@@ -11,17 +11,17 @@ from torch.nn import functional as F
 
 
 def mse_loss(x_hat: Tensor, x: Tensor) -> Tensor:
-    """Squared error summed over d_in and averaged over tokens (VARIANTS.md's convention)."""
+    """Squared error summed over d_in and averaged over tokens: every variant's reconstruction term."""
     return (x_hat - x).pow(2).sum(-1).mean()
 
 
 def paper_weight(coeff: float, d_in: int) -> float:
-    """A seed paper's penalty coefficient on our loss scale. The papers weigh their penalties
-    against an MSE averaged over d_in; `mse_loss` sums over d_in, which on inputs normalised to
-    E||x|| = sqrt(d_in) is d_in times theirs, so the same effective weight is coeff * d_in
-    (VARIANTS.md, Conventions). Config fields keep the papers' numbers (d_in-free); every variant
-    on that per-element scale multiplies its penalties through here (all but jumprelu and the
-    top-k family, whose papers state their coefficients on other scales)."""
+    """A paper's penalty coefficient on our loss scale. The papers weigh their penalties against
+    an MSE averaged over d_in; `mse_loss` sums over d_in, which on inputs normalised to
+    E||x|| = sqrt(d_in) is d_in times theirs, so the same effective weight is coeff * d_in.
+    Config fields keep the papers' per-element numbers (d_in-free); every variant on that scale
+    multiplies its penalties through here (all but jumprelu and the top-k family, whose papers
+    state their coefficients on other scales)."""
     return coeff * d_in
 
 
@@ -72,8 +72,9 @@ def topk_relu(pre: Tensor, k: int) -> Tensor:
 
 def sparse_decode(indices: Tensor, values: Tensor, w_dec: Tensor) -> Tensor:
     """sum_j values[:, j] * w_dec[indices[:, j]] for (N, k) rows: the decode of a code with k
-    non-zeros per row, without the dense (N, d_sae) @ (d_sae, d_in) product (at k = 64 of 5120 a
-    TopK step with AuxK takes half the time; gradients reach both `values` and `w_dec`)."""
+    non-zeros per row, without the dense (N, d_sae) @ (d_sae, d_in) product: it reads k of the
+    d_sae decoder rows per token (docs/recipe.md#behind-topk has the step time); gradients reach
+    both `values` and `w_dec`."""
     return F.embedding_bag(indices, w_dec, per_sample_weights=values, mode="sum")
 
 

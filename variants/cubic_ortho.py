@@ -1,5 +1,6 @@
-"""Progressive orthogonality with cubic scaling (seed 002): a ReLU SAE whose decoder directions of
-correlated latents are pushed apart, more steeply the more correlated they are.
+"""Progressive orthogonality with cubic scaling, from "Progressive Feature Separation in Sparse
+Autoencoders via Cubic Scaling Orthogonality" (anonymous, under review): a ReLU SAE whose decoder
+directions of correlated latents are pushed apart, more steeply the more correlated they are.
 
   Omega = sum over i != j of |c_ij|^power * max(0, |<w_i, w_j>| - eps_ij),
   eps_ij = eps0 * (1 + mean_a_i * mean_a_j)^(-beta)      (the paper's exp(-beta log(1 + a_i a_j))),
@@ -19,17 +20,14 @@ over tokens; Omega summed over ordered pairs i != j, as in the paper (scale free
 and unit-norm decoder rows). The paper's lambda 0.04 and alpha 0.001 weigh their terms against an
 MSE averaged over d_in, so both are applied times d_in.
 
-Defaults, measured (issue 15; docs/recipe.md): l1_coeff 0.0022, ortho_alpha 1e-5 and batches of
-2048, not the paper's 0.04, 0.001 and 4096. In the default run's 300k tokens (lr 2e-3, Gemma 3
-270M layer 6, d_sae 5120) the paper's three left the SAE nearly silent (L0 14, explained variance
--0.02); at L1 0.0022 the paper's alpha still costs most of the fidelity (explained variance 0.09
-at L0 80, against 0.67 at L0 58 with no Omega), 1e-4 costs some (0.52) and 1e-5 none (0.67 at
-L0 61) while Omega still does its work (Omega 530 -> 132, the latents' mean |corr| 0.059 ->
-0.007). Batches of 2048 give 147 steps instead of 73: L0 39, CE loss recovered 0.75 and explained
-variance 0.76, against L0 61, 0.71 and 0.67 at 4096. `--set l1_coeff=0.04 ortho_alpha=0.001
-batch_size=4096` is the paper's.
+Defaults: l1_coeff 0.0022, ortho_alpha 1e-5 and batches of 2048, not the paper's 0.04, 0.001 and
+4096. In a default-scale run the paper's three leave the SAE nearly silent; at the default L1 the
+paper's alpha costs most of the fidelity, while 1e-5 costs none and Omega still decorrelates the
+latents; batches of 2048 give twice the steps of 4096. The paper's setting: `--set l1_coeff=0.04
+ortho_alpha=0.001 batch_size=4096`. Measured: docs/recipe.md#cubic_ortho.
 
-Initialisation: Kaiming-uniform weights and uniform +-init_bias_noise biases (the paper); with
+Initialisation: every variant's tied start by default (`init`), which a short run undoes faster;
+`init=kaiming` is the paper's Kaiming-uniform weights and uniform +-init_bias_noise biases. With
 b_dec_init = 'geometric_median' (the default) init_from_data then moves b_dec to the first batch's
 geometric median ('init' keeps the paper's noise).
 
@@ -72,7 +70,7 @@ class CubicOrthoConfig(VariantConfig):
     )
     init_bias_noise: float = param(0.01, "with init = 'kaiming', biases start uniform in +-init_bias_noise")
     batch_size: int = param(
-        2048, "activation tokens per optimiser step (the paper's 4096: correlations need big batches; 2048 measured)"
+        2048, "activation tokens per optimiser step (the paper's is 4096, for correlations; 2048 gives twice the steps)"
     )
 
     def __post_init__(self):

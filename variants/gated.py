@@ -15,19 +15,19 @@ Conventions: MSE and the auxiliary reconstruction summed over d_in, averaged ove
 paper's squared L2 norms on normalised activations); the L1 summed over latents, averaged over
 tokens. l1_coeff is on relu's per-element scale (the same number weighs the L1 as relu's does),
 applied as l1_coeff * d_in (`paper_weight`); the paper's lambda, stated against the summed
-squared error, is that product: lambda = l1_coeff * d_in. The paper sweeps lambda per model and
-layer rather than fixing one, so the default is measured: l1_coeff 0.0022 (lambda 1.41 at d_in
-640) with the shared recipe (lr 2e-3, held, decayed over the last 20%, batches of 1024) gives L0
-60, CE loss recovered 0.89 and explained variance 0.93 on Gemma 3 270M layer 6 (d_sae 5120) in
-the default run's 300k tokens (docs/recipe.md: 0.004 gives L0 26, 0.0028 L0 44; at the papers'
-lr 3e-4, 0.004 gave L0 74 and CE loss recovered 0.71); relu's 0.04 leaves L0 about 3: the L1
-reaches only the gate, and shrinking the gate costs the main reconstruction nothing. The
-previous defaults (the papers' lr 3e-4, constant) are `--set lr=3e-4 lr_schedule=constant
-l1_coeff=0.004`; for a lambda of the paper, l1_coeff = lambda / d_in. aux_coeff = 1 is the
-paper's (it adds the auxiliary term unweighted). Decoder rows are unit norm after every step
-(the paper's constraint), so the decoder-norm weighting is 1 and the L1 is the paper's plain L1;
-with normalize_decoder = false it is Anthropic's weighted L1 (SAELens's gated training uses
-that, with the decoder not frozen in the auxiliary term; the saved SAE is the same either way).
+squared error, is that product: lambda = l1_coeff * d_in, so a lambda of the paper is
+l1_coeff = lambda / d_in. aux_coeff = 1 is the paper's (it adds the auxiliary term unweighted).
+Decoder rows are unit norm after every step (the paper's constraint), so the decoder-norm
+weighting is 1 and the L1 is the paper's plain L1; with normalize_decoder = false it is
+Anthropic's weighted L1 (SAELens's gated training uses that, with the decoder not frozen in the
+auxiliary term; the saved SAE is the same either way).
+
+Defaults: l1_coeff 0.0022 (lambda 1.41 at d_in 640) and the shared recipe (lr 2e-3, held, decayed
+over the last 20%, batches of 1024). The paper sweeps lambda per model and layer rather than
+fixing one, so the default is the one measured sparse and faithful in a default-scale run; relu's
+0.04 leaves it nearly silent, since the L1 reaches only the gate and shrinking the gate costs the
+main reconstruction nothing. The papers' lr: `--set lr=3e-4 lr_schedule=constant`. Measured:
+docs/recipe.md#gated.
 
 Rescaling: W_enc, b_gate and b_mag times c (r_mag unchanged) scale both paths by c, so with W_dec
 times 1/c the output, the weighted L1 and the auxiliary reconstruction are exactly unchanged

@@ -1,65 +1,35 @@
-"""Group-wise information bottleneck SAE (seed 000). Latents are split into G = d_sae / group_size
-groups (32 each). It trains on whole contexts (B, T, d_in) with a mask (B, T) of real tokens;
-every term counts masked-in positions only.
+"""Group-wise information bottleneck SAE, from "Feature Disentanglement in Large Language Models:
+Group-wise Information Bottleneck for Sparse Autoencoders" (anonymous, under review). The latents
+form G = d_sae / group_size groups of 32; it reads whole contexts (B, T, d_in) and every term
+counts the real tokens of the mask (B, T) only.
 
-- Encoder code z = ReLU((x - b_dec) W_enc + b_enc).
-- Group transform (the paper's residual connection within each group), restricted to z's support:
-    f = ReLU(Dropout(z) + Linear_g(z_g)) * 1[z > 0]
-  (one group_size^2 map and bias per contiguous group, zero-initialised, so training starts from a
-  plain ReLU SAE; optional LayerNorm per group before the ReLU, `group_layernorm`). The decoder
-  reads f: x_hat = f W_dec + b_dec. `encode` returns f, the code the decoder actually uses, so the
-  platform's L0 counts what the decoder reads, the L1 penalises it, and W_dec rows are exactly
-  the latents' directions. Without the support mask an active group would hand the decoder a
-  dense 32-vector (and the group biases every group) while L0 counted only z: neither L0 nor CE
-  loss recovered would be comparable with any other variant's.
-- LayerNorm is off by default although the paper uses it: a LayerNorm after a linear map is
-  scale-invariant, so any penalty on its input (the paper's L1 on z) can be lowered for free by
-  shrinking z, and its output is dense. With it on (an ablation) the L1 still reads f, after
-  the LayerNorm, where unit-norm decoder rows stop the scale from being dodged.
-- Soft membership M = softmax(A / membership_temperature) over groups, A (d_sae x G) learnt
-  (`membership_logits`, initialised to the contiguous blocks); group signal s_g = sum_i M[i, g] f_i.
-  A latent's own group is its argmax membership.
-- Independence: windows of `window` consecutive tokens of one context, every `window_stride`
-  tokens (the paper names no stride; a stride of one window keeps the cost at B*T*G^2 rather than
-  window times that); per window the Pearson correlation of the group signals over its real
-  tokens (windows with fewer than 2 are skipped). A group is live in a window when one of its own
-  latents fires there; silent groups carry no signal, only the small membership weight every
-  latent has in every group, which makes two silent groups look perfectly correlated
-  (-log(1e-6) = 13.8 per pair), so pairs with a silent group are left out.
-  L_MI = mean over windows of the sum over ordered live pairs i != j of -log(1 - |corr_ij| + mi_eps).
-- Competition: InfoNCE (contrast_temperature) of each latent's decoder direction against the
-  membership-weighted group centroids, positive = its own group; mean over latents.
+  z = ReLU((x - b_dec) W_enc + b_enc),   f = ReLU(Dropout(z) + Linear_g(z_g)) * 1[z > 0],
+  x_hat = f W_dec + b_dec,   loss = MSE + w(l1_coeff) sum_g ||f_g||_1 + w(mi_coeff) L_MI
+                                   + w(contrast_coeff) L_contrast,   w(c) = c * d_in.
 
-  loss = MSE + w(l1_coeff) sum_g ||f_g||_1 + w(mi_coeff) L_MI + w(contrast_coeff) L_contrast,
-  w(c) = c * d_in (`paper_weight`).
+MSE summed over d_in, the L1 over latents, both averaged over tokens; L_MI summed over group pairs
+as in the paper, averaged over windows; InfoNCE averaged over latents. The paper weighs its terms
+against an MSE averaged over d_in, so each coefficient is applied x d_in (its 0.2, 0.02 and 0.1).
+The group transform (the paper's residual connection, a zero-initialised group_size^2 map per
+group) acts on z's support only and `encode` returns f, so L0, the L1 and the decoder rows describe
+the code the decoder reads. Group signals s_g = sum_i M[i, g] f_i under a learnt soft membership M;
+L_MI sums -log(1 - |corr(s_i, s_j)| + mi_eps) over ordered pairs of groups live in a window of
+`window` tokens (a silent group carries only the membership leak, which looks perfectly
+correlated); L_contrast is InfoNCE of each decoder direction against the group centroids.
 
-Conventions: MSE summed over d_in, averaged over tokens. The paper's coefficients (0.2, 0.02, 0.1)
-weigh its terms against an MSE averaged over d_in, so each is applied times d_in. The group L1 is
-summed over latents and averaged over tokens; L_MI is summed over pairs as in the paper (its
-0.02 * sum_{i != j}) and averaged over windows (as the MSE over tokens); InfoNCE is averaged over
-latents. Defaults changed from the first implementation: the d_in factor, L_MI summed rather than
-averaged over pairs (the paper's effective weight), group_layernorm off.
+Defaults: l1_coeff 0.002, mi_coeff 2e-6, contrast_coeff 0.01, lr 2e-3, batches of 2048, and the
+paper's LayerNorm per group off (`group_layernorm`: it is scale-invariant, so a penalty before it
+can be lowered for free by shrinking z). At the paper's weights L_MI outweighs the reconstruction
+by orders of magnitude in a default-scale run; at 2e-6 it costs nothing and still decorrelates the
+groups; the paper's lr 1e-4 barely moves the code in a short run. The paper's setting: `--set
+l1_coeff=0.2 mi_coeff=0.02 contrast_coeff=0.1 lr=1e-4 group_layernorm=true`. Measured:
+docs/recipe.md#group_ib.
 
-Defaults, measured (issue 15; docs/recipe.md): the shared recipe's lr 2e-3 (the paper's 1e-4
-barely moved the code from its start in the default run's 300k tokens: L0 1,016, CE loss
-recovered 0.49, explained variance 0.14), l1_coeff 0.002, mi_coeff 2e-6 and contrast_coeff 0.01
-(the paper's 0.2, 0.02 and 0.1). On Gemma 3 270M layer 6 (147 steps of 2048, d_sae 5120) the
-paper's weights give a sparse code that is not faithful (L0 32, 0.51 and 0.12): L_MI at 0.02 is
-about 700 times the MSE (47,600 against 70 at the end of the run). With L1 0.002 and neither
-L_MI nor InfoNCE the group SAE reaches explained variance 0.84 at L0 34 (0.83 with the identity
-dropout, 0.79 with InfoNCE at the paper's weight); L_MI at 2e-6 costs nothing and still halves
-the correlation between group signals (0.11 -> 0.05), but beside InfoNCE at the paper's weight
-the pair left a denser, unfaithful code (L0 225, explained variance 0.27); with InfoNCE at 0.01
-the defaults give L0 32, CE loss recovered 0.77 and explained variance 0.82. `--set
-l1_coeff=0.2 mi_coeff=0.02 contrast_coeff=0.1 lr=1e-4` is the paper's.
-
-Rescaling: the latents move scales z (W_enc, b_enc) and the group biases by c and W_dec by 1/c;
-L_MI and InfoNCE are scale free and the L1 falls, but after_step renormalises W_dec rows, which
-undoes the move.
-
-Cost per step: the linear SAE's two matmuls, B*T*d_sae*group_size for the group maps,
-B*T*d_sae*G for the group signals, B*T*G^2 for the window correlations and d_sae*G*d_in for the
-centroids. d_sae must be a multiple of group_size (32); the independence term needs G >= 2.
+Rescaling: z and the group biases (or the LayerNorm's affine map) by c, W_dec by 1/c; L_MI and
+InfoNCE are scale free and unit-norm decoder rows undo the move. Cost per step: the linear SAE's
+matmuls, B*T*d_sae*(group_size + G) for the group maps and signals, B*T*G^2 for the correlations
+(windows every `window_stride` tokens, one window apart by default: the paper names no stride) and
+d_sae*G*d_in for the centroids. d_sae must be a multiple of group_size; L_MI needs G >= 2.
 """
 
 import math

@@ -1,66 +1,35 @@
-"""Hierarchical SAE with a skip connection (seed 004). The d_sae latents are two levels of
-d_sae / 2 each (the paper's k/2 + k/2):
+"""Hierarchical SAE with a skip connection, from "Beyond Sparsity: Hierarchical Feature Organization
+Reveals Fundamental Limits in Language Model Unlearning" (anonymous, under review). The latents
+are [z1, z2], two levels of d_sae / 2 (the paper's k/2 + k/2):
 
-  z1 = ReLU((x - bd1) W1 + b1),   z2 = ReLU(z1 W2 + b2),
-  x_hat = (z2 Wd2 + bd2) Wd1 + z1 Ws + bd1,
+  z1 = ReLU((x - bd1) W1 + b1),   z2 = ReLU(z1 W2 + b2),   x_hat = (z2 Wd2 + bd2) Wd1 + z1 Ws + bd1,
   loss = MSE + w(l1_level1) ||z1||_1 + w(l1_level2) ||z2||_1 + w(gram_coeff) ||G1 * G2||_F^2,
-  w(c) = c * d_in (`paper_weight`),
 
-with G_l = Z_l Z_l^T the B x B Gram matrices of the batch. Rows are the per-latent maps: Ws
-(d_sae/2 x d_in, level 1's skip path), W2 (d_sae/2 x d_sae/2, how each z1 latent feeds level 2),
-Wd2 (d_sae/2 x d_sae/2) and Wd1 (d_sae/2 x d_in). The paper constrains Wd1 and Wd2 to unit rows;
-here, after each step, the maps that read z1 (Ws, W2) and Wd1 have unit rows, and each Wd2 row is
-scaled so that level-2 latent j's whole direction, row j of Wd2 Wd1, has unit norm. Otherwise Ws
-and W2 absorb a shrinking z1 (the level-1 L1 stops controlling the per-level zero fraction, the
-paper's headline number), and unit rows of Wd2 and Wd1 alone do not bound level 2's gain: Wd1's
-d_sae/2 unit rows in d_in dimensions can align, and measured in the default run's budget the
-level-2 directions grew to a median norm of 2.9-3.7 (max 6.5), so z2 shrank by that factor under
-its L1 and by its fourth power under the Gram term, with the reconstruction unchanged. The
-latents are [z1, z2] concatenated; `decode` takes that vector.
+G_l = Z_l Z_l^T the batch's B x B Gram matrices, w(c) = c * d_in (`paper_weight`). MSE summed over
+d_in, each L1 over its level's latents, both averaged over tokens; the Gram term, as the paper's,
+summed over all B x B token pairs (diagonal included), so it grows with B^2 and the latents'
+scale^8. The paper weighs its terms against an MSE averaged over d_in, so each coefficient is
+applied x d_in: the paper's 0.03, 0.05 and 0.02.
 
-Conventions: MSE summed over d_in, averaged over tokens. The paper's coefficients (0.03, 0.05,
-0.02) weigh its terms against an MSE averaged over d_in, so each is applied times d_in. The L1s
-are summed over a level's latents and averaged over tokens. The Gram term is the paper's: summed
-over all B x B token pairs, no division by B^2 (the first implementation divided by B^2, which
-made its weight 1 / B^2 of the paper's: 1 / 4.2M at B = 2048); it grows with B^2 and with the
-latents' scale^8, so at the paper's weight it dominates the loss. Its diagonal (a = b) penalises
-||z1_a||^2 ||z2_a||^2, as the paper's formula does.
+Defaults: l1_level1 0.002, l1_level2 0.003, gram_coeff 1e-10, the shared recipe (Adam at 2e-3,
+batches of 1024, decayed over the last 20%). At the paper's weight the Gram term dominates the loss
+of a default-scale run and one level dies; at 1e-10 it still acts and the code is hierarchical (a
+few level-1 parents, many level-2 children per token). The paper's setting: `--set l1_level1=0.03
+l1_level2=0.05 gram_coeff=0.02 optimizer=adamw weight_decay=0.01 lr_schedule=cosine
+batch_size=2048`. Measured: docs/recipe.md#hsae; the runs behind the defaults:
+docs/recipe.md#behind-hsae.
 
-The encoder reads x - bd1 (`center_input`), as every linear SAE's reads x - b_dec: the same
-functions as the paper's z1 = ReLU(x W1 + b1) (b1 absorbs bd1 W1), but the offset follows the
-decoder bias as W1 grows. Without it (the paper's form, b1 shifted by the median once at the
-start) the data's mean, most of each activation's norm here (E||x||^2 = 640 with a variance of
-about 80 after normalisation), reaches every level-1 latent through W1 as W1 grows, faster than
-b1 can follow: at 100k tokens (lr 2e-3) level 1 ended with mean |corr| 0.74 between latents,
-level 2 silent and explained variance 0.27 (docs/recipe.md).
+The encoder reads x - bd1 (`center_input`; bd1 starts at the first batch's geometric median): the
+paper's x W1 + b1 with b1 absorbing bd1 W1, but the offset follows the decoder bias; otherwise the
+data's mean, most of each activation's norm, reaches every level-1 latent as W1 grows, faster than
+b1 can follow. After each step Ws, W2 (the readers of z1) and Wd1 get unit rows and each Wd2 row is
+scaled so that level-2 latent j's direction, row j of Wd2 Wd1 (`decoder_directions`), is unit: with
+the paper's unit rows of Wd2 and Wd1 alone, Wd1's rows can align and z2 shrink behind longer
+directions, lowering its L1 and the Gram term for free. `rescalings`: all latents, level 1 (z1 by c,
+W2 and Ws by 1/c), level 2 (W2 and b2 by c, Wd2 by 1/c); the unit rows undo each.
 
-Defaults, measured (issue 15; docs/recipe.md has the runs): l1_level1 0.002, l1_level2 0.003,
-gram_coeff 1e-10, the shared recipe (Adam at 2e-3, batches of 1024, decayed over the last 20%). In
-the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae 5120) the Gram term at the paper's
-0.02 is about 1e7 times the MSE when both levels fire: it silences level 2 and, since for a given
-L1 a code spread over many small latents has the smallest ||z1||^2, it makes level 1 dense
-(measured with unit Wd2 rows, before the level-2 directions were made unit: the paper's weights and
-training gave L0 419 and explained variance 0.35; L1s 0.002 / 0.003 with it L0 1,172, all of it
-level 1; at 1e-8 L0 429, level 1 again). At 1e-10 it cuts the Gram penalty 140x at a cost of 0.01
-explained variance. Without it, or at 1e-10, the code is hierarchical: about 16 level-1 latents per
-token (the parents, 0.5% of level 1) and 200 level-2 latents (their children, 8%), explained
-variance 0.75 (the defaults: L0 211, CE loss recovered 0.70); larger L1s do not make it sparser
-(0.003 / 0.005: L0 203, 0.49; 0.005 / 0.008: L0 141, 0.37, mean |corr| 0.93): level 2 keeps about
-150-200 latents firing whatever its L1. `--set l1_level1=0.03 l1_level2=0.05 gram_coeff=0.02
-optimizer=adamw weight_decay=0.01 lr_schedule=cosine batch_size=2048` is the paper's setting.
-
-Initialisation from data (`b_dec_init`): bd1 at the batch's geometric median.
-
-Decoder directions: x_hat is linear in (z1, z2), so each latent's exact direction is its column of
-the Jacobian: Ws row i for level-1 latent i (its skip path, the only way z1 reaches x_hat
-linearly) and (Wd2 Wd1) row j for level-2 latent j.
-
-Rescaling moves (`rescalings`): all latents, level 1 only (z1 by c, W2 and Ws by 1/c) and level 2
-only (W2 and b2 by c, Wd2 by 1/c); after_step's unit rows undo each.
-
-Cost per step: three matmuls B x d_in x d_sae/2 (encode, skip, Wd1), two B x (d_sae/2)^2
-(W2, Wd2), two B x B x d_sae/2 Gram matrices (B^2 memory: 4 MiB at B = 1024), and after the step
-Wd2 Wd1, (d_sae/2)^2 x d_in, for the level-2 norms.
+Cost per step: three B x d_in x d_sae/2 matmuls, two B x (d_sae/2)^2, two B x B x d_sae/2 Gram
+matrices (B^2 memory: 4 MiB at B = 1024), and after the step Wd2 Wd1 ((d_sae/2)^2 x d_in).
 """
 
 import copy

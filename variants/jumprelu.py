@@ -15,14 +15,11 @@ a count, independent of d_in while the MSE grows with it, so lambda is tuned per
 (10,000 in the paper), capped at 10% of the run once the platform calls `begin_run`, like the lr
 warm-up, so runs and search trials shorter than 100,000 steps still reach their own lambda.
 
-Defaults, measured (VARIANTS.md: whatever gives a sparse, faithful SAE in the default run's
-budget): the shared recipe (lr 2e-3 held and decayed over the last 20%, batches of 1024) and
-threshold_init 0.2. With the paper's settings (lr 7e-5, batches of 4096, threshold_init 0.001)
-the 73 steps of a 300k-token run barely move the thresholds and the code stays dense (L0 3,032 of
-5,120, docs/recipe.md); thresholds started at 0.2 give L0 63, CE loss recovered 0.87 and
-explained variance 0.93 at 300k tokens, with 82% of the latents silent by the end (0.1: L0 314,
-0.3: L0 31 at 100k). The paper's settings are `--set lr=7e-5 batch_size=4096
-lr_schedule=constant threshold_init=0.001`.
+Defaults: the shared recipe (lr 2e-3 held and decayed over the last 20%, batches of 1024) and
+threshold_init 0.2, so that a default-scale run ends sparse: with the paper's lr and starting
+threshold the thresholds barely move in a short run and the code stays dense, and the starting
+threshold sets where a short run's L0 lands. The paper's setting: `--set lr=7e-5 batch_size=4096
+lr_schedule=constant threshold_init=0.001`. Measured: docs/recipe.md#jumprelu.
 
 Rescaling: L0 counts latents, so scaling z, theta and the thresholds by c and W_dec by 1/c
 changes no term; decoder rows are unit norm anyway (after_step).

@@ -22,6 +22,9 @@ topk/batchtopk (`common.topk_family_terms`): on the full SAE's residual, times t
 variance so aux_coeff = 1/32 is Gao et al.'s weight. k, aux_k, threshold_beta and dead_tokens
 are batchtopk's. Widths default to d_sae / 16, / 8, / 4, / 2, d_sae (`matryoshka_widths` empty).
 
+Defaults: batchtopk's (k = 64, the shared recipe: lr 2e-3 held and decayed over the last 20%,
+batches of 1024). Measured: docs/recipe.md#matryoshka_batchtopk.
+
 Rescaling: as batchtopk's (the selection is scale free, the threshold moves with the latents),
 every prefix reconstruction is unchanged when W_dec carries 1/c, and decoder rows are unit norm.
 

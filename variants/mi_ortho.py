@@ -1,5 +1,7 @@
-"""MI-Ortho (seed 001): a ReLU SAE whose most dependent latent pairs, by a kernel estimate of
-their mutual information, pay a co-activation penalty scaled by that MI.
+"""MI-Ortho, from "MI-Ortho: Breaking Feature Dependencies in Large Language Models via Mutual
+Information Guided Constraints" (anonymous, under review): a ReLU SAE whose most dependent latent
+pairs, by a kernel estimate of their mutual information, pay a co-activation penalty scaled by
+that MI.
 
 Every `refresh_interval` steps (inside `loss`, without gradients) the penalised pair set T is
 rebuilt from the batch: the latents active in it (at most `max_active_latents`, the most often
@@ -16,22 +18,18 @@ buffers (n_candidates slots plus a count), so checkpoints carry them.
 
 Conventions: MSE summed over d_in, averaged over tokens; ||f||_1 summed over latents, averaged
 over tokens. The paper's penalty tau_ij ||f_i^T f_j||^2 is kept at its own scale: the
-co-activation a_i . a_j is summed over the batch's tokens (not divided by B: the first
-implementation's (a_i . a_j / B)^2 was 1 / B^2 of the paper's weight) and the penalties are
-summed over the pairs of T. The paper's coefficients (0.04 and the tau weights) weigh its terms
-against an MSE averaged over d_in, so both terms are applied times d_in (`paper_weight`). The
-pair term grows with B^2, as in the paper.
+co-activation a_i . a_j is summed over the batch's tokens (not divided by B) and the penalties are
+summed over the pairs of T, so the pair term grows with B^2, as in the paper. The paper's
+coefficients (0.04 and the tau weights) weigh its terms against an MSE averaged over d_in, so both
+terms are applied times d_in (`paper_weight`).
 
-Defaults, measured (issue 15: every variant's defaults give a sparse code in a default-scale run;
-docs/recipe.md has the runs): the pair term keeps the paper's weights (base_weight 0.5, mi_scale
-2, applied x d_in), the L1 and the training do not. The paper's l1 0.04 was tuned for lr 3e-4 and
-tens of millions of tokens; in the default run's 300k tokens on Gemma 3 270M layer 6 (d_sae 5120)
-it left explained variance 0.25 and CE loss recovered 0.64 at L0 62, while l1_coeff 0.0037 gave
-L0 105, 0.72 and 0.58 with the paper's training (AdamW, cosine, batches of 2048: 147 steps) and
-gives L0 88, 0.81 and 0.74 with the shared recipe (Adam at 2e-3, batches of 1024 decayed over
-the last 20%: 295 steps). The pair term grows with B^2, so at batches of 1024 it has 1/4 of its
-weight at the paper's 2048. `--set l1_coeff=0.04` is the paper's effective L1 weight; `--set
-optimizer=adamw weight_decay=0.01 lr_schedule=cosine batch_size=2048` the paper's training.
+Defaults: the pair term keeps the paper's weights (base_weight 0.5, mi_scale 2); the L1 and the
+training do not: l1_coeff 0.0037 and the shared recipe (Adam at 2e-3, batches of 1024 decayed over
+the last 20%). The paper's 0.04, tuned for lr 3e-4 and tens of millions of tokens, leaves a
+default-scale run a sparse code that reconstructs little, and the shared recipe is sparser and
+more faithful than the paper's training at the same L1. At batches of 1024 the pair term has 1/4
+of its weight at the paper's 2048. The paper's setting: `--set l1_coeff=0.04 optimizer=adamw
+weight_decay=0.01 lr_schedule=cosine batch_size=2048`. Measured: docs/recipe.md#mi_ortho.
 
 On standardised latents h = 0.15 n^(-1/5) is about 1/7 of Silverman's rule (1.06 n^(-1/5)), so the
 estimate is biased upwards for dense continuous pairs (about 1.5 nats for an independent Gaussian

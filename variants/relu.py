@@ -4,23 +4,19 @@
   loss = MSE + paper_weight(l1_coeff, d_in) * sum_i f_i ||w_i||.
 
 Conventions: MSE summed over d_in, averaged over tokens; the L1 summed over latents, averaged
-over tokens. l1_coeff is on the seed papers' per-element scale (their baseline 0.04 weighs the
-L1 against an MSE averaged over d_in), so the code applies l1_coeff * d_in (`paper_weight`):
-0.04 is about 25.6 at d_in 640. Anthropic's April 2024 recipe (lambda ~5 on our MSE convention,
-decoder rows free and the L1 weighted by their norms, an L1 warm-up: `l1_warmup_steps`, capped
-at 10% of a run like every penalty warm-up) is `--set l1_coeff=0.0078 normalize_decoder=false
-l1_warmup_steps=1000` at d_in 640 (l1_coeff = 5 / d_in).
+over tokens. l1_coeff is on the papers' per-element scale (their baseline 0.04 weighs the L1
+against an MSE averaged over d_in), so the code applies l1_coeff * d_in (`paper_weight`): 0.04 is
+about 25.6 at d_in 640.
 
-Defaults, measured (VARIANTS.md: whatever gives a sparse, faithful SAE in the default run's
-budget; docs/recipe.md has the sweep): l1_coeff 0.0017 with unit-norm decoder rows
-(`normalize_decoder`, so the weighting is 1 and the L1 is the plain L1 of the earlier papers) and
-the shared recipe (lr 2e-3 held and decayed over the last 20%, batches of 1024). On Gemma 3 270M
-layer 6 (d_sae 5120, 100k tokens) unit-norm rows reach explained variance 0.79 at L0 43 where
-free rows with the norm-weighted L1 reach 0.59 at L0 62 (l1_coeff 0.006); at the default run's
-300k tokens the defaults give L0 40, CE loss recovered 0.80 and explained variance 0.87 (at L0
-75 the previous best relu recipe, free rows, reached 0.58 and 0.70). The papers' 0.04
-gives L0 36 with explained variance 0.09 at 300k tokens; `--set l1_coeff=0.04 lr=3e-4
-lr_schedule=constant normalize_decoder=false` is the previous default (the papers' setting).
+Defaults: l1_coeff 0.0017 with unit-norm decoder rows (`normalize_decoder`, so the weighting is 1
+and the L1 is the plain L1 of the earlier papers) and the shared recipe (lr 2e-3 held and decayed
+over the last 20%, batches of 1024). In a default-scale run unit-norm rows give a sparser, more
+faithful code than free rows with the norm-weighted L1, and the papers' 0.04 a sparse code that
+reconstructs little. The papers' setting: `--set l1_coeff=0.04 lr=3e-4 lr_schedule=constant
+normalize_decoder=false`. Anthropic's April 2024 recipe (lambda ~5 on our MSE convention, decoder
+rows free and the L1 weighted by their norms, an L1 warm-up capped at 10% of a run like every
+penalty warm-up): `--set l1_coeff=0.0078 normalize_decoder=false l1_warmup_steps=1000` at d_in 640
+(l1_coeff = 5 / d_in). Measured: docs/recipe.md#relu.
 
 Rescaling: the L1 weighs each latent by its decoder norm, so scaling f_i by c and w_i by 1/c
 leaves the loss exactly unchanged (and unit-norm rows undo the move).

@@ -1,17 +1,18 @@
-"""Multi-scale temporal SAE (the HSAE paper's comparison variant). It reads whole contexts
-(B, T, d_in) with a mask (B, T) of real tokens. The encoder input of token t is the token plus
-dilated causal convolutions over the preceding tokens of the same context:
+"""Multi-scale temporal SAE, a comparison variant of "Beyond Sparsity: Hierarchical Feature
+Organization Reveals Fundamental Limits in Language Model Unlearning" (the hsae paper). It reads
+whole contexts (B, T, d_in) with a mask (B, T) of real tokens. The encoder input of token t is the
+token plus dilated causal convolutions over the preceding tokens of the same context:
 
   u_t = x_t + sum over offsets o in O of W_o x_{t - o},
   O = {k d : d in dilations, k = 1..kernel_size - 1}   (distinct offsets),
   f_t = ReLU((u_t - b_dec) W_enc + b_enc),   x_hat_t = f_t W_dec + b_dec   (reconstructs x_t),
   loss = MSE + paper_weight(l1_coeff, d_in) * ||f||_1 over masked-in tokens.
 
-A kernel of size K at dilation d reads offsets 0, d, ..., (K - 1) d (VARIANTS.md: size 2 at
-dilation d reads 0 and d). Offset 0 is the token itself for every dilation: one shared identity
-path, not a tap per dilation (a learnt tap there would only repeat W_enc). Offsets that several
-dilations reach (2 is 1 x 2 and 2 x 1 when K = 3) get one tap, since two taps on the same
-offset are one parameter in two places. Default K = 2, dilations 1, 2, 4: taps at 1, 2 and 4.
+A kernel of size K at dilation d reads offsets 0, d, ..., (K - 1) d (size 2 at dilation d reads 0
+and d). Offset 0 is the token itself for every dilation: one shared identity path, not a tap per
+dilation (a learnt tap there would only repeat W_enc). Offsets that several dilations reach (2 is
+1 x 2 and 2 x 1 when K = 3) get one tap, since two taps on the same offset are one parameter in
+two places. Default K = 2, dilations 1, 2, 4: taps at 1, 2 and 4.
 
 W_o is a per-channel scale (depthwise, `depthwise`) or a full d_in x d_in map; the taps start
 at zero, so training starts from a plain ReLU SAE. Masked-out positions (BOS, padding) are
@@ -23,15 +24,12 @@ Conventions: MSE summed over d_in, averaged over masked-in tokens; ||f||_1 summe
 averaged over tokens; l1_coeff is on the papers' per-element scale (their baseline is 0.04),
 applied times d_in.
 
-Default, measured (issue 15: every variant's defaults give a sparse code in a default-scale run;
-docs/recipe.md has the runs): l1_coeff 0.002 and the shared recipe (Adam at 2e-3, batches of
-1024, decayed over the last 20%). The papers' 0.04, tuned for lr 3e-4 and tens of millions of
-tokens, left this SAE silent (L0 0.7, explained variance -0.03) in the default run's 300k tokens
-on Gemma 3 270M layer 6 (d_sae 5120); with l1_coeff 0.002 the HSAE paper's training (AdamW,
-cosine, batches of 2048: half the steps) gave L0 56, CE loss recovered 0.70 and explained
-variance 0.72, the shared recipe L0 27, 0.76 and 0.82. `--set l1_coeff=0.04` is the papers'
-effective weight; `--set optimizer=adamw weight_decay=0.01 lr_schedule=cosine batch_size=2048`
-the HSAE paper's training.
+Defaults: l1_coeff 0.002 and the shared recipe (Adam at 2e-3, batches of 1024, decayed over the
+last 20%). The papers' 0.04, tuned for lr 3e-4 and tens of millions of tokens, silences it in a
+default-scale run, and the shared recipe is sparser and more faithful than the hsae paper's
+training (AdamW, cosine, batches of 2048: half the steps) at the same L1. `--set l1_coeff=0.04` is
+the papers' effective weight; `--set optimizer=adamw weight_decay=0.01 lr_schedule=cosine
+batch_size=2048` the hsae paper's training. Measured: docs/recipe.md#temporal.
 
 Rescaling: the L1 falls with the latents, but decoder rows are unit norm (after_step).
 

@@ -21,14 +21,15 @@ works at both scales.
 Rescaling: scaling the pre-activations by c keeps the top-k choice, and MSE and AuxK are
 unchanged when W_dec carries 1/c; the decoder rows are unit norm anyway (after_step).
 
-Defaults: `saeforge train`'s recipe, chosen by the recipe sweep (docs/recipe.md) for a 300k-token
-run: k = 64, and the shared recipe of every variant (VariantConfig): lr 2e-3 held after the
-warm-up and decayed linearly to 0 over the last 20% of steps.
-Gao et al. train far longer at lower rates; at lr 3e-4 a 300-step run is still undoing its
-initialisation (CE loss recovered 0.78 against 0.94).
+Defaults: `saeforge train`'s recipe, chosen by the recipe sweep for a 300k-token run: k = 64,
+and the shared recipe of every variant (VariantConfig): lr 2e-3 held after the warm-up and
+decayed linearly to 0 over the last 20% of steps, batches of 1024. Gao et al. train far longer at
+lower rates; at lr 3e-4 a 300-step run is still undoing its initialisation. Measured:
+docs/recipe.md#topk (the sweep: docs/recipe.md#the-default-recipe).
 
-Cost per step: the linear SAE's matmuls plus a top-k over d_sae per token, and one extra
-(B x aux_k x d_in) decode for AuxK when latents are dead.
+Cost per step: the linear SAE's matmuls plus a top-k over d_sae per token; training decodes the k
+non-zeros sparsely (`common.sparse_decode`), and AuxK adds a (B x aux_k x d_in) decode when
+latents are dead.
 """
 
 from dataclasses import dataclass
