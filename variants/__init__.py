@@ -1,4 +1,8 @@
-"""The variant registry: every module in this package registers one SAE variant.
+"""The SAE variants and their registry.
+
+  base.py     the protocol every variant implements (Variant, VariantConfig, LossOut, LinearSAE)
+  common.py   maths several variants share (MSE, L1s, InfoNCE, correlations, KDE MI, AuxK, ...)
+  <name>.py   one module per variant, registered under its module's name with `@register`
 
 Lists of variants (CLI help, tests, tune spaces) are always derived from `names()`, never typed
 out by hand.
