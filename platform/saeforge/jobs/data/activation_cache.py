@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import UserError
-from saeforge.jobs.data.activation_stream import MASK_COLUMN, materialize
+from saeforge.jobs.data.activation_stream import MASK_COLUMN, forward_counter, materialize
 from saeforge.jobs.plan import Contexts, RunPlan
 
 CACHE_MANIFEST = "manifest.json"
@@ -101,9 +101,9 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
             f"saeforge: one model pass over {len(contexts.train)} contexts for every trial "
             f"({plan.args.producers} producer(s))..."
         )
-        produced, batches, forwarded = materialize(
-            plan_dataset(plan, contexts.train, count=True), len(contexts.train), progress
-        )
+        counter = forward_counter()
+        dataset = plan_dataset(plan, contexts.train, counter=counter)
+        produced, batches, forwarded = materialize(dataset, counter, len(contexts.train), progress)
         n_contexts, tokens, source = len(contexts.train), _count_tokens(produced), "model"
         if cache:
             folder = Path(cache).expanduser().resolve()

@@ -31,7 +31,6 @@ MASK_COLUMN = "mask"
 ID_COLUMN = "context_id"
 TOKENS_COLUMN = "input_ids"
 BATCH_CONTEXTS = 16  # contexts per producer forward pass
-COUNTER_NAME = "saeforge-model-forward-counter"
 
 
 @contextlib.contextmanager
@@ -45,8 +44,9 @@ def plain_remote_args() -> Iterator[None]:
 
 
 def forward_counter():
-    """The named actor counting producer forwards and the contexts they read: the proof that a
-    search (or a k-layer run) ran the model once."""
+    """A new actor counting producer forwards and the contexts they read (the proof that a search,
+    or a k-layer run, ran the model once), on the driver's node. The producers get its handle;
+    it lives while the driver holds it."""
     import ray
 
     @ray.remote(num_cpus=0)
@@ -61,7 +61,7 @@ def forward_counter():
         def read(self) -> tuple[int, int]:
             return self.batches, self.contexts
 
-    return ForwardCounter.options(name=COUNTER_NAME, get_if_exists=True, scheduling_strategy=on_this_node()).remote()
+    return ForwardCounter.options(scheduling_strategy=on_this_node()).remote()
 
 
 def forwards(counter) -> tuple[int, int]:
@@ -73,14 +73,12 @@ def forwards(counter) -> tuple[int, int]:
 
 class ActivationProducer:
     """Ray Data actor class: loads the model slice once, then maps token contexts to activations
-    (counting its forwards in the named counter actor when `count` is set). Its process keeps the
+    (counting its forwards in the `counter` actor when it is given one). Its process keeps the
     memory each forward frees (`allocator.keep_freed_memory`: a fresh Ray worker process would
     page the forward's blocks in again on every batch)."""
 
-    def __init__(self, spec: StreamSpec, threads: int = 1, count: bool = False):
-        import ray
-
-        self.batches = 0
+    def __init__(self, spec: StreamSpec, threads: int = 1, counter=None):
+        self.batches, self.counter = 0, counter
         faults.reached(faults.PRODUCER_BATCH, 0)
         keep_freed_memory()
         torch.set_num_threads(threads)
@@ -93,7 +91,6 @@ class ActivationProducer:
             dtype=slice_dtype(self.precision, self.device),
             device=self.device,
         )
-        self.counter = ray.get_actor(COUNTER_NAME) if count else None
 
     def activations(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         with (
@@ -158,14 +155,13 @@ def produce_activations(
     threads: int = 1,
     gpus_per_producer: float = 0.0,
     resources: dict[str, float] | None = None,
-    count: bool = False,
+    counter=None,
     max_failures: int = DEFAULT_MAX_FAILURES,
 ):
     """The producer actors over `tokens` (a Ray Dataset of contexts: ids and token ids, in order):
     a lazy Ray Dataset of activations, in the same order. `resources`: custom Ray resources each
-    producer asks for (they pin producers to the nodes that offer them); `count`: producers count
-    their forwards in the `forward_counter` actor (`materialize` creates it and holds its handle
-    while the dataset runs).
+    producer asks for (they pin producers to the nodes that offer them); `counter`: a
+    `forward_counter` the producers count their forwards in (its holder keeps it alive).
 
     A producer whose process dies is restarted and its batch retried, each at most
     `max_failures` times (Ray Data's default is forever: a crash that recurs, e.g. out of memory
@@ -176,7 +172,7 @@ def produce_activations(
     with plain_remote_args():
         return tokens.map_batches(
             ActivationProducer,
-            fn_constructor_kwargs={"spec": spec, "threads": threads, "count": count},
+            fn_constructor_kwargs={"spec": spec, "threads": threads, "counter": counter},
             batch_size=BATCH_CONTEXTS,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=producers),
@@ -188,10 +184,10 @@ def produce_activations(
         )
 
 
-def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
-    """Run `dataset` (made with `count=True`) to the end into the object store, printing a
-    progress line every `every` seconds from the producers' forward counter (held here while
-    they count into it). Returns (materialised dataset, producer batches, contexts).
+def materialize(dataset, counter, n_contexts: int, progress=None, every: float = 15.0):
+    """Run `dataset` (whose producers count into `counter`) to the end into the object store,
+    printing a progress line every `every` seconds from the counter. Returns (materialised
+    dataset, producer batches, contexts).
 
     The dataset runs in the calling thread and only the progress lines in a helper thread: an
     interrupt (Ctrl-C, SIGTERM) then stops Ray Data's executor where it stands, and the helper
@@ -201,7 +197,6 @@ def materialize(dataset, n_contexts: int, progress=None, every: float = 15.0):
 
     import ray
 
-    counter = forward_counter()
     before = ray.get(counter.read.remote())
     started = time.perf_counter()
     stop = threading.Event()

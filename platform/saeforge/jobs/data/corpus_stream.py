@@ -121,9 +121,10 @@ def corpus_dataset(contexts: CorpusRange, *, producers: int = 1, max_failures: i
     )
 
 
-def plan_dataset(plan: RunPlan, contexts: CorpusRange, *, count: bool = False):
+def plan_dataset(plan: RunPlan, contexts: CorpusRange, *, counter=None):
     """The run's activation dataset: its corpus range read by `corpus_dataset`, then the producer
-    actors with the plan's stream, producer count and per-producer resources."""
+    actors with the plan's stream, producer count and per-producer resources (counting their
+    forwards in `counter`, a `forward_counter`, when given)."""
     res = plan.resources
     return produce_activations(
         corpus_dataset(contexts, producers=plan.args.producers, max_failures=plan.args.max_failures),
@@ -132,6 +133,6 @@ def plan_dataset(plan: RunPlan, contexts: CorpusRange, *, count: bool = False):
         threads=res.producer_threads,
         gpus_per_producer=res.gpus_per_producer,
         resources=res.producer_resources,
-        count=count,
+        counter=counter,
         max_failures=plan.args.max_failures,
     )

@@ -45,9 +45,10 @@ from saeforge.jobs.train.trainer import fit, make_trainer
 from saeforge.jobs.validate import plan_train
 
 
-def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
+def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None, counter=None):
     """Producers -> object store -> TorchTrainer workers. Returns Ray Train's Result. `show`
-    prints the driver's and rank 0's progress lines as they come. With
+    prints the driver's and rank 0's progress lines as they come; the producers count their
+    forwards in `counter` (a `forward_counter`; a new one when none is given). With
     `plan.resources.produce_first` every activation is made before the trainer starts (same
     rows, same order), else the trainer reads them as the producers make them.
 
@@ -60,27 +61,25 @@ def train_on_ray(plan: RunPlan, contexts: Contexts, name: str, show=None):
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own progress lines instead
     try:
+        counter = counter if counter is not None else forward_counter()
         if show is None:
-            return _fit_on_ray(plan, contexts, name, lambda line: None)
+            return _fit_on_ray(plan, contexts, name, lambda line: None, counter)
         with progress_board.printed(f"saeforge-progress-{name}", show) as board:
-            return _fit_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name, show)
+            return _fit_on_ray(dataclasses.replace(plan, progress_board=board), contexts, name, show, counter)
     except (ray.exceptions.RayError, ray.train.TrainingFailedError) as err:
         raise run_failed(err, plan.args.max_failures) from err
 
 
-def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show):
-    from saeforge.jobs.data.corpus_stream import plan_dataset
+def _fit_on_ray(plan: RunPlan, contexts: Contexts, name: str, show, counter):
+    from saeforge.jobs.data.corpus_stream import plan_dataset  # imports Ray Data: once a run starts
 
-    counter = forward_counter()  # the producers count their forwards in it (run_train reports them)
-    dataset = plan_dataset(plan, contexts.train, count=True)
+    dataset = plan_dataset(plan, contexts.train, counter=counter)
     if plan.resources.produce_first:
         show(f"saeforge: making the activations of {len(contexts.train)} contexts first, then training on them...")
         started = time.time()
-        dataset, _, _ = materialize(dataset, len(contexts.train), show)
+        dataset, _, _ = materialize(dataset, counter, len(contexts.train), show)
         show(f"saeforge: activations ready in {time.time() - started:.0f}s")
-    result = fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
-    del counter  # held until here: a streamed run's producers count into it while the trainer runs
-    return result
+    return fit(make_trainer(plan, dataset, name=name, storage=plan.args.storage))
 
 
 def activation_bytes(plan: RunPlan, n_contexts: int) -> int:
@@ -205,9 +204,8 @@ def train_evaluate_register(plan: RunPlan, contexts: Contexts, started: float, p
     concurrent = not produce_first(plan.args.stream, plan.args.address, activation_bytes(plan, len(contexts.train)))
     plan = dataclasses.replace(plan, resources=plan_resources(plan, concurrent=concurrent))
     counter = forward_counter()  # held while the producers count into it
-    before = forwards(counter)
-    result = train_on_ray(plan, contexts, plan.name, show=progress)
-    after = forwards(counter)
+    result = train_on_ray(plan, contexts, plan.name, show=progress, counter=counter)
+    batches, forwarded = forwards(counter)
     phases.done("train")  # activations and SAE steps, with Ray Train's start-up
     checkpoint = local_checkpoint(result.checkpoint)  # downloaded when --storage is remote
     train_metrics = {
@@ -240,7 +238,7 @@ def train_evaluate_register(plan: RunPlan, contexts: Contexts, started: float, p
         "train_tokens_per_s": train_metrics["train_tokens_per_s"],
         "mlflow_failures": failures,
         "producer_precision": plan.stream.precision,
-        "activations": {"producer_batches": after[0] - before[0], "contexts_forwarded": after[1] - before[1]},
+        "activations": {"producer_batches": batches, "contexts_forwarded": forwarded},
         "hooks": summaries,
     }
     return {**summaries[0], **summary} if len(hooks) == 1 else summary
