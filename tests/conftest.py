@@ -29,8 +29,8 @@ SMALL_SUITES = {
 SESSION_STORE: list[str] = []  # the session's MLflow store, once `mlflow_store` made it
 
 # The fault tests' hook (saeforge.jobs.runtime.faults): set before any Ray starts, so that every
-# Ray process of the session (and every process a test starts) can see what a test arms.
-os.environ["SAEFORGE_FAULTS"] = tempfile.mkdtemp(prefix="saeforge-faults-")
+# Ray process of the session (and every process a test starts, which keeps it) sees what a test arms.
+os.environ.setdefault("SAEFORGE_FAULTS", tempfile.mkdtemp(prefix="saeforge-faults-"))
 
 
 @pytest.fixture(autouse=True)
@@ -127,10 +127,34 @@ def tiny_run(ray_session, mlflow_store, session_dir):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the Ray Jobs test first, before the session's own Ray starts in this process: with that
-    Ray up, the job's working dir went missing from the head's GCS (a cross-talk between the two
-    clusters on one machine, not yet understood), while the test passes on its own."""
-    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/jobs/test_ray_job.py") else 1)
+    """Every test that needs a local Ray (the `ray_session` fixture, through any other fixture) is
+    marked `ray`, as are the tests that start Ray or a Ray head themselves (marked in their
+    files): `pytest -m "not ray"` is the fast tier."""
+    for item in items:
+        if "ray_session" in item.fixturenames:
+            item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True)
+def fast_tier_starts_no_ray(request):
+    """A test outside the `ray` tier that leaves Ray running in this process has started it:
+    it belongs in the tier (or starts it by mistake, before the input is checked)."""
+    import sys
+
+    was_up = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    yield
+    if request.node.get_closest_marker("ray") is None and not was_up and "ray" in sys.modules:
+        assert not sys.modules["ray"].is_initialized(), "a test outside the `ray` tier started Ray"
+
+
+def require(available: bool, what: str) -> None:
+    """Skip a test whose optional dependency is missing; under CI=true fail instead: CI installs
+    SAELens and Chromium, so a missing one there is a broken set-up, not a reason to skip."""
+    if available:
+        return
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is missing, and CI=true: CI must install it")
+    pytest.skip(f"needs {what}")
 
 
 # -- crash injection: a forked process that dies at its n-th file operation ----------------------

@@ -74,3 +74,19 @@ def test_no_function_in_jobs_is_longer_than_sixty_lines():
                 if lines > 60:
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, long
+
+
+def test_ci_fails_where_an_optional_dependency_is_missing(monkeypatch):
+    """SAELens and Chromium tests skip on a developer's machine without them, and fail under
+    CI=true, where they must run."""
+    import pytest
+
+    from conftest import require
+
+    require(True, "anything")  # present: nothing happens
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        require(False, "SAELens")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true"):
+        require(False, "SAELens")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import require
 from saeforge.cli import main
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -39,8 +40,7 @@ def chromium(profile: Path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("needs the system packages chromium and chromium-driver (.ci/run installs them)")
+    require(CHROMIUM.exists() and CHROMEDRIVER.exists(), "the system packages chromium and chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
@@ -150,7 +150,7 @@ def narrow_sae(folder: Path) -> str:
         (["TINY", "--n-latents", "0"], "--n-latents must be at least 1"),
         (["TINY", "--latents", "most"], "--latents: expected frequent, random, all or comma-separated"),
         (["TINY", "--tokens", "0"], "--tokens must be at least 1"),
-        (["NARROW"], "the SAE reads 32-wide activations but tiny has hidden size 64"),
+        (["NARROW"], "the SAE reads activations of width 32, but model 'tiny' has width 64"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, args, message, capsys):
@@ -177,5 +177,6 @@ def test_bad_input_from_the_command_line_exits_before_ray(tmp_path):
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "saeforge: error: the SAE reads 32-wide activations but tiny has hidden size 64"
+        "saeforge: error: the SAE reads activations of width 32, but model 'tiny' has width 64: "
+        "pass the --model it was trained on"
     ]

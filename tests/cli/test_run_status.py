@@ -1,4 +1,4 @@
-"""A `saeforge train` or `saeforge tune` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`)
+"""A `saeforge train`, `tune` or `study` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`)
 ends its MLflow run KILLED, exits 130 with one line, and leaves no run RUNNING."""
 
 import os
@@ -7,6 +7,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+
+import pytest
+
+pytestmark = pytest.mark.ray  # each command starts a private local Ray of its own
 
 
 def run_rows(db) -> list[tuple[str, str]]:
@@ -25,7 +29,7 @@ def stopped_by_sigterm(tmp_path, argv: list[str], started) -> tuple[int, str]:
     db = tmp_path / "mlflow.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    tiny = ["--model", "tiny", "--layer", "3", "--variant", "relu", "--storage", str(tmp_path / "runs")]
+    tiny = ["--model", "tiny", "--layer", "3", "--storage", str(tmp_path / "runs")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "saeforge.cli", *argv, *tiny],
         cwd=tmp_path,
@@ -57,7 +61,7 @@ def stopped_by_sigterm(tmp_path, argv: list[str], started) -> tuple[int, str]:
 def test_sigterm_ends_the_run_killed(tmp_path):
     _, stderr = stopped_by_sigterm(
         tmp_path,
-        ["train", "--d-sae", "128", "--tokens", "2000000"],
+        ["train", "--variant", "relu", "--d-sae", "128", "--tokens", "2000000"],
         lambda rows: [status for _, status in rows] == ["RUNNING"],
     )
     assert [status for _, status in run_rows(tmp_path / "mlflow.db")] == ["KILLED"], stderr
@@ -67,9 +71,21 @@ def test_sigterm_ends_the_search_killed(tmp_path):
     """The search's parent run ends KILLED, and so does any trial run it had started."""
     _, stderr = stopped_by_sigterm(
         tmp_path,
-        ["tune", "--d-sae", "64", "--samples", "4", "--tokens-per-trial", "30000"],
+        ["tune", "--variant", "relu", "--d-sae", "64", "--samples", "4", "--tokens-per-trial", "30000"],
         lambda rows: any(name.startswith("tune-relu-") for name, _ in rows),
     )
     rows = run_rows(tmp_path / "mlflow.db")
     assert [status for name, status in rows if name.startswith("tune-relu-")] == ["KILLED"], (rows, stderr)
+    assert all(status != "RUNNING" for _, status in rows), rows
+
+
+def test_sigterm_ends_the_study_killed(tmp_path):
+    """The study's parent run ends KILLED, and so does any SAE run it had started."""
+    _, stderr = stopped_by_sigterm(
+        tmp_path,
+        ["study", "mi_ortho", "--only", "relu,topk", "--d-sae", "64", "--targets", "16", "--seeds", "1"],
+        lambda rows: any(name.startswith("study-mi_ortho-") for name, _ in rows),
+    )
+    rows = run_rows(tmp_path / "mlflow.db")
+    assert [status for name, status in rows if name.startswith("study-mi_ortho-")] == ["KILLED"], (rows, stderr)
     assert all(status != "RUNNING" for _, status in rows), rows

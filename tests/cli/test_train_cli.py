@@ -46,7 +46,7 @@ def test_dataset_without_tokens_is_rejected(tmp_path):
 def test_help_on_every_verb(tmp_path):
     from saeforge.cli import VERBS
 
-    for verb in (v.NAME for v in VERBS):
+    for verb in VERBS:
         result = cli([verb, "--help"], tmp_path)
         assert result.returncode == 0 and "usage: saeforge" in result.stdout
     listing = cli(["variants"], tmp_path).stdout

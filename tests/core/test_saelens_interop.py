@@ -8,11 +8,15 @@ import pytest
 import torch
 
 import variants
+from conftest import require
 from saeforge.core import sae_files
 from saeforge.core.sae_files import SaeMeta
 from saeforge.core.training import LoopSettings, start_fresh, train_loop
 
-sae_lens = pytest.importorskip("sae_lens", reason="the interop test needs the `saelens` extra")
+try:
+    import sae_lens
+except ImportError:  # the optional `saelens` extra
+    sae_lens = None
 
 META = SaeMeta("tiny", "blocks.3.hook_resid_post", 3, 33, "wiki")
 EXPORTED = [n for n in variants.names() if variants.get(n).saelens_architecture]
@@ -44,6 +48,7 @@ def saved(request, tmp_path_factory):
 
 
 def test_saelens_loads_the_folder_and_encodes_raw_activations_as_we_do(saved):
+    require(sae_lens is not None, "SAELens (the `saelens` extra)")
     ours, folder = saved
     theirs = sae_lens.SAE.load_from_disk(str(folder), device="cpu")
     assert type(theirs).__name__.lower().startswith(ours.architecture)  # StandardSAE, TopKSAE, JumpReLUSAE, GatedSAE

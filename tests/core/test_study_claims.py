@@ -57,12 +57,10 @@ def test_unlearning_kind_tells_specific_from_non_specific_damage():
     assert damage.kind == "non-specific" and damage.retain_drop == pytest.approx(0.009, rel=1e-4)
 
 
-def test_every_study_names_registered_variants_and_its_seed_file():
-    seeds = {p.name[:3] for p in __import__("pathlib").Path("/work/shared/seeds").glob("*.txt")}
+def test_every_study_names_registered_variants_and_its_seed_paper():
     for name, study in sc.STUDIES.items():
         assert study.variant == name and set(study.variants) <= set(variants.names())
         assert study.variants[:2] == (name, sc.PAPER_BASELINE) and set(sc.MODERN_REFERENCES) <= set(study.variants)
-        assert not seeds or study.seed in seeds
     assert [sc.STUDIES[n].seed for n in ("group_ib", "mi_ortho", "cubic_ortho", "contrastive_hier", "hsae")] == [
         "000",
         "001",

@@ -31,7 +31,7 @@ def planted_batches(n_batches, contexts=8, length=33, d=16, n_features=48, scale
         shape = (contexts, length, n_features)
         codes = torch.rand(shape, generator=gen) * (torch.rand(shape, generator=gen) < 0.06)
         acts = scale * codes @ dictionary
-        acts[:, 0] = 1000.0  # BOS activations are huge (NOTES-APIS.md); they must never reach the SAE
+        acts[:, 0] = 1000.0  # BOS activations are huge in a real model; they must never reach the SAE
         yield acts, mask
 
 

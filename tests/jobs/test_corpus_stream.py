@@ -1,4 +1,4 @@
-"""The corpus is read, tokenised and packed by a Ray Data read task (issue 10 item 4), on the
+"""The corpus is read, tokenised and packed by a Ray Data read task, on the
 session's real local Ray: the same contexts as packing in one process, contiguous ids from a
 resumed run's first context, blocks that leave the reader while it reads, one clear line when a
 source ends early, and a driver whose memory does not grow with the corpus."""

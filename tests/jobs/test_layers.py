@@ -1,4 +1,4 @@
-"""k layers from one pass (issue 11 item 2), on the tiny Gemma with real Ray Data producers, a real
+"""k layers from one pass, on the tiny Gemma with real Ray Data producers, a real
 Ray Train worker and the session's SQLite MLflow store.
 
 `saeforge train --layer 1,3` runs the model once (to layer 3) and trains one SAE per hook: the
@@ -71,7 +71,7 @@ def test_each_hooks_sae_is_the_one_a_single_hook_run_trains(k_run, tiny_run, ses
     Layer 1: a single-hook loop over the same contexts, made by a producer in this process."""
     import dataclasses
 
-    from saeforge.bench.stages import _plain_stream
+    from saeforge.bench.plain_loop import plain_stream
     from saeforge.core.training import start_fresh, train_loop
     from saeforge.jobs.data.activation_stream import ActivationProducer
     from saeforge.jobs.validate import plan_train
@@ -81,7 +81,7 @@ def test_each_hooks_sae_is_the_one_a_single_hook_run_trains(k_run, tiny_run, ses
     plan, contexts = plan_train(tiny_args(session_dir / "layer-1", layer="1"))
     alone = plan.build_variant()
     producer = ActivationProducer(plan.stream, threads=2)
-    batches = start_fresh(alone, _plain_stream(producer, contexts.train.pack(), plan.stream.contexts_per_step))
+    batches = start_fresh(alone, plain_stream(producer, contexts.train.pack(), plan.stream.contexts_per_step))
     state = train_loop(alone, batches, dataclasses.replace(plan.loop, log_every=10**9))
     assert state.step == plan.loop.total_steps == 23
     assert_same_sae(alone, sae_at(hooks[HOOKS[0]]["checkpoint"]), "layer 1")

@@ -46,7 +46,7 @@ def test_two_first_runs_create_the_store_and_experiment_together(tmp_path):
     script = """
     folder, me, other, uri = sys.argv[1:5]
     import mlflow
-    from saeforge.jobs import tracking
+    from saeforge.jobs.tracking import store
     mlflow.set_tracking_uri(uri)
     barrier(folder, me, other, 0)
     print(store.ensure_experiment("saeforge/tiny/blocks.3.hook_resid_post", uri))
@@ -81,7 +81,7 @@ def test_two_runs_finishing_together_leave_the_better_one_champion(tmp_path):
         script = """
         folder, me, other, uri, rounds = sys.argv[1:6]
         import mlflow
-        from saeforge.jobs import tracking
+        from saeforge.jobs.tracking import registry
         mlflow.set_tracking_uri(uri)
         version, score = (1, 0.5) if me == "worse" else (2, 0.9)
         for r in range(int(rounds)):

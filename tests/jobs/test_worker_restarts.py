@@ -1,4 +1,4 @@
-"""Workers and producers can die (issue 10 item 1), on the tiny Gemma with real Ray Train workers,
+"""Workers and producers can die, on the tiny Gemma with real Ray Train workers,
 Ray Data producers and the session's SQLite MLflow store. A crash is injected with the plan's
 `faults.arm` (the process calls os._exit at a chosen step or batch, once: a marker file disarms
 the restarted process), and the run must end as if nothing happened: every planned step once,
@@ -199,7 +199,7 @@ run_train(tiny_args(Path({tmp!r}), **{changes!r}), progress=print)
 
 
 def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_reference, mlflow_store, tmp_path):
-    """Exact resume (issue 10 item 2): a driver with two producers and two DDP workers is killed
+    """Exact resume: a driver with two producers and two DDP workers is killed
     (SIGKILL) while rank 0 waits at step 7; `--resume` from its run folder trains the rest, and
     the run ends as the uninterrupted one did: the same steps, tokens, set of contexts (counted)
     and SAE, in the same MLflow run, FINISHED."""
@@ -248,7 +248,7 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
 
 
 def test_a_trainer_node_removed_mid_run_restarts_on_another_node(reference, tmp_path):
-    """Scale out (issue 10 item 4), on a simulated cluster (`ray.cluster_utils.Cluster`, run by
+    """Scale out, on a simulated cluster (`ray.cluster_utils.Cluster`, run by
     multi_node_run.py in its own process): a head with no CPUs for work, a producer node and two
     trainer nodes told apart by custom resources. The producer runs on the producer node and the
     worker on a trainer node; when rank 0 reaches step 7 its whole node is removed, and Ray Train
