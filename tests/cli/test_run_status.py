@@ -1,5 +1,6 @@
-"""A `saeforge train`, `tune` or `study` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`)
-ends its MLflow run KILLED, exits 130 with one line, and leaves no run RUNNING."""
+"""A `saeforge train` or `saeforge tune` stopped by SIGTERM (`ray job stop`, a scheduler, `kill`)
+ends its MLflow run KILLED, exits 130 with one line, and leaves no run RUNNING (a study:
+test_study.py)."""
 
 import os
 import signal
@@ -76,16 +77,4 @@ def test_sigterm_ends_the_search_killed(tmp_path):
     )
     rows = run_rows(tmp_path / "mlflow.db")
     assert [status for name, status in rows if name.startswith("tune-relu-")] == ["KILLED"], (rows, stderr)
-    assert all(status != "RUNNING" for _, status in rows), rows
-
-
-def test_sigterm_ends_the_study_killed(tmp_path):
-    """The study's parent run ends KILLED, and so does any SAE run it had started."""
-    _, stderr = stopped_by_sigterm(
-        tmp_path,
-        ["study", "mi_ortho", "--only", "relu,topk", "--d-sae", "64", "--targets", "16", "--seeds", "1"],
-        lambda rows: any(name.startswith("study-mi_ortho-") for name, _ in rows),
-    )
-    rows = run_rows(tmp_path / "mlflow.db")
-    assert [status for name, status in rows if name.startswith("study-mi_ortho-")] == ["KILLED"], (rows, stderr)
     assert all(status != "RUNNING" for _, status in rows), rows

@@ -43,13 +43,19 @@ def test_dataset_without_tokens_is_rejected(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_help_on_every_verb(tmp_path):
-    from saeforge.cli import VERBS
-
-    for verb in VERBS:
-        result = cli([verb, "--help"], tmp_path)
-        assert result.returncode == 0 and "usage: saeforge" in result.stdout
-    listing = cli(["variants"], tmp_path).stdout
+def test_help_on_every_verb(tmp_path, capsys):
+    """`saeforge --help` opens with what saeforge does, and lists every verb; each verb has its own
+    --help (in this process: one fresh process is enough to show the command runs)."""
     import variants
+    from saeforge.cli import VERBS, main
 
+    top = cli(["--help"], tmp_path)
+    assert top.returncode == 0 and top.stdout.split("\n\n")[1].startswith("saeforge trains sparse autoencoders")
+    assert all(verb in top.stdout for verb in VERBS)
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as done:
+            main([verb, "--help"])
+        assert done.value.code == 0 and "usage: saeforge" in capsys.readouterr().out
+    assert main(["variants"]) == 0
+    listing = capsys.readouterr().out
     assert all(name in listing for name in variants.names())

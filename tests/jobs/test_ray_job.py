@@ -1,6 +1,7 @@
 """`ray job submit` against a real local Ray head: the same training runs as a Ray job."""
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+
+pytestmark = pytest.mark.ray  # a Ray head of its own, and Ray jobs on it
 
 BIN = Path(sys.executable).parent
 
@@ -101,20 +104,21 @@ def ray_head(tmp_path):
         pytest.fail("ray head dashboard did not come up")
     wait_for_job_api(url, head, tmp_path)
     yield url, env
-    os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-    try:
-        head.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    # Every process of the head (GCS, raylet, dashboard, agents, workers) is in the session it was
+    # started in: killed at once, where a SIGTERM makes `ray start --block` wait half a minute.
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
     subprocess.run(["rm", "-rf", str(temp)], check=False)
 
 
-def submit(url, env, store, submission_id, argv, cwd_files=None):
-    """`ray job submit` of one saeforge command (the repository as the working dir, the test's
-    MLflow store in the job's environment); returns (job status, output)."""
+def submit(url, env, store, submission_id, commands: list[list[str]]):
+    """`ray job submit` of saeforge commands run one after the other in one job (the repository as
+    the working dir, the test's MLflow store in the job's environment; each command its own
+    driver of the job); returns (job status, output)."""
     from ray.job_submission import JobSubmissionClient
 
     runtime_env = f'{{"env_vars": {{"MLFLOW_TRACKING_URI": "{store}", "RAY_AUTH_MODE": "disabled"}}}}'
+    entrypoint = " && ".join(shlex.join([str(BIN / "saeforge"), *argv]) for argv in commands)
     done = subprocess.run(
         [
             str(BIN / "ray"),
@@ -129,8 +133,9 @@ def submit(url, env, store, submission_id, argv, cwd_files=None):
             "--submission-id",
             submission_id,
             "--",
-            str(BIN / "saeforge"),
-            *argv,
+            "sh",
+            "-c",
+            entrypoint,
         ],
         env=env,
         capture_output=True,
@@ -152,19 +157,22 @@ objective: {metric: ce_loss_recovered, mode: max, l0_max: 1000000}
 params:
   l1_coeff: {sampler: grid, values: [0.004]}
 fixed:
-  batch_size: 256
+  batch_size: 512
   lr: 3.0e-3
 """
 
 
 def test_train_eval_and_tune_jobs_submitted_to_a_ray_head(ray_head, tmp_path):
-    """Every verb that runs on Ray goes through `ray job submit`: a training run, the evaluation
-    of its champion, and a search whose trial trains with two DDP workers."""
+    """Every verb that runs on Ray goes through `ray job submit`: one job trains a run, evaluates
+    its champion and runs a search, one command after the other, each a driver of the job."""
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus
 
     url, env = ray_head
     store = f"sqlite:///{tmp_path / 'jobs.db'}"
+    name = "tiny__blocks.2.hook_resid_post__relu"
+    out = tmp_path / "eval.json"
+    (tmp_path / "space.yaml").write_text(SPACE)
     train = [
         "train",
         *TINY,
@@ -173,34 +181,24 @@ def test_train_eval_and_tune_jobs_submitted_to_a_ray_head(ray_head, tmp_path):
         *("--set", "batch_size=512", "--set", "lr=3e-3", "--set", "l1_coeff=0.004"),
         *("--max-l0", "1000000", "--storage", str(tmp_path / "runs")),
     ]
-    status, stdout, output = submit(url, env, store, "saeforge-test-train", train)
-    assert status == JobStatus.SUCCEEDED, output
-    assert "registered model" in stdout
-    client = MlflowClient(store)
-    name = "tiny__blocks.2.hook_resid_post__relu"
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-
-    out = tmp_path / "eval.json"
     evaluate = ["eval", f"models:/{name}@champion", "--suite", "core", "--set", "core.contexts=4", "--out", str(out)]
-    status, _, output = submit(url, env, store, "saeforge-test-eval", evaluate)
-    assert status == JobStatus.SUCCEEDED, output
-    run_id = client.get_model_version_by_alias(name, "champion").run_id
-    assert "eval/core/ce_loss_recovered" in client.get_run(run_id).data.metrics and out.is_file()
-
-    (tmp_path / "space.yaml").write_text(SPACE)
     tune = [
         "tune",
         *TINY,
         *("--space", str(tmp_path / "space.yaml"), "--search-alg", "random", "--samples", "1", "--scheduler", "fifo"),
-        *("--tokens-per-trial", "3000", "--workers", "2"),
-        *("--report-every", "2", "--storage", str(tmp_path / "tune"), "--max-l0", "1000000"),
+        *("--tokens-per-trial", "3000", "--report-every", "2", "--storage", str(tmp_path / "tune")),
+        *("--max-l0", "1000000"),
     ]
-    status, _, output = submit(url, env, store, "saeforge-test-tune", tune)
+    status, stdout, output = submit(url, env, store, "saeforge-test-jobs", [train, evaluate, tune])
     assert status == JobStatus.SUCCEEDED, output
+    assert "registered model" in stdout
+    client = MlflowClient(store)
+    run_id = client.get_model_version(name, "1").run_id  # the training run's: champion when eval ran
+    assert client.get_run(run_id).data.params["tokens"] == "6000"
+    assert "eval/core/ce_loss_recovered" in client.get_run(run_id).data.metrics and out.is_file()
     trials = client.search_runs(
         [client.get_experiment_by_name("saeforge/tiny/blocks.2.hook_resid_post").experiment_id],
         "tags.saeforge.status = 'completed' and params.variant = 'relu'",
     )
     trials = [t for t in trials if "mlflow.parentRunId" in t.data.tags]
     assert len(trials) == 1, [t.data.tags for t in trials]
-    assert trials[0].data.params["workers"] == "2"  # the trial trained with two DDP workers

@@ -7,6 +7,7 @@ import sys
 import pytest
 
 
+@pytest.mark.ray  # `saeforge train` starts a private local Ray
 def test_same_work_bench_times_two_programs_that_train_the_same_sae(tmp_path):
     """Both programs, each a fresh process, train on the same tokens in the same order from the
     same start: the evaluation of their SAEs agrees, so the wall-time ratio compares like with

@@ -1,33 +1,10 @@
-"""--storage as a URI that Ray Train accepts (file:// here: the other schemes need the network),
-and the warning for outputs that would land in Ray's temporary copy of a job's working directory."""
+"""The warning for outputs that would land in Ray's temporary copy of a job's working directory
+(a run on a URI storage: test_run_faults.py)."""
 
 from pathlib import Path
 
-import pytest
-
 from conftest import tiny_args
-from saeforge.errors import UserError
-from saeforge.jobs.runtime.storage import run_exists, storage_path, temporary_outputs
-
-
-def test_a_file_uri_storage_holds_the_runs_checkpoints(ray_session, tmp_path):
-    from saeforge.core.sae_files import SAE_DIR, load_sae
-    from saeforge.jobs.checks import check_new_run_folder
-    from saeforge.jobs.runtime.storage import local_checkpoint
-    from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import plan_train
-
-    uri = (tmp_path / "shared").as_uri()  # file:///...
-    args = tiny_args(tmp_path, tokens=4000, storage=uri, run_name="on-a-uri", checkpoint_every=1000)
-    plan, contexts = plan_train(args)
-    assert storage_path(uri) == uri and run_exists(uri, "on-a-uri") == ""
-    result = train_on_ray(plan, contexts, plan.name)
-    checkpoint = local_checkpoint(result.checkpoint)
-    assert checkpoint.is_relative_to(tmp_path / "shared" / "on-a-uri")
-    assert load_sae(checkpoint / SAE_DIR)[0].cfg.d_sae == 128
-    assert run_exists(uri, "on-a-uri") == f"{uri}/on-a-uri"
-    with pytest.raises(UserError, match="already exists"):
-        check_new_run_folder(args, "on-a-uri")  # the name is taken on the URI storage too
+from saeforge.jobs.runtime.storage import temporary_outputs
 
 
 def test_outputs_inside_a_ray_jobs_temporary_working_dir_are_named(tmp_path, monkeypatch):

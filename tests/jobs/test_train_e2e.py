@@ -1,14 +1,13 @@
 """End to end on the tiny Gemma: real Ray Data producers, real Ray Train workers, a real MLflow
-store and registry; then resume, champion rules and user errors."""
+store and registry; the champion rules; when a run makes its activations first. (Resume:
+test_layers.py and test_worker_restarts.py; two producers and two DDP workers:
+test_worker_restarts.py.)"""
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
-
-from conftest import tiny_args
 
 
 def test_run_registers_a_champion_with_metrics_and_artifacts(tiny_run, mlflow_store):
@@ -96,44 +95,6 @@ def test_champion_moves_only_for_a_good_sae_that_beats_it(tiny_run):
     assert str(client.get_model_version_by_alias(name, "champion").version) == str(tiny_run["version"])
     moved, _ = registry.promote_if_better(name, worse, {**good, "ce_loss_recovered": best + 1}, max_l0=32)
     assert moved and str(client.get_model_version_by_alias(name, "champion").version) == str(worse)
-
-
-def test_resume_continues_from_a_checkpoint(tiny_run, session_dir):
-    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train.driver import run_train
-
-    run_dir = Path(tiny_run["checkpoint"]).parent
-    checkpoints = sorted(
-        (p for p in run_dir.glob("checkpoint_*") if p.is_dir()),
-        key=lambda p: json.loads((p / RUN_INFO_FILE).read_text())["step"],
-    )
-    assert len(checkpoints) == 2  # num_to_keep
-    earlier = checkpoints[0]
-    info = json.loads((earlier / RUN_INFO_FILE).read_text())
-    assert 0 < info["step"] < info["total_steps"]
-    summary = run_train(tiny_args(session_dir, resume=str(earlier)), progress=lambda *_: None)
-    final = json.loads((Path(summary["checkpoint"]) / RUN_INFO_FILE).read_text())
-    assert final["step"] == info["total_steps"]
-    assert summary["run_id"] == tiny_run["run_id"]  # the same MLflow run goes on
-
-
-def test_two_producers_and_two_ddp_workers(ray_session, session_dir):
-    """Data parallelism: two producer actors feed two DDP workers (gloo), which stay in sync."""
-    from saeforge.core.corpus import valid_mask
-    from saeforge.core.sae_files import SAE_DIR, load_sae
-    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import plan_train
-
-    plan, contexts = plan_train(tiny_args(session_dir, producers=2, workers=2, tokens=8000, checkpoint_every=1000))
-    result = train_on_ray(plan, contexts, "ddp")
-    checkpoint = Path(result.checkpoint.path)
-    info = json.loads((checkpoint / RUN_INFO_FILE).read_text())
-    assert info["step"] == plan.loop.total_steps
-    # global count: each rank read half of every step's contexts, and every context was read once
-    assert info["tokens_seen"] == valid_mask(contexts.train.pack(), list(plan.stream.special_ids)).sum()
-    sae, _ = load_sae(checkpoint / SAE_DIR)
-    assert torch.isfinite(sae.W_dec).all()
 
 
 def test_stream_auto_produces_first_only_locally_and_when_it_fits(ray_session, monkeypatch):

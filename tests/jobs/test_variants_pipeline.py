@@ -1,16 +1,11 @@
 """Every registered variant trains on activations from the real stream (Ray Data producer actors
-on the tiny Gemma, read in the variant's own batch layout) and leaves a loadable SAE; one
-context-layout variant also runs the whole Ray Train path (the token layout is covered by the
-end-to-end tests)."""
-
-import json
-from pathlib import Path
+on the tiny Gemma, read in the variant's own batch layout) and leaves a loadable SAE (a
+context-layout variant through the whole Ray Train path: test_run_faults.py)."""
 
 import pytest
 import torch
 
 import variants
-from conftest import tiny_args
 from saeforge.core import corpus
 from saeforge.core.batches import contexts_per_step
 from saeforge.core.hooks import HookPoint
@@ -59,23 +54,3 @@ def test_variant_trains_on_the_producer_stream(name, stream, tmp_path):
     loaded, _ = load_sae(save_sae(sae, tmp_path / "sae", META))
     x = batches[0][0]
     torch.testing.assert_close(loaded.encode_raw(x), sae.eval().encode_raw(x))
-
-
-def test_a_context_layout_variant_through_ray_train(ray_session, session_dir):
-    from saeforge.jobs.train.checkpoints import RUN_INFO_FILE
-    from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import plan_train
-
-    name = next(n for n in variants.names() if variants.get(n).batch_layout == "contexts")
-    args = tiny_args(
-        session_dir,
-        variant=name,
-        tokens=3000,
-        context_size=CONTEXT,
-        overrides=fast_overrides(name),
-        checkpoint_every=1000,
-        log_every=2,
-    )
-    plan, contexts = plan_train(args)
-    checkpoint = Path(train_on_ray(plan, contexts, f"pipeline-{name}").checkpoint.path)
-    assert json.loads((checkpoint / RUN_INFO_FILE).read_text())["step"] == plan.loop.total_steps >= 2

@@ -58,24 +58,30 @@ def reference(ray_session, session_dir):
     return sae, info
 
 
-def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_store, tmp_path):
-    """Rank 0 dies at step 7: Ray Train restarts it from the checkpoint at step 6, the worker skips
-    the 6 steps' contexts it already trained, and the run ends in the same MLflow run, FINISHED,
-    with the planned steps and tokens and the uninterrupted run's SAE."""
+def test_a_producer_and_a_worker_killed_mid_run_are_replaced(reference, mlflow_store, tmp_path):
+    """While the run streams, its producer dies at its 3rd batch (Ray Data restarts it and retries
+    the batch, in order) and rank 0 dies at step 7 (Ray Train restarts it from the checkpoint at
+    step 6; the worker skips the 6 steps' contexts it already trained). The run ends in the same
+    MLflow run, FINISHED, with the planned steps and tokens and the uninterrupted run's SAE. That
+    run made its activations first: so streaming and produce-first train the same SAE, from the
+    same rows in the same order."""
     from mlflow.tracking import MlflowClient
 
     from saeforge.jobs.runtime import faults
     from saeforge.jobs.train.driver import run_train
     from saeforge.jobs.validate import plan_train
 
-    marker = tmp_path / "worker-exited"
-    args = small_args(tmp_path, stream="off", run_name="worker-killed")
+    producer_marker, worker_marker = tmp_path / "producer-exited", tmp_path / "worker-exited"
+    args = small_args(tmp_path, stream="on", run_name="killed")
     plan, contexts = plan_train(args)
     planned = {"steps": plan.loop.total_steps, "tokens": planned_tokens(plan, contexts)}
     started, lines = time.time(), []
-    with faults.arm(faults.WORKER_STEP, KILL_AT, marker):
+    with (
+        faults.arm(faults.PRODUCER_BATCH, 3, producer_marker),
+        faults.arm(faults.WORKER_STEP, KILL_AT, worker_marker),
+    ):
         summary = run_train(args, progress=lines.append)
-    assert marker.exists()  # the worker did die
+    assert producer_marker.exists() and worker_marker.exists()  # both did die
     logged = [line.split()[2] for line in lines if line.startswith("[saeforge] step ")]
     # rank 0's lines: restarted from a checkpoint (at 6, or at 3 when the controller had not yet
     # taken the report at 6 when the worker died), never from the start
@@ -86,28 +92,9 @@ def test_a_worker_killed_mid_run_restarts_from_its_checkpoint(reference, mlflow_
     assert_same_sae(reference[0], sae)
     client = MlflowClient()
     experiment = client.get_experiment_by_name("saeforge/tiny/blocks.3.hook_resid_post")
-    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'worker-killed'")
+    (run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'killed'")
     assert run.info.run_id == summary["run_id"] and run.info.status == "FINISHED"
-    print(f"worker killed at step {KILL_AT}: run done in {time.time() - started:.0f}s")
-
-
-def test_a_producer_killed_mid_stream_is_replaced(reference, tmp_path):
-    """The producer dies at its 3rd batch while it streams into training: Ray Data restarts it and
-    retries the batch, in order, and the run trains the uninterrupted run's SAE. (That run made
-    its activations first: so this also shows that streaming and produce-first train the same
-    SAE, from the same rows in the same order.)"""
-    from saeforge.jobs.runtime import faults
-    from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import plan_train
-
-    marker = tmp_path / "producer-exited"
-    plan, contexts = plan_train(small_args(tmp_path))
-    plan = with_produce_first(plan, False)
-    with faults.arm(faults.PRODUCER_BATCH, 3, marker):
-        sae, info = final_state(train_on_ray(plan, contexts, plan.name))
-    assert marker.exists()
-    assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
-    assert_same_sae(reference[0], sae)
+    print(f"producer and worker killed: run done in {time.time() - started:.0f}s")
 
 
 def test_a_producer_that_always_crashes_ends_the_run_in_one_line(ray_session, mlflow_store, tmp_path, capsys):
@@ -150,16 +137,24 @@ def test_a_producer_that_always_crashes_ends_the_run_in_one_line(ray_session, ml
 
 @pytest.fixture(scope="module")
 def two_worker_reference(ray_session, session_dir):
-    """The uninterrupted data-parallel run: two producers streaming into two DDP workers."""
+    """The uninterrupted data-parallel run: two producers streaming into two DDP workers (gloo)."""
     from saeforge.jobs.train.driver import train_on_ray
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(small_args(session_dir / "two-workers", workers=2, producers=2, stream="on"))
     sae, info = final_state(train_on_ray(plan, contexts, plan.name))
+    return sae, info, plan, contexts
+
+
+def test_two_producers_and_two_ddp_workers_train_every_context_once(two_worker_reference):
+    """Each rank read its half of every step's contexts, and together every context once."""
+    sae, info, plan, contexts = two_worker_reference
     n = len(contexts.train)  # every context of the plan, once: ids 0..n-1
     assert n == plan.loop.total_steps * plan.stream.contexts_per_step
+    assert info["step"] == plan.loop.total_steps
+    assert info["tokens_seen"] == planned_tokens(plan, contexts)
     assert tally(info) == (n, n * (n - 1) // 2, sum(i * i for i in range(n)))
-    return sae, info
+    assert torch.isfinite(sae.W_dec).all()
 
 
 def tally(info: dict) -> tuple[int, int, int]:

@@ -162,7 +162,8 @@ class Rounds:
         tuner = tune.Tuner(
             trainable,
             param_space={"job": tune.grid_search([job.as_dict() for job in jobs])},
-            tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency),
+            # a trial process serves the next SAE: no new process, the evaluation model kept
+            tune_config=tune.TuneConfig(max_concurrent_trials=self.concurrency, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=name,
                 storage_path=str(self.storage),

@@ -265,6 +265,7 @@ def make_tuner(args: TuneArgs, search: Search, ctx: TrialContext, storage: str, 
             max_concurrent_trials=n,
             search_alg=make_search_alg(args, search.space, n),
             scheduler=make_scheduler(args, search.space, search.grace, search.max_t),
+            reuse_actors=True,  # a trial process serves the next trial: no new process, the eval model kept
         ),
         run_config=tune.RunConfig(
             name=search.name,
