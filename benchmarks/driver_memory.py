@@ -59,7 +59,7 @@ def measure(args, folder: Path) -> None:
     from saeforge.core import corpus
     from saeforge.core.model import load_tokenizer
     from saeforge.jobs.arguments import TrainArgs
-    from saeforge.jobs.validate import count_contexts, plan_train
+    from saeforge.jobs.validate import Source, count_contexts, plan_train
 
     dataset = corpus_file(args.scale, folder)
     train_args = TrainArgs(dataset=dataset, tokens=300_000 * args.scale, storage=str(folder / "runs"))
@@ -88,7 +88,8 @@ def measure(args, folder: Path) -> None:
         packed = corpus.pack_contexts(corpus.split_texts(dataset, "train"), tokenizer, 128, len(contexts.train))
         n = len(packed)
     else:  # plan_train's count, then the stream read by a Ray task
-        count_contexts(train_args, tokenizer, plan.stream.special_ids, len(contexts.train), per_step)
+        source = Source(plan.stream.model, None, tokenizer, plan.stream.special_ids)
+        count_contexts(train_args, source, len(contexts.train), per_step)
         n = ray.get(consume.remote(corpus_dataset(contexts.train)))
         assert n == len(contexts.train)
     peak = tracemalloc.get_traced_memory()[1]

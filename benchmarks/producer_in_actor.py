@@ -42,9 +42,14 @@ class TimedProducer(ActivationProducer):
 
 
 class GlibcDefaultsProducer(TimedProducer):
-    """The same, its process left with glibc's own malloc thresholds (saeforge.core.allocator)."""
+    """The same, its process left with glibc's own malloc thresholds (saeforge.core.allocator):
+    the producer's call to keep freed memory is skipped in this actor's process only."""
 
-    KEEP_FREED_MEMORY = False
+    def __init__(self, *args, **kwargs):
+        from saeforge.jobs.data import activation_stream
+
+        activation_stream.keep_freed_memory = lambda: False
+        super().__init__(*args, **kwargs)
 
 
 def local_call(producer: TimedProducer):

@@ -111,6 +111,9 @@ def tiny_args(tmp: Path, **changes):
         "log_every": 5,
         "storage": str(tmp / "runs"),
         "overrides": TINY_RELU,
+        # fixed, not `auto`: a CPU probe under load could pick bf16 in one process and fp32 in another,
+        # and runs compared with each other must compute alike
+        "precision": "float32",
     }
     base.update(changes)
     return TrainArgs(**base)

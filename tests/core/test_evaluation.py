@@ -9,7 +9,7 @@ import torch
 
 import variants
 from saeforge.core import corpus
-from saeforge.core.evaluation import baseline, bootstrap_stderr, evaluate_core
+from saeforge.core.evaluation import CORE_METRICS, baseline, bootstrap_stderr, evaluate_core
 from saeforge.core.hooks import HookPoint
 from saeforge.core.model import ByteTokenizer, build_tiny_model
 
@@ -96,6 +96,8 @@ def test_core_metrics_match_an_independent_computation(name):
     want = naive_metrics(model, sae.eval(), contexts, set(special))
     for key, value in want.items():
         assert ours[key] == pytest.approx(value, rel=2e-4, abs=1e-6), key
+    # every figure the evaluation names (what a search may be judged on) is there, and no other
+    assert {k for k in ours if not k.startswith("diag/")} == set(CORE_METRICS)
 
 
 def test_a_baseline_computed_once_gives_the_same_figures():

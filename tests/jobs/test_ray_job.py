@@ -142,9 +142,13 @@ def submit(url, env, store, submission_id, commands: list[list[str]]):
         text=True,
         timeout=500,
     )
-    jobs = {job.submission_id: job.status for job in JobSubmissionClient(url).list_jobs()}
+    client, deadline = JobSubmissionClient(url), time.time() + 30
+    status = client.get_job_status(submission_id)
+    while not status.is_terminal() and time.time() < deadline:  # the head may record the end a moment later
+        time.sleep(0.5)
+        status = client.get_job_status(submission_id)
     return (
-        jobs.get(submission_id),
+        status,
         done.stdout,
         f"submit exit {done.returncode}: {done.stdout[-3000:]}{done.stderr[-3000:]}",
     )

@@ -39,6 +39,29 @@ MAX_CORR_ROWS = 4096  # latent rows kept for the correlation statistics
 BOOTSTRAP_SAMPLES = 200
 HEAD_ROWS = 128  # positions per LM-head chunk (see _losses)
 PER_CONTEXT = ("tokens", "resid_sq", "x_sq", "ce_targets", "ce_clean", "ce_sae", "ce_zero", "kl_sae", "kl_zero")
+# What `evaluate_core` returns for every SAE (besides the variant's own `diag/*`): what a search's
+# objective and constraints may name.
+CORE_METRICS = (
+    "mse",
+    "explained_variance",
+    "explained_variance_stderr",
+    "cossim",
+    "l0",
+    "l1",
+    "dead_fraction",
+    "dense_fraction",
+    "ce_loss_clean",
+    "ce_loss_sae",
+    "ce_loss_zero",
+    "ce_loss_recovered",
+    "ce_loss_recovered_stderr",
+    "kl_div_sae",
+    "kl_div_zero",
+    "eval_tokens",
+    "eval_contexts",
+    "mean_abs_corr",
+    *metrics.DECODER_COSINE_STATS,
+)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ def dead_fraction(tokens_since_fired: Tensor, tokens_seen: int, window: int = DE
     return (tokens_since_fired >= horizon).float().mean().item()
 
 
+DECODER_COSINE_STATS = ("decoder_cos_mean", "decoder_cos_max", "decoder_cos_frac_above_0.5")
+
+
 @torch.no_grad()
 def decoder_cosine_stats(directions: Tensor, max_rows: int = 4096) -> dict[str, float]:
     """Mean |cos|, max |cos| and fraction of pairs above 0.5 between decoder directions

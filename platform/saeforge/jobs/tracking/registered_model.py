@@ -4,7 +4,7 @@ Logged as models-from-code: `tracking.log_and_register` hands MLflow this file's
 copies the file into the model and runs it when the model is loaded (`set_model` below names
 the model), so nothing is pickled and a registered SAE does not depend on the class layout of
 the saeforge that logged it. The SAE itself is the model's one artifact (its SAELens folder).
-Kept apart from tracking.py because defining a PythonModel imports all of mlflow.pyfunc.
+Kept apart from registry.py because defining a PythonModel imports all of mlflow.pyfunc.
 """
 
 import warnings

@@ -20,12 +20,11 @@ def make_trainer(
 
     res = plan.resources
     dataset, data_config = worker_dataset(dataset, plan.stream)
-    resources = {"CPU": 1, **({"GPU": res.gpus_per_worker} if res.gpus_per_worker > 0 else {}), **res.worker_resources}
     return TorchTrainer(
         train_loop_per_worker=worker_loop,
         train_loop_config={"plan": plan},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.stream.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=plan.stream.workers, use_gpu=res.gpus_per_worker > 0, resources_per_worker=res.per_worker()
         ),
         datasets={"train": dataset},
         dataset_config=data_config,

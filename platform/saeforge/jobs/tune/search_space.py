@@ -27,23 +27,15 @@ from pathlib import Path
 from typing import Any
 
 import variants
+from saeforge.core.evaluation import CORE_METRICS
 from saeforge.errors import UserError
+from saeforge.jobs.tracking.registry import CHAMPION_METRIC
 
-# What core.evaluation.evaluate_core returns (objectives and constraints are judged on these).
+# What objectives and constraints are judged on: the evaluation's figures of an SAE (its
+# standard errors and sizes left out), the headline one first.
 EVAL_METRICS = (
-    "ce_loss_recovered",
-    "l0",
-    "l1",
-    "mse",
-    "explained_variance",
-    "cossim",
-    "dead_fraction",
-    "dense_fraction",
-    "ce_loss_sae",
-    "kl_div_sae",
-    "mean_abs_corr",
-    "decoder_cos_mean",
-    "decoder_cos_max",
+    CHAMPION_METRIC,
+    *(m for m in CORE_METRICS if m != CHAMPION_METRIC and not m.endswith("_stderr") and not m.startswith("eval_")),
 )
 # What the training loop logs (and reports to Tune every `report_every` steps): early stopping
 # reads one of these, or a named loss term (loss/...) or a variant diagnostic (diag/...).
