@@ -47,7 +47,7 @@ def wait_for_job_api(url: str, head, tmp_path, seconds: float = 180) -> None:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head(tmp_path, monkeypatch):
     """A Ray head on 127.0.0.1 with its own temp dir and ports; stopping it stops only it."""
     gcs, dash, client, agent, agent_grpc, metrics, runtime_env, nm, om = free_ports(9)
     # Worker ports below Linux's ephemeral range (32768-60999), where free_ports draws the others:
@@ -61,6 +61,9 @@ def ray_head(tmp_path):
     # own, and the job's working dir is then missing from its GCS.
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_CLIENT_MODE"):
         env.pop(name, None)
+        # and in this process too: Ray's JobSubmissionClient(url) talks to RAY_API_SERVER_ADDRESS
+        # when it is set (the session's own Ray sets it), not to the url it is given
+        monkeypatch.delenv(name, raising=False)
     temp = Path("/tmp") / f"rayhead{os.getpid()}"  # short: unix socket paths have a length limit
     head = subprocess.Popen(
         [

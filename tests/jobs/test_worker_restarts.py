@@ -47,24 +47,30 @@ def with_produce_first(plan, produce_first: bool):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_session, session_dir):
-    """The uninterrupted run every faulty one is compared with (produce-first: fixed order)."""
-    from saeforge.jobs.train.driver import train_on_ray
+def reference(session_dir):
+    """The uninterrupted run every one-worker faulty run is compared with: the same plan trained
+    by the plain loop in this process, from the same start on the same contexts in the same
+    order (what a one-worker Ray run trains: test_layers.py checks the two agree)."""
+    from saeforge.bench.plain_loop import plain_stream
+    from saeforge.core.training import start_fresh, train_loop
+    from saeforge.jobs.data.activation_stream import ActivationProducer
     from saeforge.jobs.validate import plan_train
 
     plan, contexts = plan_train(small_args(session_dir / "reference"))
-    sae, info = final_state(train_on_ray(with_produce_first(plan, True), contexts, plan.name))
-    assert info["step"] == plan.loop.total_steps > KILL_AT
-    return sae, info
+    sae = plan.build_variant()
+    producer = ActivationProducer(plan.stream, threads=2)
+    batches = start_fresh(sae, plain_stream(producer, contexts.train.pack(), plan.stream.contexts_per_step))
+    state = train_loop(sae, batches, dataclasses.replace(plan.loop, log_every=10**9))
+    assert state.step == plan.loop.total_steps > KILL_AT
+    return sae, {"step": state.step, "tokens_seen": state.tokens_seen}
 
 
 def test_a_producer_and_a_worker_killed_mid_run_are_replaced(reference, mlflow_store, tmp_path):
     """While the run streams, its producer dies at its 3rd batch (Ray Data restarts it and retries
     the batch, in order) and rank 0 dies at step 7 (Ray Train restarts it from the checkpoint at
     step 6; the worker skips the 6 steps' contexts it already trained). The run ends in the same
-    MLflow run, FINISHED, with the planned steps and tokens and the uninterrupted run's SAE. That
-    run made its activations first: so streaming and produce-first train the same SAE, from the
-    same rows in the same order."""
+    MLflow run, FINISHED, with the planned steps and tokens and the SAE the plain loop trains
+    uninterrupted, from the same rows in the same order."""
     from mlflow.tracking import MlflowClient
 
     from saeforge.jobs.runtime import faults
