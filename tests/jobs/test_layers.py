@@ -151,9 +151,11 @@ fixed:
 
 
 def test_a_search_of_two_hooks_runs_the_model_once_and_registers_each_hooks_best(ray_session, mlflow_store, tmp_path):
-    """`saeforge tune --layer 4,5` (layers no other test registers): one model pass for both
+    """`saeforge tune --layer 4,5` (layers no other test registers), attached to a running
+    cluster (the session's Ray, by address, as inside `ray job submit`): one model pass for both
     hooks; a search per hook, whose trial trains on its own hook's activations, recorded in the
     hook's experiment and registered under the hook's name."""
+    import ray
     from mlflow.tracking import MlflowClient
 
     from saeforge.core.training import estimate_act_scale
@@ -177,6 +179,8 @@ def test_a_search_of_two_hooks_runs_the_model_once_and_registers_each_hooks_best
         eval_contexts=2,
         storage=str(tmp_path / "runs"),
         max_failures=0,
+        address=ray.get_runtime_context().gcs_address,
+        precision="float32",  # on a cluster `auto` is each producer's choice: the same as here, whatever
     )
     summary = run_tune(args, progress=lambda *_: None, verbose=0)
     plan, contexts, _ = plan_tune(args)

@@ -2,10 +2,12 @@
 trial, a NaN trial reported as failed while the search goes on, parent/child MLflow runs, the best
 SAE registered; then `saeforge compare` on what the search left.
 
-Three trials, one at a time, in a fixed order (a grid): 0 trains well; 1 (lr 1e30) goes NaN at
-its first step and fails at once; 2 (lr 1e-7, barely learns) reaches ASHA's first rung (step 8)
-after trial 0 has recorded a far better value there, and is stopped. One at a time makes that
-order certain (with two at a time, trial 2 could reach the rung before trial 0 and be kept).
+Three trials, one at a time, in a fixed order (a grid): 0 trains well, though its process dies
+at step 3 (as an out-of-memory kill would end it) and Tune starts it again (--max-failures 1);
+1 (lr 1e30) goes NaN at its first step and fails (again on its retry); 2 (lr 1e-7, barely
+learns) reaches ASHA's first rung (step 8) after trial 0 has recorded a far better value there,
+and is stopped. One at a time makes that order certain (with two at a time, trial 2 could reach
+the rung before trial 0 and be kept).
 """
 
 import json
@@ -46,7 +48,7 @@ def search_args(tmp, **changes):
         "eval_contexts": 4,
         "report_every": 4,
         "storage": str(tmp / "runs"),
-        "max_failures": 0,  # the NaN trial fails at once (a retry would only repeat it: retries are tested elsewhere)
+        "max_failures": 1,  # the first trial's process dies once and is restarted; the NaN trial fails twice
     }
     base.update(changes)
     return TuneArgs(**base)
@@ -57,8 +59,11 @@ def search(ray_session, mlflow_store, tmp_path_factory):
     from saeforge.jobs.tune.driver import run_tune
 
     tmp = tmp_path_factory.mktemp("tune")
+    from saeforge.jobs.runtime import faults
+
     (tmp / "space.yaml").write_text(SPACE)
-    summary = run_tune(search_args(tmp), progress=lambda *_: None, verbose=0)
+    with faults.arm(faults.WORKER_STEP, 3, tmp / "trial-exited"):  # the first trial to reach step 3
+        summary = run_tune(search_args(tmp), progress=lambda *_: None, verbose=0)
     return summary, tmp
 
 
@@ -232,25 +237,19 @@ def test_a_trial_of_one_worker_trains_in_its_own_process_and_one_of_two_fits_a_t
     assert folder.parent.name == row["trial_id"] and folder.parent.parent.name == "trials"  # the TorchTrainer's
 
 
-def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child_run(search, tmp_path):
-    """--max-failures 1: the in-process trial's process exits at step 3 (as an OOM kill would end
-    it); Tune starts the trial again, which trains to its last step and ends in the child run it
-    started before, not a second one."""
+def test_a_one_worker_trial_whose_process_dies_is_restarted_by_tune_in_its_child_run(search):
+    """The first trial's process exited at step 3; Tune started the trial again, which trained to
+    its last step and ended in the child run it had started before, not a second one."""
     from mlflow.tracking import MlflowClient
 
-    from saeforge.jobs.runtime import faults
-    from saeforge.jobs.tune.driver import run_tune
-
-    marker = tmp_path / "trial-exited"
-    (tmp_path / "space.yaml").write_text(ONE_TRIAL_SPACE)
-    args = search_args(tmp_path, scheduler="fifo", layer="7", activations="", max_failures=1)
-    with faults.arm(faults.WORKER_STEP, 3, marker):
-        (s,) = run_tune(args, progress=lambda *_: None, verbose=0)["searches"]
-    assert marker.exists()  # the trial's process did die
-    (row,) = s["rows"]
-    assert row["status"] == "completed" and row["step"] == 24, row
-    (child,) = MlflowClient().search_runs(
-        [MlflowClient().get_run(s["parent_run_id"]).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{s['parent_run_id']}'",
+    summary, tmp = search
+    assert (tmp / "trial-exited").exists()  # the trial's process did die
+    good = by_lr(summary)[3e-3]
+    assert good["status"] == "completed" and good["step"] == 24, good
+    s = summary["searches"][0]
+    client = MlflowClient()
+    children = client.search_runs(
+        [client.get_run(s["parent_run_id"]).info.experiment_id], f"tags.mlflow.parentRunId = '{s['parent_run_id']}'"
     )
-    assert child.info.run_id == row["run_id"] and child.info.status == "FINISHED"
+    restarted = [c for c in children if c.data.tags["saeforge.trial_id"] == good["trial_id"]]
+    assert [c.info.run_id for c in restarted] == [good["run_id"]] and restarted[0].info.status == "FINISHED"

@@ -1,8 +1,9 @@
-"""Workers and producers can die, on the tiny Gemma with real Ray Train workers,
-Ray Data producers and the session's SQLite MLflow store. A crash is injected with the plan's
-`faults.arm` (the process calls os._exit at a chosen step or batch, once: a marker file disarms
-the restarted process), and the run must end as if nothing happened: every planned step once,
-every planned token once, the same SAE as an uninterrupted run (one worker, fixed data order)."""
+"""Workers, producers, drivers and nodes can die, on the tiny Gemma with real Ray Train workers,
+Ray Data producers and the session's SQLite MLflow store. A crash is injected with the testing
+hook `faults.arm` (the process calls os._exit, or hangs, at a chosen step or batch, once: a
+marker file disarms the restarted process), and the run must end as if nothing happened: every
+planned step once, every planned token once, the same SAE as an uninterrupted run (fixed data
+order)."""
 
 import dataclasses
 import json
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from conftest import tiny_args
+
+pytestmark = pytest.mark.ray  # every test here runs Ray Train, Ray Data or both
 
 KILL_AT = 7  # the step (or producer batch) at which the process dies: after the checkpoint at step 6
 
@@ -40,10 +43,6 @@ def final_state(result):
 def assert_same_sae(a, b):
     for name, weight in a.state_dict().items():
         torch.testing.assert_close(b.state_dict()[name], weight, rtol=1e-5, atol=1e-6, msg=name)
-
-
-def with_produce_first(plan, produce_first: bool):
-    return dataclasses.replace(plan, resources=dataclasses.replace(plan.resources, produce_first=produce_first))
 
 
 @pytest.fixture(scope="module")
@@ -168,26 +167,6 @@ def tally(info: dict) -> tuple[int, int, int]:
     return info["contexts_trained"], info["context_id_sum"], info["context_id_square_sum"]
 
 
-def test_two_workers_one_killed_train_every_planned_step_and_token(two_worker_reference, tmp_path):
-    """Data parallelism: rank 0 of two DDP workers dies at step 7; the whole group restarts from
-    the checkpoint at step 6, each rank skips its 6 steps' share, and the run ends with the
-    planned steps, every context once and the uninterrupted run's SAE (made first here, by one
-    producer: the steps hold the same contexts whatever the producers)."""
-    from saeforge.jobs.runtime import faults
-    from saeforge.jobs.train.driver import train_on_ray
-    from saeforge.jobs.validate import plan_train
-
-    marker = tmp_path / "worker-exited"
-    plan, contexts = plan_train(small_args(tmp_path, workers=2))
-    assert plan.stream.contexts_per_worker == 2 and plan.loop.total_steps > KILL_AT
-    with faults.arm(faults.WORKER_STEP, KILL_AT, marker):
-        sae, info = final_state(train_on_ray(with_produce_first(plan, True), contexts, plan.name))
-    assert marker.exists()
-    assert (info["step"], info["tokens_seen"]) == (plan.loop.total_steps, planned_tokens(plan, contexts))
-    assert tally(info) == tally(two_worker_reference[1])
-    assert_same_sae(two_worker_reference[0], sae)
-
-
 DRIVER = """
 import sys
 sys.path.insert(0, {tests!r})
@@ -199,11 +178,14 @@ run_train(tiny_args(Path({tmp!r}), **{changes!r}), progress=print)
 """
 
 
-def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_reference, mlflow_store, tmp_path):
-    """Exact resume: a driver with two producers and two DDP workers is killed
-    (SIGKILL) while rank 0 waits at step 7; `--resume` from its run folder trains the rest, and
-    the run ends as the uninterrupted one did: the same steps, tokens, set of contexts (counted)
-    and SAE, in the same MLflow run, FINISHED."""
+def test_a_worker_then_the_driver_killed_resume_to_the_uninterrupted_sae(two_worker_reference, mlflow_store, tmp_path):
+    """Data parallelism, then exact resume. A driver with two producers and two DDP workers makes
+    its activations first; rank 0 dies at step 4, and Ray Train restarts the whole group from the
+    checkpoint at step 3 (each rank skipping its share of the steps trained); then the driver is
+    killed (SIGKILL) while rank 0 waits at step 7. `--resume` from its run folder trains the
+    rest, and the run ends as the uninterrupted one did (which streamed: made first or streamed,
+    the steps hold the same contexts): the same steps, tokens, set of contexts (counted) and SAE,
+    in the same MLflow run, FINISHED."""
     import os
     import signal
     import subprocess
@@ -217,17 +199,22 @@ def test_the_driver_killed_mid_run_resumes_to_the_uninterrupted_sae(two_worker_r
     from saeforge.jobs.runtime import faults
     from saeforge.jobs.train.driver import run_train
 
-    marker, tests = tmp_path / "worker-waits", str(Path(__file__).resolve().parents[1])
-    changes = {"workers": 2, "producers": 2, "stream": "on", "run_name": "driver-killed"}
+    exited, waits = tmp_path / "worker-exited", tmp_path / "worker-waits"
+    tests = str(Path(__file__).resolve().parents[1])
+    changes = {"workers": 2, "producers": 2, "stream": "off", "run_name": "driver-killed"}
     changes.update(tokens=6000, checkpoint_every=3, log_every=3, address=ray.get_runtime_context().gcs_address)
     script = DRIVER.format(tests=tests, tmp=str(tmp_path), changes=changes)
     log = tmp_path / "driver.log"  # a file, not a pipe: a full pipe would stall the driver
-    with faults.arm(faults.WORKER_STEP, KILL_AT, marker, hang=True), log.open("wb") as out:
+    with (
+        faults.arm(faults.WORKER_STEP, 4, exited),
+        faults.arm(faults.WORKER_STEP, KILL_AT, waits, hang=True),
+        log.open("wb") as out,
+    ):
         driver = subprocess.Popen([sys.executable, "-c", script], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 240
-        while not marker.exists() and driver.poll() is None and time.time() < deadline:
+        deadline = time.time() + 300
+        while not waits.exists() and driver.poll() is None and time.time() < deadline:
             time.sleep(0.2)
-        assert marker.exists(), log.read_text()[-3000:]
+        assert exited.exists() and waits.exists(), log.read_text()[-3000:]
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
     run_folder = tmp_path / "runs" / "driver-killed"
