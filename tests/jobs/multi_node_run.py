@@ -6,9 +6,10 @@ both the test session's private Ray and this cluster).
 controller and Ray Data's split coordinator run there, at 0 CPUs), one producer node and two
 trainer nodes, told apart by the custom resources `producer` and `trainer`; the run pins its
 producer and its worker with --producer-resources producer=1 --worker-resources trainer=1.
-Rank 0 stops at step KILL_AT, writing its node id into a marker file; a thread here removes that
-node (its raylet and every process on it die, as when a machine is lost), and Ray Train starts
-the worker again on the other trainer node from the latest checkpoint.
+The producer dies at its 3rd batch (Ray Data restarts it on the producer node and retries the
+batch, in order). Rank 0 stops at step KILL_AT, writing its node id into a marker file; a thread
+here removes that node (its raylet and every process on it die, as when a machine is lost), and
+Ray Train starts the worker again on the other trainer node from the latest checkpoint.
 
 Usage: python multi_node_run.py OUT.json WORK_DIR KILL_AT. OUT.json gets what the test checks.
 """
@@ -55,8 +56,8 @@ def start_cluster(temp_dir: str):
         "include_dashboard": True,
         "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard,
-        # a lost node is declared dead after 5 failed health checks: 1 s apart, not Ray's 3 s
-        "_system_config": {"health_check_period_ms": 1000},
+        # a lost node is declared dead after 2 failed health checks 1 s apart (Ray: 5, 3 s apart)
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 2},
     }
     cluster = Cluster(initialize_head=True, head_node_args=head, shutdown_at_exit=True)
     nodes = {  # started side by side, then waited for
@@ -111,7 +112,7 @@ def train_and_lose_a_node(cluster, nodes: dict, work: Path, kill_at: int) -> dic
     from saeforge.jobs.validate import plan_train
 
     started = time.time()
-    marker = work / "worker-stopped"
+    marker, producer_marker = work / "worker-stopped", work / "producer-exited"
     args = tiny_args(
         work,
         address=cluster.address,
@@ -130,12 +131,16 @@ def train_and_lose_a_node(cluster, nodes: dict, work: Path, kill_at: int) -> dic
     watcher = threading.Thread(target=remove_when_marked, args=(cluster, nodes, marker, removed), daemon=True)
     watcher.start()
     lines: list[str] = []
-    with faults.arm(faults.WORKER_STEP, kill_at, marker, hang=True):
+    with (
+        faults.arm(faults.PRODUCER_BATCH, 3, producer_marker),
+        faults.arm(faults.WORKER_STEP, kill_at, marker, hang=True),
+    ):
         result = train_on_ray(plan, contexts, plan.name, show=lines.append)
     checkpoint = Path(result.checkpoint.path)
     return {
         "started": started,
         "nodes": {name: node.node_id for name, node in nodes.items()},
+        "producer_exited": producer_marker.exists(),
         "producer_nodes": actor_nodes("ActivationProducer"),
         "worker_nodes": actor_nodes("RayTrainWorker"),
         "removed": removed,
