@@ -28,9 +28,14 @@ SMALL_SUITES = {
 
 SESSION_STORE: list[str] = []  # the session's MLflow store, once `mlflow_store` made it
 
-# The fault tests' hook (saeforge.jobs.runtime.faults): set before any Ray starts, so that every
-# Ray process of the session (and every process a test starts, which keeps it) sees what a test arms.
-os.environ.setdefault("SAEFORGE_FAULTS", tempfile.mkdtemp(prefix="saeforge-faults-"))
+
+def pytest_configure(config):
+    """The fault tests' hook (saeforge.jobs.runtime.faults) gets a folder per pytest process, set
+    before any Ray starts: every Ray process of the session, and every process a test starts,
+    sees what that process's tests arm, and the other xdist worker's runs do not (pyproject's
+    addopts run the suite on two workers, `--dist loadscope`: each test module on one worker,
+    each worker with its own session Ray and MLflow store)."""
+    os.environ["SAEFORGE_FAULTS"] = tempfile.mkdtemp(prefix="saeforge-faults-")
 
 
 @pytest.fixture(autouse=True)
@@ -132,10 +137,16 @@ def tiny_run(ray_session, mlflow_store, session_dir):
 def pytest_collection_modifyitems(session, config, items):
     """Every test that needs a local Ray (the `ray_session` fixture, through any other fixture) is
     marked `ray`, as are the tests that start Ray or a Ray head themselves (marked in their
-    files): `pytest -m "not ray"` is the fast tier."""
+    files): `pytest -m "not ray"` is the fast tier.
+
+    The modules with a Ray test come first, in collection order: the two xdist workers (pyproject's
+    `--dist loadscope --no-loadscope-reorder`) take the long modules first and end together on
+    the short ones."""
     for item in items:
         if "ray_session" in item.fixturenames:
             item.add_marker(pytest.mark.ray)
+    with_ray = {item.path for item in items if item.get_closest_marker("ray") is not None}
+    items.sort(key=lambda item: item.path not in with_ray)  # stable: each module's order is kept
 
 
 @pytest.fixture(autouse=True)

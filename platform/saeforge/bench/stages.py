@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from saeforge.bench.plain_loop import forward, plain_stream, steps, train_tokens_per_s
+from saeforge.bench.processes import train_args
 from saeforge.core.corpus import valid_mask
-from saeforge.jobs.arguments import BenchArgs, TrainArgs
+from saeforge.jobs.arguments import BenchArgs
 from saeforge.jobs.data.activation_stream import MASK_COLUMN, ActivationProducer, activation_dataset
 from saeforge.jobs.plan import Contexts, RunPlan
 from saeforge.jobs.runtime.ray_cluster import connect_ray, cores, plan_resources
@@ -34,12 +35,8 @@ def say(text: str) -> None:
 def run_stages(args: BenchArgs) -> dict:
     """Every stage's tokens/s and the ratios between them; printed and returned."""
     torch.set_num_threads(cores())
-    work = TrainArgs(
-        model=args.model,
-        layer=args.layer,
-        variant=args.variant,
-        tokens=args.tokens,
-        d_sae=args.d_sae,
+    work = dataclasses.replace(
+        train_args(args),
         producers=args.producers,
         eval_contexts=1,
         log_every=10_000,
