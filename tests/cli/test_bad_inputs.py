@@ -57,6 +57,29 @@ def refused(tmp_path, monkeypatch, capsys):
     return check
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [*TRAIN, "--run-name", "../escaped"],
+        [*TRAIN, "--run-name", "a/b"],
+        [*TRAIN, "--run-name", ".."],
+        [*TRAIN, "--run-name", "two\nlines"],
+        ["tune", "--model", "tiny", "--variant", "relu", "--name", "/abs"],
+        ["study", "mi_ortho", "--model", "tiny", "--name", "..\\up"],
+    ],
+)
+def test_a_name_is_one_folder_under_storage(refused, argv):
+    """Run, search and study names become folders under --storage: one path component each."""
+    refused(argv, "a name is one folder under --storage")
+
+
+def test_credentials_in_an_error_are_not_printed(refused):
+    """An error that quotes a URI shows it redacted: no user:password, no secret query values."""
+    line = refused([*TRAIN, "--resume", "s3://KEY:SECRET@bucket/run?X-Amz-Signature=abc&region=eu"], "cannot resume")
+    assert "KEY" not in line and "SECRET" not in line and "abc" not in line
+    assert "s3://***@bucket/run?X-Amz-Signature=***&region=eu" in line
+
+
 def test_batch_size_0(refused):
     refused([*TRAIN, "--set", "batch_size=0"], "batch_size must be at least 1, got 0")
 

@@ -120,9 +120,28 @@ def test_curve_logging_to_a_failing_store_is_counted_not_raised(tmp_path):
         ("http://token@10.0.0.1:5000", "http://***@10.0.0.1:5000"),
         ("http://10.0.0.1:5000", "http://10.0.0.1:5000"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("s3://AKIAKEY:s3cret@bucket/runs", "s3://***@bucket/runs"),
+        (
+            "https://acct.blob.core.windows.net/c?sv=2022&sig=ab%2Fc&se=x",
+            "https://acct.blob.core.windows.net/c?sv=2022&sig=***&se=x",
+        ),
+        ("http://h:5000/api?access_token=t0k&page=2", "http://h:5000/api?access_token=***&page=2"),
+        ("gs://bucket/runs?generation=1", "gs://bucket/runs?generation=1"),
     ],
 )
 def test_printed_tracking_uris_carry_no_credentials(uri, shown):
     from saeforge.jobs.tracking import store
 
     assert store.redact(uri) == shown
+
+
+def test_params_and_messages_carry_no_credentials():
+    """What is logged as a param, and every URI quoted inside an error text, is redacted; other
+    values are logged as they are."""
+    from saeforge.jobs.tracking import store
+    from saeforge.jobs.tracking.mlflow_runs import safe_params
+
+    params = safe_params({"storage": "s3://K:S@bucket/x", "lr": 0.003, "overrides": "['a=1']", "model": "tiny"})
+    assert params == {"storage": "s3://***@bucket/x", "lr": "0.003", "overrides": "['a=1']", "model": "tiny"}
+    text = "API request to https://u:p@host/api/2.0/x?token=T failed; see 'file:///tmp/a'"
+    assert store.redact_text(text) == "API request to https://***@host/api/2.0/x?token=*** failed; see 'file:///tmp/a'"

@@ -24,6 +24,7 @@ import sys
 from saeforge import __doc__ as ABOUT
 from saeforge.cli.output import quiet_libraries
 from saeforge.errors import RunFailed, UserError
+from saeforge.jobs.tracking.store import redact_text
 from variants import ConfigError, UnknownVariant
 
 EXIT_USER_ERROR = 2
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.run(ns)
     except (UserError, UnknownVariant, ConfigError) as err:
-        print(f"saeforge: error: {err}", file=sys.stderr)
+        print(f"saeforge: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except RunFailed as err:
-        print(f"saeforge: error: {err}", file=sys.stderr)
+        print(f"saeforge: error: {redact_text(str(err))}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("saeforge: interrupted", file=sys.stderr)

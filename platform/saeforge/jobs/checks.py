@@ -26,9 +26,25 @@ def check_flags(args) -> None:
     """What the flags alone can tell, without reading anything: every number in its range, GPUs
     and custom resources that the cluster named (or this machine) can offer."""
     check_ranges(args)
+    check_names(args)
     if hasattr(args, "gpus_per_producer"):
         check_gpu_requests(args)
         check_resource_requests(args)
+
+
+NAME_FLAGS = {"run_name": "--run-name", "name": "--name"}  # train's run, tune's searches, a study
+
+
+def check_names(args) -> None:
+    """A run, search or study name is one folder under --storage (and one MLflow run name): a
+    single path component, so that no name writes outside --storage."""
+    for field, flag in NAME_FLAGS.items():
+        value = getattr(args, field, "")
+        if value and (value in (".", "..") or "/" in value or "\\" in value or not value.isprintable()):
+            raise UserError(
+                f"{flag} {value!r}: a name is one folder under --storage (no '/', '\\', '.', '..' "
+                "or control characters)"
+            )
 
 
 def check_gpu_requests(args) -> None:

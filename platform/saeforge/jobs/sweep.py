@@ -93,7 +93,7 @@ def parent_run(plan: RunPlan, name: str, tags: dict, params: dict, acts: SharedA
     uri, experiment_id = plan.tracking.uri, plan.tracking.experiment_id
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=tags) as parent:
         try:
-            mlflow.log_params(params)
+            mlflow.log_params(mlflow_runs.safe_params(params))
             mlflow.log_metrics(acts.log_dict())
             yield parent.info.run_id
         except (KeyboardInterrupt, SystemExit):

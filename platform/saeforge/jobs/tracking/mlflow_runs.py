@@ -9,10 +9,18 @@ from __future__ import annotations
 import math
 import time
 
+from saeforge.jobs.tracking.store import redact_text
+
 TRIAL_TAG = "saeforge.trial_id"
 STATUS_TAG = "saeforge.status"
 VARIANT_TAG = "saeforge.variant"
 HOOK_RUNS_TAG = "saeforge.hook_runs"  # a run of several hooks: JSON {hook: run id} of its sibling runs
+
+
+def safe_params(params: dict) -> dict[str, str]:
+    """Params as MLflow stores them (strings), every URI among them redacted (--storage,
+    --address, --dataset and --resume may carry credentials)."""
+    return {k: redact_text(str(v)) for k, v in params.items()}
 
 
 class RunCurves:
@@ -38,7 +46,7 @@ class RunCurves:
         except Exception as err:  # any failure of the store: MlflowException, OSError, requests' errors
             self.failures += 1
             first_line = str(err).splitlines()[0] if str(err) else ""
-            self.first_error = self.first_error or f"{type(err).__name__}: {first_line}"
+            self.first_error = self.first_error or redact_text(f"{type(err).__name__}: {first_line}")
 
 
 def finite(values: dict) -> dict[str, float]:
@@ -52,7 +60,7 @@ def log_to_run(uri: str, run_id: str, params: dict | None = None, metrics: dict 
     from mlflow.tracking import MlflowClient
 
     client, now = MlflowClient(uri), int(time.time() * 1000)
-    params = [Param(k, str(v)) for k, v in (params or {}).items()]
+    params = [Param(k, v) for k, v in safe_params(params or {}).items()]
     metrics = [Metric(k, v, now, step) for k, v in finite(metrics or {}).items()]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])

@@ -5,7 +5,8 @@ Without MLFLOW_TRACKING_URI the store is SQLite in the working directory with ar
 per model + hook. Two drivers may share a store: what they do to it together is serialised by
 `store_lock`, a file lock (flock) beside a SQLite store, or a file in saeforge's cache keyed by
 the URI for a remote server (which serialises the drivers of one machine only). `redact` keeps
-a URI's credentials out of what is printed.
+a URI's credentials (user:password, secret query values) out of what is printed or logged,
+`redact_text` those of every URI quoted in an error text.
 """
 
 from __future__ import annotations
@@ -65,13 +66,35 @@ def require_store(what: str) -> str:
     return use_store()
 
 
+# A query parameter whose name holds one of these carries a credential (AWS, Azure SAS, GCS, tokens).
+SECRET_QUERY_NAMES = ("token", "key", "secret", "password", "passwd", "sig", "credential", "auth")
+# A URI inside free text (an error message): scheme://, then anything up to a space or a quote.
+URI_IN_TEXT = re.compile(r"""[A-Za-z][A-Za-z0-9+.-]*://[^\s'"<>]+""")
+
+
 def redact(uri: str) -> str:
-    """`uri` with any user name and password replaced by '***' (for printing and logging)."""
-    parts = urllib.parse.urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    host = parts.netloc.rsplit("@", 1)[1]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"***@{host}"))
+    """`uri` with its user name and password, and the values of query parameters that carry a
+    credential, replaced by '***' (for printing, logging as a param, writing to a file)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:  # not a URI urllib can read (a stray bracket): show none of it
+        return "***"
+    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(secret in k.lower() for k, _ in pairs for secret in SECRET_QUERY_NAMES)
+    if "@" not in parts.netloc and not secret_query:
+        return uri  # as given: a round trip through urllib would change some (sqlite:////abs)
+    if "@" in parts.netloc:
+        parts = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1])
+    if secret_query:
+        hidden = [(k, "***" if any(s in k.lower() for s in SECRET_QUERY_NAMES) else v) for k, v in pairs]
+        parts = parts._replace(query=urllib.parse.urlencode(hidden, safe="*"))
+    return urllib.parse.urlunsplit(parts)
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URI in it redacted (MLflow's, Ray's and fsspec's error messages quote the
+    URI they failed on, credentials included)."""
+    return URI_IN_TEXT.sub(lambda match: redact(match.group(0)), text)
 
 
 def lock_path(uri: str) -> Path:
