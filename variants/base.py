@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -174,10 +175,18 @@ class Variant(nn.Module):
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg.lr_schedule!r}")
         if cfg.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+        for f in dataclasses.fields(cfg):  # NaN passes every bound below: refused first
+            value = getattr(cfg, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
         for name, low, strict in SHARED_BOUNDS:
             value = getattr(cfg, name)
             if value < low or (strict and value == low):
                 raise ConfigError(f"{name} must be {'above' if strict else 'at least'} {low:g}, got {value}")
+        for term, name in self.term_coefficients.items():  # a negative weight rewards its term
+            value = getattr(cfg, name)
+            if isinstance(value, (int, float)) and value < 0:
+                raise ConfigError(f"{name} weights the {term} term: it must be at least 0, got {value}")
         self.cfg = cfg
         # Scale that brings raw activations to E||x|| = sqrt(d_in); set once per run by the platform.
         self.register_buffer("act_scale", torch.tensor(1.0))

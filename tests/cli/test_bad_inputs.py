@@ -116,6 +116,22 @@ def test_negative_d_sae(refused):
     refused([*TRAIN, "--d-sae", "-8"], "--d-sae must be at least 0, got -8")
 
 
+@pytest.mark.parametrize(
+    "pair, message",
+    [
+        ("lr=nan", "lr must be a finite number, got nan"),
+        ("aux_coeff=inf", "aux_coeff must be a finite number, got inf"),
+        ("aux_coeff=-0.1", "aux_coeff weights the auxk term: it must be at least 0, got -0.1"),
+    ],
+)
+def test_a_weight_or_rate_that_is_not_a_finite_non_negative_number(refused, pair, message):
+    refused([*TRAIN, "--set", pair], message)
+
+
+def test_a_context_longer_than_the_models_positions(refused):
+    refused([*TRAIN, "--context-size", "131073"], "--context-size 131073 is beyond tiny's 131072 positions")
+
+
 def test_zero_learning_rate(refused):
     refused([*TRAIN, "--set", "lr=0"], "lr must be above 0")
 

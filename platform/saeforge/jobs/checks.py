@@ -47,6 +47,14 @@ def check_names(args) -> None:
             )
 
 
+def check_context_fits(context_size: int, config, model: str) -> None:
+    """A context longer than the model's positions would be embedded past its rotary range (or
+    fail deep inside a producer): refused before any text is read."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions and context_size > positions:
+        raise UserError(f"--context-size {context_size} is beyond {model}'s {positions} positions")
+
+
 def check_gpu_requests(args) -> None:
     """--gpus-per-producer / --gpus-per-worker: 'auto' or a number; a GPU asked for on a private
     local Ray (no --address, no RAY_ADDRESS) needs one on this machine (else the actors would

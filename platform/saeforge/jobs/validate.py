@@ -80,6 +80,7 @@ def plan_train(args: TrainArgs, progress=None) -> tuple[RunPlan, Contexts]:
     checks.check_new_run_folder(args, name)
     checks.warn_if_temporary(args, progress)
     source = open_source(args.model, hooks)
+    checks.check_context_fits(args.context_size, source.config, args.model)
     cfg = variant_config(args.variant, source.d_in, args.d_sae or 8 * source.d_in, pairs_dict(args.overrides))
     budget = plan_budget(args, cfg.batch_size, source, progress)
     evals = held_out_contexts(args, source)
