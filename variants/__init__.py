@@ -10,8 +10,10 @@ out by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
+from dataclasses import MISSING
 
 from variants.base import ConfigError, LossOut, Variant, VariantConfig
 
@@ -64,8 +66,19 @@ def build(name: str, *, d_in: int, d_sae: int, overrides: dict | None = None) ->
 
 
 def from_config_dict(name: str, cfg: dict) -> Variant:
-    """Rebuild a variant from the config dict saved with it."""
+    """Rebuild a variant from the config dict saved with it. A dict from another saeforge
+    version (a field this one does not know, or lacks one it needs) is refused in one line."""
     cls = get(name)
+    fields = dataclasses.fields(cls.Config)
+    unknown = sorted(set(cfg) - {f.name for f in fields})
+    needed = [f.name for f in fields if f.default is MISSING and f.default_factory is MISSING and f.name not in cfg]
+    problems = []
+    if unknown:
+        problems.append(f"fields this saeforge does not know: {', '.join(unknown)}")
+    if needed:
+        problems.append(f"no value for: {', '.join(needed)}")
+    if problems:
+        raise ConfigError(f"a saved {name} SAE's config does not match this saeforge's {name} ({'; '.join(problems)})")
     return cls(cls.Config(**cfg))
 
 

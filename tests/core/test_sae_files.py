@@ -144,3 +144,18 @@ def test_a_crash_at_any_step_of_a_save_keeps_a_complete_sae(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"], (step, torn)
     assert crashes >= 12  # three files written and torn, their flushes, two renames, the removals
     assert sae_files.load_sae(folder)[1]["saeforge"]["act_scale"] == 0.5
+
+
+def test_a_folder_from_another_saeforge_version_is_refused_in_one_line(tmp_path):
+    """A cfg.json with a config field this saeforge does not know, or without one it needs, is
+    a ConfigError naming the fields (the CLI's one line, exit 2), not a TypeError."""
+    folder = sae_files.save_sae(trained_like("relu"), tmp_path / "sae", META)
+    saved = json.loads((folder / "cfg.json").read_text())
+    config = saved["saeforge"]["config"]
+    config["new_knob"] = 1.0
+    del config["d_sae"]
+    (folder / "cfg.json").write_text(json.dumps(saved))
+    with pytest.raises(variants.ConfigError) as err:
+        sae_files.load_sae(folder)
+    message = str(err.value)
+    assert "does not know: new_knob" in message and "no value for: d_sae" in message and "\n" not in message
