@@ -43,7 +43,7 @@ def test_a_crash_at_any_step_of_a_checkpoint_save_keeps_a_complete_one(tmp_path)
     assert checkpoints.load_checkpoint(folder, [META.hook_name])[0][1].step == 10
 
 
-@pytest.mark.parametrize("cut", ["no marker", "a file missing", "a file truncated"])
+@pytest.mark.parametrize("cut", ["no marker", "a file missing", "a file truncated", "a byte changed"])
 def test_a_half_copied_checkpoint_is_skipped_for_the_previous_one(tmp_path, cut):
     """Ray Train copies a checkpoint into the run folder in no fixed order: whichever part of the
     copy is missing, the newest checkpoint whose files all match complete.json is resumed."""
@@ -54,12 +54,29 @@ def test_a_half_copied_checkpoint_is_skipped_for_the_previous_one(tmp_path, cut)
         (newest / checkpoints.COMPLETE_FILE).unlink()
     elif cut == "a file missing":
         (newest / "sae" / "saeforge_state.safetensors").unlink()
-    else:
+    elif cut == "a file truncated":
         with open(newest / checkpoints.LOOP_STATE_FILE, "r+b") as f:
             f.truncate(100)
+    else:  # damaged in place, its size unchanged
+        path = newest / "sae" / "saeforge_state.safetensors"
+        data = bytearray(path.read_bytes())
+        data[-1] ^= 0xFF
+        path.write_bytes(bytes(data))
     assert checkpoints.find_checkpoint(str(run)) == run / "checkpoint_000000"
     with pytest.raises(UserError, match="incomplete"):
         checkpoints.find_checkpoint(str(newest))
+
+
+def test_a_checkpoint_listing_sizes_only_still_resumes(tmp_path):
+    """complete.json of a checkpoint written before content hashes lists bare sizes: checked as such."""
+    folder = save(tmp_path / "checkpoint", 5)
+    complete = json.loads((folder / checkpoints.COMPLETE_FILE).read_text())
+    complete["files"] = {name: size for name, (size, _) in complete["files"].items()}
+    (folder / checkpoints.COMPLETE_FILE).write_text(json.dumps(complete))
+    assert checkpoints.is_checkpoint(folder)
+    with open(folder / checkpoints.LOOP_STATE_FILE, "r+b") as f:
+        f.truncate(100)
+    assert not checkpoints.is_checkpoint(folder)
 
 
 def test_the_newest_complete_checkpoint_is_taken(tmp_path):

@@ -17,6 +17,7 @@ do not all match it is incomplete, and `find_checkpoint` takes the newest comple
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from saeforge.jobs.arguments import TrainArgs
 
 LOOP_STATE_FILE = "loop_state.pt"
 RUN_INFO_FILE = "run.json"
-COMPLETE_FILE = "complete.json"  # written last: {"files": {relative path: size in bytes}}
+COMPLETE_FILE = "complete.json"  # written last: {"files": {relative path: [size in bytes, sha256]}}
 
 
 def save_checkpoint(folder: Path, saes: Sequence[tuple[variants.Variant, LoopState, SaeMeta]], info: dict) -> None:
@@ -60,7 +61,7 @@ def save_checkpoint(folder: Path, saes: Sequence[tuple[variants.Variant, LoopSta
             )
         progress = {"step": state.step, "tokens_seen": state.tokens_seen, **state.contexts.as_dict()}
         (staging / RUN_INFO_FILE).write_text(json.dumps({**info, **progress}))
-        files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(staging)): file_print(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         hooks = {"hooks": names} if len(names) > 1 else {}
         (staging / COMPLETE_FILE).write_text(json.dumps({"files": files, **hooks, **progress}))
         sae_files.replace_folder(staging, folder)
@@ -89,7 +90,8 @@ def load_checkpoint(folder: str | Path, hook_names: Sequence[str]) -> list[tuple
 
 
 def is_checkpoint(folder: str | Path) -> bool:
-    """True for a complete checkpoint: complete.json is there and every file it lists has its size."""
+    """True for a complete checkpoint: complete.json is there and every file it lists has its size
+    and content hash."""
     folder = sae_files.readable_folder(folder)
     try:
         complete = json.loads((folder / COMPLETE_FILE).read_text())
@@ -98,9 +100,25 @@ def is_checkpoint(folder: str | Path) -> bool:
         for sub in hook_folders(complete.get("hooks") or [""]):
             prefix = f"{sub}/" if sub else ""
             required |= {f"{prefix}{LOOP_STATE_FILE}", *(f"{prefix}{SAE_DIR}/{name}" for name in sae_files.SAE_FILES)}
-        return required <= set(files) and all((folder / name).stat().st_size == size for name, size in files.items())
+        return required <= set(files) and all(matches(folder / name, listed) for name, listed in files.items())
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def file_print(path: Path) -> list:
+    """[size, sha256] of a file: what complete.json lists, so a damaged file of the same size is seen."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return [path.stat().st_size, digest.hexdigest()]
+
+
+def matches(path: Path, listed) -> bool:
+    """Whether a file is as complete.json lists it (a bare size: a checkpoint from before hashes)."""
+    if isinstance(listed, int):
+        return path.stat().st_size == listed
+    return path.stat().st_size == listed[0] and file_print(path) == list(listed)
 
 
 def run_info(args: TrainArgs, run_id: str, total_steps: int, hook_run_ids: dict[str, str] | None = None) -> dict:
