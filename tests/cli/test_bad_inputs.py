@@ -132,6 +132,12 @@ def test_a_context_longer_than_the_models_positions(refused):
     refused([*TRAIN, "--context-size", "131073"], "--context-size 131073 is beyond tiny's 131072 positions")
 
 
+def test_more_workers_than_a_local_ray_has_cpus(refused):
+    from saeforge.jobs.runtime.ray_cluster import local_cpus
+
+    refused([*TRAIN, "--workers", str(local_cpus())], f"ask for {local_cpus() + 1} CPUs; a local Ray on this machine")
+
+
 def test_zero_learning_rate(refused):
     refused([*TRAIN, "--set", "lr=0"], "lr must be above 0")
 

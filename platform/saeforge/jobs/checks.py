@@ -18,7 +18,7 @@ from saeforge.core.sae_files import SaeMeta
 from saeforge.errors import UserError
 from saeforge.jobs.arguments import check_ranges, gpu_request, resource_request
 from saeforge.jobs.runtime import storage
-from saeforge.jobs.runtime.ray_cluster import attached
+from saeforge.jobs.runtime.ray_cluster import attached, local_cpus
 from saeforge.jobs.tracking import store
 
 
@@ -30,6 +30,8 @@ def check_flags(args) -> None:
     if hasattr(args, "gpus_per_producer"):
         check_gpu_requests(args)
         check_resource_requests(args)
+    if hasattr(args, "workers"):
+        check_local_cpus(args)
 
 
 NAME_FLAGS = {"run_name": "--run-name", "name": "--name"}  # train's run, tune's searches, a study
@@ -53,6 +55,17 @@ def check_context_fits(context_size: int, config, model: str) -> None:
     positions = getattr(config, "max_position_embeddings", None)
     if positions and context_size > positions:
         raise UserError(f"--context-size {context_size} is beyond {model}'s {positions} positions")
+
+
+def check_local_cpus(args) -> None:
+    """Producers and workers stream at once, a CPU each: more than a private local Ray declares
+    would wait for ever for the rest to be placed."""
+    wanted = args.producers + args.workers
+    if not attached(args.address) and wanted > local_cpus():
+        raise UserError(
+            f"--producers {args.producers} and --workers {args.workers} ask for {wanted} CPUs; a local Ray on "
+            f"this machine has {local_cpus()}: ask for fewer, or give --address of a cluster"
+        )
 
 
 def check_gpu_requests(args) -> None:

@@ -29,6 +29,12 @@ TRAIN_HEALTH_CHECK_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # Ray Train 2.60's
 TRAIN_HEALTH_CHECK_S = "0.5"
 
 
+def local_cpus() -> int:
+    """The logical CPUs a private local Ray declares: twice the cores (at least 8), since
+    producers and workers wait on each other and one process per core would deadlock on 2 cores."""
+    return max(8, 2 * (os.cpu_count() or 1))
+
+
 def connect_ray(address: str = "") -> None:
     import ray
 
@@ -49,7 +55,7 @@ def connect_ray(address: str = "") -> None:
     os.environ.setdefault(TRAIN_HEALTH_CHECK_ENV, TRAIN_HEALTH_CHECK_S)
     ray.init(
         address="local",
-        num_cpus=max(8, 2 * (os.cpu_count() or 1)),
+        num_cpus=local_cpus(),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=port,
