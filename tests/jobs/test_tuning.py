@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from saeforge.errors import UserError
+
 SPACE = """\
 variant: relu
 objective: {metric: ce_loss_recovered, mode: max, l0_max: 128}
@@ -49,6 +51,7 @@ def search_args(tmp, **changes):
         "report_every": 4,
         "storage": str(tmp / "runs"),
         "max_failures": 1,  # the first trial's process dies once and is restarted; the NaN trial fails twice
+        "precision": "float32",  # as tiny_args: the cache's precision, whatever a CPU probe says
     }
     base.update(changes)
     return TuneArgs(**base)
@@ -166,6 +169,13 @@ def test_the_model_ran_once_for_all_trials_and_the_cache_is_reused(search):
     again = shared_activations(plan, contexts, args.activations, progress=lambda *_: None)
     assert again.source.startswith("cache:") and again.producer_batches == 0 and again.contexts_forwarded == 0
     assert again.tokens == acts["tokens"] and again.dataset.count() == acts["contexts"]
+    # a search of another precision, or of more contexts, is refused: the cache holds other activations
+    for changes, held in [
+        ({"precision": "bfloat16"}, "precision 'float32'"),
+        ({"tokens_per_trial": 12000}, "contexts"),
+    ]:
+        with pytest.raises(UserError, match=f"the cache holds {held}"):
+            search_plan(tmp, **changes)
 
 
 def test_one_pass_serves_variants_of_both_batch_layouts(search):

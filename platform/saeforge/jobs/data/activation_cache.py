@@ -2,9 +2,9 @@
 object store) or read from an activation cache on disk, and every trial reads them.
 
 The cache is a folder: the stream's rows as parquet under `contexts/` and `manifest.json`,
-written last, which marks it complete and names what it holds (model, hooks, context size,
-dataset, contexts); a search asking for anything else is refused with one line (a search of
-some of its hooks reads it).
+written last, which marks it complete and names what it holds (model, hooks, precision, context
+size, dataset and text column, contexts); a search asking for anything else is refused with one
+line (a search of some of its hooks reads it).
 """
 
 from __future__ import annotations
@@ -43,9 +43,18 @@ class SharedActivations:
 
 
 def cache_identity(plan: RunPlan) -> dict:
+    """What a cache must match to serve a plan: the same model, hooks and producer precision, the
+    same contexts of the same text (a cache of fewer or more contexts is another one)."""
     args = plan.args
-    hooks = [h.name for h in plan.stream.hooks]
-    return {"model": args.model, "hooks": hooks, "context_size": args.context_size, "dataset": args.dataset}
+    return {
+        "model": args.model,
+        "hooks": [h.name for h in plan.stream.hooks],
+        "precision": plan.stream.precision,
+        "context_size": args.context_size,
+        "dataset": args.dataset,
+        "text_column": args.text_column,
+        "contexts": plan.loop.total_steps * plan.stream.contexts_per_step,
+    }
 
 
 def check_cache(path: str, plan: RunPlan) -> dict | None:
