@@ -117,12 +117,7 @@ def shared_activations(plan: RunPlan, contexts: Contexts, cache: str = "", progr
         if cache:
             folder = Path(cache).expanduser().resolve()
             produced.write_parquet(str(folder / CACHE_ROWS))
-            info = {
-                **cache_identity(plan),
-                "tokens": tokens,
-                "contexts": n_contexts,
-                "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            }
+            info = {**cache_identity(plan), "tokens": tokens, "written": time.strftime("%Y-%m-%d %H:%M:%S")}
             (folder / CACHE_MANIFEST).write_text(json.dumps(info, indent=2))  # last: marks the cache complete
             progress(f"saeforge: activation cache written to {folder}")
     seconds = time.time() - started
